@@ -1,0 +1,76 @@
+"""Files that appear under their final name only when complete, and a crash-safe progress log.
+
+Every output of the suite (zips, CSVs, plots, processed data) is written through
+`atomic_path`, so a killed run never leaves a truncated file under a final name. Long sweeps
+append each finished row to a `ProgressLog` so a rerun can resume where the last one stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+@contextmanager
+def atomic_path(final_path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path in the same folder; rename it to final_path only on success.
+
+    A crash or an exception leaves nothing under the final name (and removes the temporary).
+    """
+    final_path = Path(final_path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final_path.name}.", suffix=".tmp",
+                               dir=final_path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
+    try:
+        yield Path(tmp)
+        os.replace(tmp, final_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+class ProgressLog:
+    """Append-only JSON-lines log of finished rows beside an output file.
+
+    Each row is flushed and fsynced as it finishes; a line torn by a crash is ignored on
+    reading. The log is removed once the final output has been written.
+    """
+
+    def __init__(self, output_path: str | os.PathLike):
+        output_path = Path(output_path)
+        self.path = output_path.parent / f".{output_path.name}.progress.jsonl"
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        rows = []
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue  # torn last line of a killed run
+        return rows
+
+    def append(self, row: dict) -> None:
+        line = (json.dumps(row, default=str) + "\n").encode("utf-8")
+        with open(self.path, "ab+") as f:
+            if f.tell() > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":  # end a line torn by a crash before appending
+                    line = b"\n" + line
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def remove(self) -> None:
+        if self.path.exists():
+            self.path.unlink()

@@ -1,0 +1,126 @@
+"""Reading and writing DLRM checkpoints safely.
+
+Accepted inputs: a checkpoint dict written by dlrm's `--save-model` (its "state_dict" is used),
+a bare state dict, or a zip written by evaluate_disk_savings.py that holds one of those. Loading
+is always `weights_only=True`; only the numpy scalars and dtypes that dlrm puts in its
+bookkeeping are allow-listed. Zips are read in memory, never extracted to disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from atomic_io import atomic_path
+from errors import CheckpointError
+
+_TORCH_ZIP_MARKER = "data.pkl"  # every torch.save zip archive has <prefix>/data.pkl
+
+
+def _numpy_safe_globals() -> list:
+    """numpy scalar reconstruction, as found in dlrm's test_acc / train_loss fields."""
+    core = getattr(np, "_core", None) or np.core
+    found = [core.multiarray.scalar, np.dtype]
+    found += [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+    return found
+
+
+def _torch_load_safe(source, origin: str) -> object:
+    try:
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            return torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        match = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if match:
+            raise CheckpointError(
+                f"{origin}: refused to load: it needs the pickled global '{match.group(1)}', "
+                "which is not allowed in safe (weights_only) loading") from None
+        raise CheckpointError(f"{origin}: not a readable PyTorch checkpoint") from None
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{origin}: not a readable PyTorch checkpoint ({first})") from None
+
+
+def _extract_state_dict(obj: object, origin: str) -> dict[str, torch.Tensor]:
+    if isinstance(obj, Mapping) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not obj:
+        raise CheckpointError(f"{origin}: not a DLRM checkpoint (no state dict inside)")
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{origin}: not a state dict (entry '{bad[0]}' is not a tensor)")
+    return dict(obj)
+
+
+def _inner_member(zf: zipfile.ZipFile, origin: str) -> str:
+    members = [i.filename for i in zf.infolist() if not i.is_dir()]
+    if not members:
+        raise CheckpointError(f"{origin}: zip file holds no checkpoint")
+    if len(members) > 1:
+        named = [m for m in members if m.endswith((".pt", ".pth", ".ckpt", ".bin"))]
+        if len(named) != 1:
+            raise CheckpointError(f"{origin}: zip file holds {len(members)} files and no "
+                                  "single checkpoint (.pt/.pth/.ckpt)")
+        return named[0]
+    return members[0]
+
+
+def load_checkpoint_object(path: str | os.PathLike) -> object:
+    """Whatever torch.load safely returns for this file (reading a zip's member in memory)."""
+    origin = str(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{origin}: checkpoint file not found")
+    if os.path.isdir(path):
+        raise CheckpointError(f"{origin}: is a folder, not a checkpoint file")
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = zf.namelist()
+                if any(n == _TORCH_ZIP_MARKER or n.endswith("/" + _TORCH_ZIP_MARKER)
+                       for n in names):
+                    return _torch_load_safe(origin, origin)  # a plain torch.save archive
+                member = _inner_member(zf, origin)
+                payload = zf.read(member)
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as exc:
+            raise CheckpointError(f"{origin}: damaged zip file ({exc})") from None
+        return _torch_load_safe(io.BytesIO(payload), f"{origin}:{member}")
+    return _torch_load_safe(origin, origin)
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The model state dict in a checkpoint, a bare state dict, or a disk-savings zip."""
+    return _extract_state_dict(load_checkpoint_object(path), str(path))
+
+
+def sha256_of_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk_bytes), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_state_dict_zip(state_dict: Mapping[str, torch.Tensor], zip_path: str | os.PathLike,
+                        compresslevel: int = 6) -> int:
+    """Stream torch.save(state_dict) into a deflated zip member; return the zip's size in bytes.
+
+    No uncompressed copy is written anywhere: torch.save writes straight into the zip member.
+    Level 6 is zlib's default, the level the seed's zipfile call used.
+    """
+    zip_path = Path(zip_path)
+    member = zip_path.with_suffix(".pt").name
+    with atomic_path(zip_path) as tmp:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED,
+                             compresslevel=compresslevel) as zf:
+            with zf.open(member, "w", force_zip64=True) as f:
+                torch.save(dict(state_dict), f)
+    return zip_path.stat().st_size

@@ -1,0 +1,17 @@
+"""The one exception type for mistakes a user can make (bad file, bad flag, bad data).
+
+Library code raises it with a message that names what is wrong and where; the scripts'
+`main()` turns it into one line on stderr and exit code 2 (see cli_common.run_main).
+"""
+
+
+class UserInputError(ValueError):
+    """A problem with the user's input, reported as one line without a traceback."""
+
+
+class CheckpointError(UserInputError):
+    """A checkpoint that is missing, unreadable, unsafe, or not a DLRM."""
+
+
+class DataError(UserInputError):
+    """Criteo data that is missing, malformed, or does not fit the model."""
