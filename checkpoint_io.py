@@ -45,7 +45,7 @@ def _torch_load_safe(source, origin: str) -> object:
                 f"{origin}: refused to load: it needs the pickled global '{match.group(1)}', "
                 "which is not allowed in safe (weights_only) loading") from None
         raise CheckpointError(f"{origin}: not a readable PyTorch checkpoint") from None
-    except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as exc:
+    except Exception as exc:  # torch raises many types for a file that is not a checkpoint
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{origin}: not a readable PyTorch checkpoint ({first})") from None
 
@@ -53,7 +53,8 @@ def _torch_load_safe(source, origin: str) -> object:
 def _extract_state_dict(obj: object, origin: str) -> dict[str, torch.Tensor]:
     if isinstance(obj, Mapping) and "state_dict" in obj:
         obj = obj["state_dict"]
-    if not isinstance(obj, Mapping) or not obj:
+    if not isinstance(obj, Mapping) or not any(isinstance(v, torch.Tensor)
+                                                for v in obj.values()):
         raise CheckpointError(f"{origin}: not a DLRM checkpoint (no state dict inside)")
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:

@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny DLRMs and tiny Criteo files written to tmp_path."""
+
+import numpy as np
+import pytest
+import torch
+
+from dlrm_model import DLRMConfig, DLRMNet
+
+
+def tiny_config(tables=(7, 5, 9), dim=4) -> DLRMConfig:
+    f = len(tables) + 1
+    return DLRMConfig(tuple(tables), dim, (13, 8, dim), (dim + f * (f - 1) // 2, 6, 1))
+
+
+@pytest.fixture
+def tiny_model() -> DLRMNet:
+    torch.manual_seed(0)
+    return DLRMNet(tiny_config())
+
+
+def random_batch(config: DLRMConfig, batch: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    dense = torch.rand(batch, 13, generator=g) * 3
+    indices = torch.stack([torch.randint(0, n, (batch,), generator=g)
+                           for n in config.table_sizes])
+    offsets = torch.arange(batch).expand(len(config.table_sizes), batch)
+    return dense, offsets, indices
+
+
+def write_raw_lines(path, rows) -> None:
+    """rows: lists of 40 field strings."""
+    path.write_text("".join("\t".join(r) + "\n" for r in rows))
+
+
+def random_raw_rows(n: int, seed: int = 0, cardinality: int = 6):
+    """Rows with empty fields, negatives, and hex values on both sides of 0x7fffffff."""
+    rng = np.random.default_rng(seed)
+    vocab = [f"{v:08x}" for v in rng.choice(2**32, size=cardinality, replace=False)]
+    vocab[0] = "ffffffff"
+    rows = []
+    for _ in range(n):
+        row = [str(rng.integers(0, 2))]
+        for _ in range(13):
+            v = int(rng.integers(-3, 50))
+            row.append("" if rng.random() < 0.2 else str(v))
+        for _ in range(26):
+            row.append("" if rng.random() < 0.15 else vocab[rng.integers(0, cardinality)])
+        rows.append(row)
+    return rows

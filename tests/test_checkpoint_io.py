@@ -1,0 +1,109 @@
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from checkpoint_io import load_state_dict, save_state_dict_zip, sha256_of_file
+from errors import CheckpointError
+
+
+def dlrm_layout(model):
+    """What dlrm's --save-model writes, with its numpy scalars."""
+    return {"epoch": 0, "iter": 10, "nepochs": 1, "nbatches": 10, "nbatches_test": 1,
+            "train_loss": np.float32(0.45), "total_loss": np.float32(4.5),
+            "opt_state_dict": {}, "test_acc": np.float64(0.789),
+            "state_dict": model.state_dict()}
+
+
+def assert_same(sd, model):
+    ref = model.state_dict()
+    assert list(sd) == list(ref)
+    assert all(torch.equal(sd[k], ref[k]) for k in ref)
+
+
+def test_dlrm_checkpoint_with_numpy_scalars_round_trips(tmp_path, tiny_model):
+    path = tmp_path / "criteo.ckpt"
+    torch.save(dlrm_layout(tiny_model), path)
+    with pytest.raises(Exception):  # why the allow-list exists
+        torch.load(path, weights_only=True)
+    assert_same(load_state_dict(path), tiny_model)
+
+
+def test_bare_state_dict_and_disk_savings_zip_load(tmp_path, tiny_model):
+    bare = tmp_path / "bare.pt"
+    torch.save(tiny_model.state_dict(), bare)
+    assert_same(load_state_dict(bare), tiny_model)
+    zipped = tmp_path / "model.zip"
+    size = save_state_dict_zip(tiny_model.state_dict(), zipped)
+    assert size == zipped.stat().st_size
+    with zipfile.ZipFile(zipped) as zf:
+        assert [i.compress_type for i in zf.infolist()] == [zipfile.ZIP_DEFLATED]
+    assert_same(load_state_dict(zipped), tiny_model)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bare.pt", "model.zip"]  # no unzip
+
+
+def test_zip_of_a_dlrm_checkpoint_loads(tmp_path, tiny_model):
+    ckpt = tmp_path / "m.ckpt"
+    torch.save(dlrm_layout(tiny_model), ckpt)
+    with zipfile.ZipFile(tmp_path / "m.zip", "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.write(ckpt, "m.ckpt")
+    assert_same(load_state_dict(tmp_path / "m.zip"), tiny_model)
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_unsafe_pickle_is_refused_naming_the_global(tmp_path, capsys):
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": {}, "x": Payload()}, path)
+    with pytest.raises(CheckpointError, match="global '(builtins.)?print'"):
+        load_state_dict(path)
+    assert "must never run" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: None, "checkpoint file not found"),
+    (lambda p: p.write_text("hello, not a checkpoint\n"), "not a readable PyTorch checkpoint"),
+    (lambda p: zipfile.ZipFile(p, "w").close(), "holds no checkpoint"),
+    (lambda p: _zip_with(p, {"a.txt": b"x", "b.txt": b"y"}), "no single checkpoint"),
+    (lambda p: _zip_with(p, {"notes.txt": b"just text"}), "not a readable PyTorch checkpoint"),
+    (lambda p: torch.save({"epoch": 3}, p), "no state dict inside"),
+    (lambda p: torch.save({"state_dict": {"w": torch.zeros(1), "a": 1}}, p), "entry 'a' is not a tensor"),
+])
+def test_bad_checkpoints_get_one_clear_error(tmp_path, make, message):
+    path = tmp_path / "model.zip"
+    make(path)
+    with pytest.raises(CheckpointError, match=message) as info:
+        load_state_dict(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_truncated_zip_is_reported(tmp_path, tiny_model):
+    path = tmp_path / "model.zip"
+    save_state_dict_zip(tiny_model.state_dict(), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=str(path)):
+        load_state_dict(path)
+
+
+def test_failed_save_leaves_nothing_under_the_final_name(tmp_path):
+    path = tmp_path / "model.zip"
+    with pytest.raises(Exception):
+        save_state_dict_zip({"bad": lambda: 0}, path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sha256_of_file(tmp_path):
+    (tmp_path / "f").write_bytes(b"abc")
+    assert sha256_of_file(tmp_path / "f") == (
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+
+
+def _zip_with(path, members):
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
