@@ -38,26 +38,31 @@ def atomic_path(final_path: str | os.PathLike) -> Iterator[Path]:
 
 
 class ProgressLog:
-    """Append-only JSON-lines log of finished rows beside an output file.
+    """Append-only JSON-lines logs of finished rows beside an output file, one per rank.
 
     Each row is flushed and fsynced as it finishes; a line torn by a crash is ignored on
-    reading. The log is removed once the final output has been written.
+    reading. Reading collects every rank's log, so a resumed run may use another world size.
+    The logs are removed once the final output has been written.
     """
 
-    def __init__(self, output_path: str | os.PathLike):
+    def __init__(self, output_path: str | os.PathLike, rank: int = 0):
         output_path = Path(output_path)
-        self.path = output_path.parent / f".{output_path.name}.progress.jsonl"
+        self.folder = output_path.parent
+        self.prefix = f".{output_path.name}.progress"
+        self.path = self.folder / f"{self.prefix}.rank{rank}.jsonl"
+
+    def _all_logs(self) -> list[Path]:
+        return sorted(self.folder.glob(f"{self.prefix}.rank*.jsonl"))
 
     def read(self) -> list[dict]:
-        if not self.path.exists():
-            return []
         rows = []
-        with open(self.path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue  # torn last line of a killed run
+        for path in self._all_logs():
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        continue  # torn last line of a killed run
         return rows
 
     def append(self, row: dict) -> None:
@@ -72,5 +77,5 @@ class ProgressLog:
             os.fsync(f.fileno())
 
     def remove(self) -> None:
-        if self.path.exists():
-            self.path.unlink()
+        for path in self._all_logs():
+            path.unlink(missing_ok=True)

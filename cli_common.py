@@ -16,8 +16,16 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Help shows defaults and keeps the description's line breaks."""
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Usage mistakes are one line on stderr and exit code 2, like every other user error."""
+
+    def error(self, message: str):
+        print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def make_parser(description: str) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    return OneLineErrorParser(description=description, formatter_class=HelpFormatter)
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:

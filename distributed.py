@@ -1,0 +1,68 @@
+"""Running a script under torchrun: rank discovery, sharding the rows, gathering the results.
+
+Without torchrun (no WORLD_SIZE in the environment) everything here is a no-op: one process,
+rank 0, all rows. Under torchrun the main backend is nccl on GPUs and gloo on CPUs; result rows
+travel through a separate gloo group, which works with either.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Sequence, TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    _objects_group: object = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, items: Sequence[T]) -> list[T]:
+        """This rank's share: every world_size-th item, so ranks get similar mixes of levels."""
+        return list(items[self.rank::self.world_size])
+
+    def gather(self, rows: list) -> list:
+        """All ranks' rows on rank 0 (an empty list elsewhere)."""
+        if not self.enabled:
+            return rows
+        parts = [None] * self.world_size if self.is_main else None
+        dist.gather_object(rows, parts, dst=0, group=self._objects_group)
+        return [r for part in parts for r in part] if self.is_main else []
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier(group=self._objects_group)
+
+    def close(self) -> None:
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def init_distributed(device_name: str | None) -> DistContext:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistContext()
+    use_cuda = device_name != "cpu" and torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo",
+                            timeout=timedelta(hours=2))
+    group = dist.new_group(backend="gloo") if use_cuda else dist.group.WORLD
+    return DistContext(dist.get_rank(), world_size, local_rank, group)

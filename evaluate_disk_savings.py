@@ -1,0 +1,204 @@
+"""Experiment 1, disk savings: prune every embedding table over the grid, zip each checkpoint.
+
+For each (norm, block shape, sparsity level) the stock DataNormSparsifier prunes every
+emb_l.*.weight (one step, mask squashed); the model-only state dict is streamed into a deflated
+zip under the dump path. sparse_model_metadata.csv records sizes, timings and paths (relative to
+the CSV) for evaluate_model_metrics.py and evaluate_forward_time.py; disk_savings.png plots them.
+
+With no arguments it runs on the built-in demo model (made on first use). Reruns resume: points
+whose zip is present with the recorded sha256 are kept. Runs unchanged under torchrun.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pandas as pd
+from tqdm import tqdm
+
+from checkpoint_io import load_state_dict, save_state_dict_zip, sha256_of_file
+from cli_common import (add_run_args, describe, make_parser, positive_int, resolve_device,
+                        run_main)
+from distributed import init_distributed
+from dlrm_model import DLRMConfig
+from errors import UserInputError
+from plotting import plot_disk_savings
+from results_io import METADATA_COLUMNS, ResumeState, environment, write_csv
+from sparse_utils import (SEED_BLOCK_SHAPES, SEED_LEVELS, SEED_NORMS, GridPoint, block_label,
+                          build_grid, parse_block_shape, parse_level, parse_norm,
+                          sparsify_embeddings, tensor_bytes, zero_fraction)
+
+METADATA_CSV = "sparse_model_metadata.csv"
+MB = 2**20  # the seed's MB
+
+
+def parse_args(argv=None):
+    p = make_parser(__doc__)
+    p.add_argument("--model_path", "--model-path", dest="model_path", default=None,
+                   help="dlrm checkpoint, bare state dict or zip (default: the demo model)")
+    p.add_argument("--sparsified_model_dump_path", "--sparsified-model-dump-path",
+                   dest="dump_path", default=None,
+                   help="folder for the pruned zips (default: OUTPUT_DIR/sparsified_models)")
+    p.add_argument("--sparsity-levels", nargs="+", default=[str(x) for x in SEED_LEVELS],
+                   metavar="LEVEL", help="levels in [0, 1] (default: the seed's 20)")
+    p.add_argument("--norms", nargs="+", default=list(SEED_NORMS), metavar="NORM",
+                   help="block norms, L1 and/or L2")
+    p.add_argument("--block-shapes", nargs="+", default=[f"{r}x{c}" for r, c in SEED_BLOCK_SHAPES],
+                   metavar="RxC", help="sparse block shapes")
+    p.add_argument("--keep-l2-1x1", action="store_true",
+                   help="also run L2 with 1x1 blocks (same masks as L1 1x1, so skipped)")
+    add_run_args(p, "folder for sparse_model_metadata.csv and disk_savings.png")
+    p.add_argument("--workers", type=positive_int, default=None,
+                   help="compression threads; each holds one pruned copy of the embeddings "
+                        "(default: min(4, CPUs), or 1 for models over 1 GiB)")
+    p.add_argument("--compress-level", type=int, default=6, choices=range(10), metavar="0-9",
+                   help="deflate level (6: zlib's default, the seed's)")
+    return p.parse_args(argv)
+
+
+def grid_from_args(args) -> tuple[list[GridPoint], list[str]]:
+    levels = [parse_level(x) for x in args.sparsity_levels]
+    norms = [parse_norm(x) for x in args.norms]
+    shapes = [parse_block_shape(x) for x in args.block_shapes]
+    return build_grid(levels, norms, shapes, keep_l2_1x1=args.keep_l2_1x1)
+
+
+def ensure_writable(folder: Path, what: str) -> Path:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserInputError(f"{folder}: cannot create the {what} ({exc.strerror})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserInputError(f"{folder}: the {what} is not writable")
+    return folder
+
+
+def compress_point(pruned: dict, zip_path: Path, level: int) -> dict:
+    """Runs on a worker thread: zlib and torch.save release the GIL for the heavy parts."""
+    size = save_state_dict_zip(pruned, zip_path, compresslevel=level)
+    return {"zip_file_size_bytes": size, "sha256": sha256_of_file(zip_path),
+            "actual_sparsity": zero_fraction(pruned)}
+
+
+class Sweep:
+    """Prunes grid points on the calling thread while earlier points compress on workers."""
+
+    def __init__(self, state_dict, device, dump_dir: Path, csv_dir: Path, workers: int,
+                 compress_level: int, resume: ResumeState, extra: dict):
+        self.sd, self.device, self.dump_dir, self.csv_dir = state_dict, device, dump_dir, csv_dir
+        self.workers, self.level, self.resume, self.extra = workers, compress_level, resume, extra
+        self.dense_bytes = tensor_bytes(state_dict)
+        self.rows: list[dict] = []
+        self.skipped = 0
+
+    def reusable(self, point: GridPoint) -> dict | None:
+        old = self.resume.lookup(point.key)
+        if old is None or old.get("model_fingerprint") != self.extra["model_fingerprint"]:
+            return None
+        zip_path = self.dump_dir / point.zip_relpath()
+        recorded = self.csv_dir / str(old.get("path"))
+        if (recorded.resolve() != zip_path.resolve() or not zip_path.is_file()
+                or sha256_of_file(zip_path) != old.get("sha256")):
+            return None
+        return old
+
+    def run(self, points: list[GridPoint], show_progress: bool) -> list[dict]:
+        pending: deque = deque()
+        with ThreadPoolExecutor(self.workers) as pool, \
+                tqdm(total=len(points), desc="pruning + zipping", unit="model",
+                     disable=not show_progress) as bar:
+            for point in points:
+                old = self.reusable(point)
+                if old is not None:
+                    self.rows.append(old)
+                    self.skipped += 1
+                    bar.update()
+                    continue
+                while len(pending) >= self.workers:  # bound the pruned copies held
+                    self._finish(*pending.popleft(), bar)
+                pruned, step_s = sparsify_embeddings(self.sd, point, self.device)
+                zip_path = self.dump_dir / point.zip_relpath()
+                zip_path.parent.mkdir(parents=True, exist_ok=True)
+                future = pool.submit(compress_point, pruned, zip_path, self.level)
+                pending.append((point, step_s, zip_path, future))
+                del pruned
+            while pending:
+                self._finish(*pending.popleft(), bar)
+        return self.rows
+
+    def _finish(self, point: GridPoint, step_s: float, zip_path: Path, future, bar) -> None:
+        result = future.result()
+        size = result["zip_file_size_bytes"]
+        row = {"norm": point.norm, "sparse_block_shape": block_label(point.block_shape),
+               "sparsity_level": point.level, "step_time_sec": step_s,
+               "zip_file_size": size / MB,
+               "path": os.path.relpath(zip_path, self.csv_dir), **result,
+               "compression_ratio": self.dense_bytes / size,
+               "dense_size_bytes": self.dense_bytes, **self.extra}
+        self.resume.record(row)
+        self.rows.append(row)
+        bar.update()
+
+
+def summary_table(df: pd.DataFrame) -> str:
+    table = df.pivot_table(index="sparsity_level", columns=["norm", "sparse_block_shape"],
+                           values="zip_file_size")
+    return table.to_string(float_format=lambda v: f"{v:.3f}")
+
+
+def default_workers(model_bytes: int) -> int:
+    return 1 if model_bytes > 2**30 else max(1, min(4, os.cpu_count() or 1))
+
+
+def main(argv=None) -> None:
+    def body():
+        args = parse_args(argv)
+        points, skipped_configs = grid_from_args(args)
+        ctx = init_distributed(args.device)
+        device = resolve_device(args.device)
+        out_dir = ensure_writable(Path(args.output_dir), "output folder")
+        dump_dir = ensure_writable(Path(args.dump_path) if args.dump_path
+                                   else out_dir / "sparsified_models", "dump folder")
+        model_path = args.model_path
+        if model_path is None:
+            from demo import ensure_demo
+            model_path = str(ensure_demo().model)
+        state_dict = load_state_dict(model_path)
+        DLRMConfig.from_state_dict(state_dict)  # a clear error now if it is not a DLRM
+        stat = os.stat(model_path)
+        extra = {"model_path": os.path.abspath(model_path),
+                 "model_fingerprint": f"{stat.st_size}:{stat.st_mtime_ns}",
+                 "compress_level": args.compress_level, **environment(device),
+                 "command": describe(argv)}
+        csv_path = out_dir / METADATA_CSV
+        if ctx.is_main and skipped_configs:
+            print(f"skipping {', '.join(skipped_configs)}: its masks equal L1 "
+                  f"{block_label((1, 1))}'s (|x| and x*x rank alike); --keep-l2-1x1 runs it")
+        workers = args.workers or default_workers(tensor_bytes(state_dict))
+        sweep = Sweep(state_dict, device, dump_dir, out_dir, workers, args.compress_level,
+                      ResumeState(csv_path, ctx.rank, args.overwrite), extra)
+        rows = ctx.gather(sweep.run(ctx.shard(points), show_progress=ctx.is_main))
+        skipped = sum(ctx.gather([sweep.skipped]))
+        if ctx.is_main:
+            order = {p.key: i for i, p in enumerate(points)}
+            rows.sort(key=lambda r: order[(r["norm"], r["sparse_block_shape"],
+                                           float(r["sparsity_level"]))])
+            df = write_csv(rows, csv_path, METADATA_COLUMNS)
+            plot_disk_savings(df, out_dir / "disk_savings.png")
+            sweep.resume.log.remove()
+            if skipped:
+                print(f"resumed: kept {skipped} finished point(s) of an earlier run "
+                      "(--overwrite redoes them)")
+            print(summary_table(df))
+            print(f"wrote {csv_path} and {out_dir / 'disk_savings.png'} "
+                  f"({len(df)} models in {dump_dir})")
+        ctx.barrier()
+        ctx.close()
+    run_main(body)
+
+
+if __name__ == "__main__":
+    main()

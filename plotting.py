@@ -1,0 +1,86 @@
+"""The figures of the three experiments, one line per (norm, block shape) configuration."""
+
+from __future__ import annotations
+
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from atomic_io import atomic_path  # noqa: E402
+
+
+def _config_lines(ax, df: pd.DataFrame, y: str, label_suffix: str = "", **style) -> None:
+    for (norm, block), part in df.groupby(["norm", "sparse_block_shape"], sort=True):
+        part = part.sort_values("sparsity_level")
+        ax.plot(part["sparsity_level"], part[y], marker="o", markersize=3,
+                label=f"{norm} {block}{label_suffix}", **style)
+
+
+def _save(fig, path: str | os.PathLike) -> None:
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def plot_disk_savings(df: pd.DataFrame, path: str | os.PathLike) -> None:
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    _config_lines(ax, df, "zip_file_size")
+    ax.set(xlabel="sparsity level", ylabel="zipped checkpoint (MB)",
+           title="Disk usage of the pruned model")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(title="norm, block")
+    _save(fig, path)
+
+
+def plot_quality(df: pd.DataFrame, path: str | os.PathLike) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    for ax, column, title in ((axes[0], "accuracy", "Accuracy"), (axes[1], "roc_auc", "ROC AUC")):
+        _config_lines(ax, df, column)
+        ax.set(xlabel="sparsity level", ylabel=column, title=f"{title} on the test split")
+        ax.grid(alpha=0.3)
+    axes[0].legend(title="norm, block")
+    _save(fig, path)
+
+
+def plot_forward_time(df: pd.DataFrame, stages: pd.DataFrame, path: str | os.PathLike) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+    ax = axes[0]
+    for dlrm_type, style in (("without_torch_sparse", "-"), ("with_torch_sparse", "--")):
+        part = df[df["dlrm_type"] == dlrm_type].copy()
+        part["time_ms"] = part["time_median_s"] * 1e3
+        _config_lines(ax, part, "time_ms", f", {dlrm_type.replace('_', ' ')}", linestyle=style)
+    ax.set(xlabel="sparsity level", ylabel="forward time, median (ms)",
+           title="DLRM forward: dense vs torch.sparse")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    _plot_stages(axes[1], stages)
+    _save(fig, path)
+
+
+def _plot_stages(ax, stages: pd.DataFrame) -> None:
+    """Stacked bars of median stage times, per variant, at the levels measured."""
+    if stages.empty:
+        ax.set_axis_off()
+        return
+    first = stages[stages["config"] == sorted(stages["config"].unique())[0]]
+    table = first.pivot_table(index=["sparsity_level", "dlrm_type"], columns="stage",
+                              values="time_median_s", aggfunc="median") * 1e3
+    order = [s for s in ("bottom_mlp", "embedding", "interaction", "to_sparse_coo", "top_mlp")
+             if s in table.columns]
+    table = table[order]
+    labels = [f"{lvl:g}\n{'sparse' if t == 'with_torch_sparse' else 'dense'}"
+              for lvl, t in table.index]
+    bottom = None
+    for stage in order:
+        ax.bar(labels, table[stage], bottom=bottom, label=stage)
+        bottom = table[stage] if bottom is None else bottom + table[stage]
+    ax.set(ylabel="median time (ms)", title=f"Where the time goes ({first['config'].iloc[0]})")
+    ax.tick_params(axis="x", labelsize=7)
+    ax.legend(fontsize=7)

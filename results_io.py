@@ -1,0 +1,85 @@
+"""The CSV contract between the scripts, resumable sweeps, and reproducibility columns."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Iterable
+
+import pandas as pd
+import torch
+
+from atomic_io import ProgressLog, atomic_path
+from errors import UserInputError
+
+METADATA_COLUMNS = ["norm", "sparse_block_shape", "sparsity_level", "step_time_sec",
+                    "zip_file_size", "path"]
+KEY_COLUMNS = ["norm", "sparse_block_shape", "sparsity_level"]
+
+
+def row_key(row) -> tuple[str, str, float]:
+    return (str(row["norm"]), str(row["sparse_block_shape"]), float(row["sparsity_level"]))
+
+
+def environment(device: torch.device) -> dict:
+    """What makes a figure reproducible: where and with what it was measured."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    return {"device": f"{device.type}:{name or platform.machine()}",
+            "torch_version": torch.__version__, "num_threads": torch.get_num_threads()}
+
+
+def write_csv(rows: Iterable[dict], path: str | os.PathLike, first_columns: list[str]
+              ) -> pd.DataFrame:
+    df = pd.DataFrame(list(rows))
+    ordered = [c for c in first_columns if c in df.columns]
+    df = df[ordered + [c for c in df.columns if c not in ordered]]
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
+    return df
+
+
+def read_metadata(path: str | os.PathLike) -> pd.DataFrame:
+    """sparse_model_metadata.csv with `path` resolved against the CSV's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"{path}: metadata CSV not found (run evaluate_disk_savings.py "
+                             "first, or pass --sparse_model_metadata)")
+    try:
+        df = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise UserInputError(f"{path}: metadata CSV is empty") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise UserInputError(f"{path}: not a readable CSV ({str(exc).strip()})") from None
+    missing = [c for c in KEY_COLUMNS + ["path"] if c not in df.columns]
+    if missing:
+        raise UserInputError(f"{path}: metadata CSV lacks the column(s) {', '.join(missing)}")
+    if df.empty:
+        raise UserInputError(f"{path}: metadata CSV has no rows")
+    df["checkpoint"] = [str(p) if os.path.isabs(str(p)) else str(path.parent / str(p))
+                        for p in df["path"]]
+    return df
+
+
+class ResumeState:
+    """Rows finished by earlier runs (final CSV and progress logs), reusable if still valid."""
+
+    def __init__(self, csv_path: Path, rank: int, overwrite: bool):
+        self.log = ProgressLog(csv_path, rank)
+        self.previous: dict[tuple, dict] = {}
+        if overwrite:
+            return
+        if csv_path.is_file():
+            try:
+                for row in pd.read_csv(csv_path).to_dict("records"):
+                    self.previous[row_key(row)] = row
+            except (pd.errors.EmptyDataError, pd.errors.ParserError, KeyError):
+                pass  # an unreadable old CSV is simply redone
+        for row in self.log.read():
+            self.previous[row_key(row)] = row
+
+    def lookup(self, key: tuple) -> dict | None:
+        return self.previous.get(key)
+
+    def record(self, row: dict) -> None:
+        self.log.append(row)

@@ -1,0 +1,142 @@
+"""The sparsity grid, and pruning a DLRM's embedding tables with PyTorch's DataNormSparsifier.
+
+Every `emb_l.*.weight` is pruned at one (sparsity level, block shape, norm) grid point with the
+stock sparsifier: add the table, step once, squash the mask. Only embedding weights are cloned;
+the MLP tensors are shared with the source state dict, never copied.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import torch
+from torch.ao.pruning._experimental.data_sparsifier import DataNormSparsifier
+
+from dlrm_model import embedding_names
+from errors import UserInputError
+
+SEED_LEVELS = tuple([i / 10 for i in range(10)] + [round(0.9 + i / 100, 2) for i in range(1, 10)]
+                    + [1.0])
+SEED_BLOCK_SHAPES = ((1, 1), (1, 4))
+SEED_NORMS = ("L1", "L2")
+NORMS = ("L1", "L2")
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    norm: str
+    block_shape: tuple[int, int]
+    level: float
+
+    @property
+    def key(self) -> tuple[str, str, float]:
+        return (self.norm, block_label(self.block_shape), self.level)
+
+    @property
+    def config(self) -> str:
+        return f"{self.norm} {block_label(self.block_shape)}"
+
+    def zip_relpath(self) -> Path:
+        r, c = self.block_shape
+        return (Path(self.norm) / f"config_{r}x{c}"
+                / f"criteo_model_norm={self.norm}_sl={self.level:g}.zip")
+
+
+def block_label(shape: Sequence[int]) -> str:
+    """The seed's spelling in CSVs: "(1, 4)"."""
+    return f"({shape[0]}, {shape[1]})"
+
+
+def parse_block_shape(text: str) -> tuple[int, int]:
+    """'1x4', '1,4' or '(1, 4)' -> (1, 4); both sides positive integers."""
+    match = re.fullmatch(r"\(?\s*(\d+)\s*[x,X ]\s*(\d+)\s*\)?", text.strip())
+    if not match or int(match.group(1)) < 1 or int(match.group(2)) < 1:
+        raise UserInputError(f"block shape {text!r}: expected RxC with positive R and C, "
+                             "for example 1x4")
+    return int(match.group(1)), int(match.group(2))
+
+
+def parse_level(text: str | float) -> float:
+    try:
+        level = float(text)
+    except ValueError:
+        raise UserInputError(f"sparsity level {text!r} is not a number") from None
+    if not 0.0 <= level <= 1.0:
+        raise UserInputError(f"sparsity level {text} is outside [0, 1]")
+    return level
+
+
+def parse_norm(text: str) -> str:
+    norm = text.upper()
+    if norm not in NORMS:
+        raise UserInputError(f"unknown norm {text!r}: expected one of {', '.join(NORMS)}")
+    return norm
+
+
+def build_grid(levels: Iterable[float], norms: Iterable[str],
+               block_shapes: Iterable[tuple[int, int]], keep_l2_1x1: bool = False
+               ) -> tuple[list[GridPoint], list[str]]:
+    """The grid in the seed's order (norm, block shape, level) and the configs left out.
+
+    L2 with 1x1 blocks ranks single weights by x*x, which orders them as |x| does, so its masks
+    are exactly L1 1x1's; like the seed, it is left out unless asked for.
+    """
+    points, skipped = [], []
+    for norm in dict.fromkeys(norms):
+        for shape in dict.fromkeys(block_shapes):
+            if norm == "L2" and shape == (1, 1) and not keep_l2_1x1:
+                skipped.append(f"L2 {block_label(shape)}")
+                continue
+            points += [GridPoint(norm, shape, level) for level in dict.fromkeys(levels)]
+    return points, skipped
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # note: the step is asynchronous on a GPU
+
+
+def sparsify_table(weight: torch.Tensor, point: GridPoint, name: str,
+                   device: torch.device) -> tuple[torch.Tensor, float]:
+    """A pruned copy of one table (on the CPU) and the seconds of the sparsifier's step."""
+    table = weight.to(device, copy=True)
+    sparsifier = DataNormSparsifier(sparsity_level=point.level,
+                                    sparse_block_shape=point.block_shape, norm=point.norm)
+    sparsifier.add_data(name.replace(".", "_"), table)  # the sparsifier refuses dots
+    _synchronize(device)
+    start = time.perf_counter()
+    sparsifier.step()
+    _synchronize(device)
+    step_s = time.perf_counter() - start
+    sparsifier.squash_mask()  # writes the masked values into `table` in place
+    return table.cpu(), step_s
+
+
+def sparsify_embeddings(state_dict: Mapping[str, torch.Tensor], point: GridPoint,
+                        device: torch.device) -> tuple[dict[str, torch.Tensor], float]:
+    """State dict with every embedding table pruned (MLP tensors shared), and the step time.
+
+    Tables are pruned one at a time, so the sparsifier's temporaries (mask, sort indices)
+    exist for one table at once, not for the whole model.
+    """
+    pruned = dict(state_dict)
+    step_s = 0.0
+    for name in embedding_names(state_dict):
+        pruned[name], seconds = sparsify_table(state_dict[name], point, name, device)
+        step_s += seconds
+    return pruned, step_s
+
+
+def zero_fraction(state_dict: Mapping[str, torch.Tensor]) -> float:
+    """Fraction of exactly-zero values over all embedding weights."""
+    names = embedding_names(state_dict)
+    zeros = sum(int((state_dict[n] == 0).sum()) for n in names)
+    return zeros / sum(state_dict[n].numel() for n in names)
+
+
+def tensor_bytes(state_dict: Mapping[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in state_dict.values())
