@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -47,6 +48,41 @@ def add_run_args(p: argparse.ArgumentParser, output_help: str) -> None:
                         "torchrun each rank uses cuda:LOCAL_RANK)")
     p.add_argument("--overwrite", action="store_true",
                    help="redo every row instead of resuming from an earlier run's outputs")
+
+
+def add_metadata_arg(p) -> None:
+    p.add_argument("--sparse_model_metadata", "--sparse-model-metadata", dest="metadata",
+                   default=None, help="sparse_model_metadata.csv of evaluate_disk_savings.py "
+                   "(default: OUTPUT_DIR/sparse_model_metadata.csv; for the demo it is made "
+                   "if missing)")
+
+
+def resolve_inputs(args, ctx) -> tuple[str, str, Path]:
+    """(raw, processed, metadata) paths; the demo's (made if missing) when none are given."""
+    from demo import ensure_demo, ensure_processed
+    out_dir = Path(args.output_dir)
+    metadata = Path(args.metadata) if args.metadata else out_dir / "sparse_model_metadata.csv"
+    demo = args.raw_data_file is None and args.processed_data_file is None
+    if not demo and (args.raw_data_file is None or args.processed_data_file is None):
+        raise UserInputError("give both --raw_data_file and --processed_data_file "
+                             "(or neither, for the demo)")
+    if demo:
+        paths = ensure_demo()
+        raw, processed = str(paths.raw), str(paths.processed)
+        if args.metadata is None and not metadata.exists():
+            import evaluate_disk_savings
+            print(f"{metadata} not found: running the disk-savings step first", flush=True)
+            sub = evaluate_disk_savings.parse_args(
+                ["--output-dir", str(out_dir), "--model-path", str(paths.model)]
+                + (["--device", args.device] if args.device else []))
+            sub.command = describe(None)
+            evaluate_disk_savings.run(sub, ctx)
+    else:
+        raw, processed = args.raw_data_file, args.processed_data_file
+        if ctx.is_main:
+            ensure_processed(raw, processed, args.skip_bad_lines)
+        ctx.barrier()
+    return raw, processed, metadata
 
 
 def resolve_device(name: str | None) -> torch.device:

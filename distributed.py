@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Sequence, TypeVar
+from typing import Callable, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -66,3 +66,12 @@ def init_distributed(device_name: str | None) -> DistContext:
                             timeout=timedelta(hours=2))
     group = dist.new_group(backend="gloo") if use_cuda else dist.group.WORLD
     return DistContext(dist.get_rank(), world_size, local_rank, group)
+
+
+def run_distributed(body: Callable, args) -> int:
+    """Call body(args, ctx) inside a process group when under torchrun, and close it after."""
+    ctx = init_distributed(args.device)
+    try:
+        return body(args, ctx)
+    finally:
+        ctx.close()

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from checkpoint_io import load_state_dict, save_state_dict_zip, sha256_of_file
 from cli_common import (add_run_args, describe, make_parser, positive_int, resolve_device,
                         run_main)
-from distributed import init_distributed
+from distributed import DistContext, run_distributed
 from dlrm_model import DLRMConfig
 from errors import UserInputError
 from plotting import plot_disk_savings
@@ -153,51 +153,54 @@ def default_workers(model_bytes: int) -> int:
     return 1 if model_bytes > 2**30 else max(1, min(4, os.cpu_count() or 1))
 
 
+def run(args, ctx: DistContext) -> int:
+    """The whole experiment; returns the exit code. All ranks call it."""
+    points, skipped_configs = grid_from_args(args)
+    device = resolve_device(args.device)
+    out_dir = ensure_writable(Path(args.output_dir), "output folder")
+    dump_dir = ensure_writable(Path(args.dump_path) if args.dump_path
+                               else out_dir / "sparsified_models", "dump folder")
+    model_path = args.model_path
+    if model_path is None:
+        from demo import ensure_demo
+        model_path = str(ensure_demo().model)
+    state_dict = load_state_dict(model_path)
+    DLRMConfig.from_state_dict(state_dict)  # a clear error now if it is not a DLRM
+    stat = os.stat(model_path)
+    extra = {"model_path": os.path.abspath(model_path),
+             "model_fingerprint": f"{stat.st_size}:{stat.st_mtime_ns}",
+             "compress_level": args.compress_level, **environment(device),
+             "command": args.command}
+    csv_path = out_dir / METADATA_CSV
+    if ctx.is_main and skipped_configs:
+        print(f"skipping {', '.join(skipped_configs)}: its masks equal L1 "
+              f"{block_label((1, 1))}'s (|x| and x*x rank alike); --keep-l2-1x1 runs it")
+    workers = args.workers or default_workers(tensor_bytes(state_dict))
+    sweep = Sweep(state_dict, device, dump_dir, out_dir, workers, args.compress_level,
+                  ResumeState(csv_path, ctx.rank, args.overwrite), extra)
+    rows = ctx.gather(sweep.run(ctx.shard(points), show_progress=ctx.is_main))
+    skipped = sum(ctx.gather([sweep.skipped]))
+    if ctx.is_main:
+        order = {p.key: i for i, p in enumerate(points)}
+        rows.sort(key=lambda r: order[(r["norm"], r["sparse_block_shape"],
+                                       float(r["sparsity_level"]))])
+        df = write_csv(rows, csv_path, METADATA_COLUMNS)
+        plot_disk_savings(df, out_dir / "disk_savings.png")
+        sweep.resume.log.remove()
+        if skipped:
+            print(f"resumed: kept {skipped} finished point(s) of an earlier run "
+                  "(--overwrite redoes them)")
+        print(summary_table(df))
+        print(f"wrote {csv_path} and {out_dir / 'disk_savings.png'} "
+              f"({len(df)} models in {dump_dir})")
+    ctx.barrier()
+    return 0
+
+
 def main(argv=None) -> None:
-    def body():
-        args = parse_args(argv)
-        points, skipped_configs = grid_from_args(args)
-        ctx = init_distributed(args.device)
-        device = resolve_device(args.device)
-        out_dir = ensure_writable(Path(args.output_dir), "output folder")
-        dump_dir = ensure_writable(Path(args.dump_path) if args.dump_path
-                                   else out_dir / "sparsified_models", "dump folder")
-        model_path = args.model_path
-        if model_path is None:
-            from demo import ensure_demo
-            model_path = str(ensure_demo().model)
-        state_dict = load_state_dict(model_path)
-        DLRMConfig.from_state_dict(state_dict)  # a clear error now if it is not a DLRM
-        stat = os.stat(model_path)
-        extra = {"model_path": os.path.abspath(model_path),
-                 "model_fingerprint": f"{stat.st_size}:{stat.st_mtime_ns}",
-                 "compress_level": args.compress_level, **environment(device),
-                 "command": describe(argv)}
-        csv_path = out_dir / METADATA_CSV
-        if ctx.is_main and skipped_configs:
-            print(f"skipping {', '.join(skipped_configs)}: its masks equal L1 "
-                  f"{block_label((1, 1))}'s (|x| and x*x rank alike); --keep-l2-1x1 runs it")
-        workers = args.workers or default_workers(tensor_bytes(state_dict))
-        sweep = Sweep(state_dict, device, dump_dir, out_dir, workers, args.compress_level,
-                      ResumeState(csv_path, ctx.rank, args.overwrite), extra)
-        rows = ctx.gather(sweep.run(ctx.shard(points), show_progress=ctx.is_main))
-        skipped = sum(ctx.gather([sweep.skipped]))
-        if ctx.is_main:
-            order = {p.key: i for i, p in enumerate(points)}
-            rows.sort(key=lambda r: order[(r["norm"], r["sparse_block_shape"],
-                                           float(r["sparsity_level"]))])
-            df = write_csv(rows, csv_path, METADATA_COLUMNS)
-            plot_disk_savings(df, out_dir / "disk_savings.png")
-            sweep.resume.log.remove()
-            if skipped:
-                print(f"resumed: kept {skipped} finished point(s) of an earlier run "
-                      "(--overwrite redoes them)")
-            print(summary_table(df))
-            print(f"wrote {csv_path} and {out_dir / 'disk_savings.png'} "
-                  f"({len(df)} models in {dump_dir})")
-        ctx.barrier()
-        ctx.close()
-    run_main(body)
+    args = parse_args(argv)
+    args.command = describe(argv)
+    run_main(lambda: run_distributed(run, args))
 
 
 if __name__ == "__main__":

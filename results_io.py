@@ -62,24 +62,35 @@ def read_metadata(path: str | os.PathLike) -> pd.DataFrame:
 
 
 class ResumeState:
-    """Rows finished by earlier runs (final CSV and progress logs), reusable if still valid."""
+    """Rows finished by earlier runs (final CSV and progress logs), reusable if still valid.
+
+    Rows are kept per grid key and, where a key has several rows (one per dlrm_type in the
+    forward-time CSV), per that column too; later rows replace earlier ones.
+    """
 
     def __init__(self, csv_path: Path, rank: int, overwrite: bool):
         self.log = ProgressLog(csv_path, rank)
-        self.previous: dict[tuple, dict] = {}
+        self.previous: dict[tuple, dict[str, dict]] = {}
         if overwrite:
             return
         if csv_path.is_file():
             try:
                 for row in pd.read_csv(csv_path).to_dict("records"):
-                    self.previous[row_key(row)] = row
+                    self._keep(row)
             except (pd.errors.EmptyDataError, pd.errors.ParserError, KeyError):
                 pass  # an unreadable old CSV is simply redone
         for row in self.log.read():
-            self.previous[row_key(row)] = row
+            self._keep(row)
+
+    def _keep(self, row: dict) -> None:
+        variant = row.get("dlrm_type")
+        self.previous.setdefault(row_key(row), {})[str(variant) if variant else ""] = row
 
     def lookup(self, key: tuple) -> dict | None:
-        return self.previous.get(key)
+        return self.previous.get(key, {}).get("")
+
+    def previous_rows(self, key: tuple) -> list[dict]:
+        return list(self.previous.get(key, {}).values())
 
     def record(self, row: dict) -> None:
         self.log.append(row)
