@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 from torch.utils import benchmark
 
@@ -95,7 +96,12 @@ def measure(fn: Callable[[], object], label: str, device: torch.device, threads:
             calls += 1
         per_call = (clock() - start) / calls
         m = timer.blocked_autorange(min_run_time=max(min_run_time, min_runs * per_call))
-    return Measurement(label, list(m.times), m.median, m.iqr, m.mean, m.number_per_run)
+        times = list(m.times)
+        while len(times) < min_runs:  # fast statements: a few long blocks; add blocks
+            times.append(timer.timeit(m.number_per_run).mean)
+    q1, median, q3 = np.percentile(times, [25, 50, 75])
+    return Measurement(label, times, float(median), float(q3 - q1), float(np.mean(times)),
+                       m.number_per_run)
 
 
 def forward_fn(model: DLRMNet, batch: Batch, variant: str) -> Callable[[], torch.Tensor]:

@@ -78,7 +78,7 @@ def highest_levels_within(df: pd.DataFrame) -> list[str]:
             ["norm", "sparse_block_shape"]):
         found = []
         for budget in AUC_DROP_BUDGETS:
-            within = part[part["auc_drop"] <= budget]["sparsity_level"]
+            within = part[part["auc_drop"] <= budget + 1e-12]["sparsity_level"]
             found.append(f"{within.max():g}" if len(within) else "none")
         lines.append(f"{norm} {block}: highest level with AUC drop <= "
                      f"{AUC_DROP_BUDGETS[0]}: {found[0]}, <= {AUC_DROP_BUDGETS[1]}: {found[1]}")

@@ -53,7 +53,12 @@ def train_one_epoch(model: DLRMNet, train: CriteoSplit, batch_size: int, lr: flo
     loss_fn = nn.BCELoss()
     order = torch.from_numpy(np.random.default_rng(seed).permutation(len(train)))
     order = order.to(train.dense.device)
-    steps = len(train) // batch_size if num_batches <= 0 else num_batches
+    steps = len(train) // batch_size  # dlrm drops the last partial batch
+    if steps == 0:
+        raise UserInputError(f"the training split has {len(train)} samples, fewer than one "
+                             f"mini-batch of {batch_size}")
+    if num_batches > 0:
+        steps = min(steps, num_batches)
     offsets = torch.arange(batch_size, device=train.dense.device).expand(
         train.sparse_t.shape[0], batch_size)
     total, t0 = 0.0, time.time()

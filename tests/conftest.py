@@ -47,3 +47,30 @@ def random_raw_rows(n: int, seed: int = 0, cardinality: int = 6):
             row.append("" if rng.random() < 0.15 else vocab[rng.integers(0, cardinality)])
         rows.append(row)
     return rows
+
+
+def run_script(module, argv) -> int:
+    """Call a script's main(argv) and return its exit code."""
+    try:
+        module.main([str(a) for a in argv])
+    except SystemExit as exc:
+        return exc.code or 0
+    return 0
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory):
+    """Raw file -> processed file -> a briefly trained DLRM, all tiny, shared by the tests."""
+    from criteo_preprocess import preprocess_raw
+    from synthetic_criteo import write_synthetic_raw
+    from train_dlrm import train_and_save
+
+    root = tmp_path_factory.mktemp("pipeline")
+    raw = write_synthetic_raw(root / "train.txt", 4000, seed=3, max_cardinality=60,
+                              show_progress=False)
+    processed = root / "processed.npz"
+    preprocess_raw(raw, processed, show_progress=False)
+    model = root / "model.ckpt"
+    train_and_save(str(processed), str(raw), str(model), embedding_dim=4,
+                   bottom="13-8-4", top="8-1", num_batches=30, device="cpu", print_every=0)
+    return {"root": root, "raw": raw, "processed": processed, "model": model}

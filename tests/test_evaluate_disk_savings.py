@@ -1,0 +1,108 @@
+import shutil
+import zipfile
+
+import pandas as pd
+import pytest
+import torch
+
+import evaluate_disk_savings
+from checkpoint_io import load_state_dict, sha256_of_file
+from conftest import run_script
+from results_io import METADATA_COLUMNS, read_metadata
+from sparse_utils import GridPoint, sparsify_embeddings
+
+GRID = ["--sparsity-levels", "0.0", "0.5", "1.0", "--norms", "L1", "L2",
+        "--block-shapes", "1x1", "1x4"]
+
+
+@pytest.fixture(scope="module")
+def run(tiny_pipeline, tmp_path_factory):
+    out = tmp_path_factory.mktemp("disk")
+    code = run_script(evaluate_disk_savings, ["--model-path", tiny_pipeline["model"],
+                                              "--output-dir", out, "--device", "cpu", *GRID])
+    return code, out, pd.read_csv(out / "sparse_model_metadata.csv")
+
+
+def test_csv_has_the_seed_columns_then_more_and_one_row_per_point(run, capsys):
+    code, out, df = run
+    assert code == 0
+    assert list(df.columns[:6]) == METADATA_COLUMNS
+    assert {"zip_file_size_bytes", "actual_sparsity", "compression_ratio", "sha256",
+            "device", "torch_version"} <= set(df.columns)
+    assert len(df) == 9  # 3 levels x (L1 1x1, L1 1x4, L2 1x4): L2 1x1 is skipped
+    assert set(df["sparse_block_shape"]) == {"(1, 1)", "(1, 4)"}
+    assert (out / "disk_savings.png").stat().st_size > 0
+
+
+def test_sizes_and_hashes_match_the_files_and_paths_are_relative(run):
+    _, out, df = run
+    for row in df.to_dict("records"):
+        path = out / row["path"]
+        assert not row["path"].startswith("/")
+        assert path.stat().st_size == row["zip_file_size_bytes"]
+        assert row["zip_file_size"] == pytest.approx(row["zip_file_size_bytes"] / 2**20)
+        assert sha256_of_file(path) == row["sha256"]
+        with zipfile.ZipFile(path) as zf:
+            assert [i.compress_type for i in zf.infolist()] == [zipfile.ZIP_DEFLATED]
+
+
+def test_each_zip_holds_the_stock_sparsifiers_weights(run, tiny_pipeline):
+    _, out, df = run
+    source = load_state_dict(tiny_pipeline["model"])
+    for row in df.to_dict("records"):
+        shape = tuple(int(x) for x in row["sparse_block_shape"].strip("()").split(","))
+        expected, _ = sparsify_embeddings(source, GridPoint(row["norm"], shape,
+                                                            row["sparsity_level"]),
+                                          torch.device("cpu"))
+        written = load_state_dict(out / row["path"])
+        assert all(torch.equal(written[k], expected[k]) for k in expected)
+        if row["sparsity_level"] == 1.0:
+            assert row["actual_sparsity"] == 1.0
+            assert all(torch.equal(written[k], source[k]) for k in source if "emb_l" not in k)
+
+
+def test_moved_output_folder_still_resolves_its_paths(run, tmp_path):
+    _, out, _ = run
+    moved = shutil.copytree(out, tmp_path / "elsewhere")
+    meta = read_metadata(moved / "sparse_model_metadata.csv")
+    for checkpoint in meta["checkpoint"]:
+        assert str(checkpoint).startswith(str(moved))
+        load_state_dict(checkpoint)
+
+
+def test_rerun_resumes_and_redoes_a_damaged_zip(run, tiny_pipeline, capsys):
+    _, out, df = run
+    first = out / df["path"][4]
+    first.write_bytes(first.read_bytes()[:100])
+    capsys.readouterr()
+    code = run_script(evaluate_disk_savings, ["--model-path", tiny_pipeline["model"],
+                                              "--output-dir", out, "--device", "cpu", *GRID])
+    assert code == 0
+    assert "kept 8 finished point(s)" in capsys.readouterr().out
+    again = pd.read_csv(out / "sparse_model_metadata.csv")
+    assert list(again["sha256"]) == list(df["sha256"])  # deterministic zips
+    assert not list(out.glob(".*progress*"))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--sparsity-levels", "1.5"], "sparsity level 1.5 is outside [0, 1]"),
+    (["--norms", "L3"], "unknown norm 'L3'"),
+    (["--block-shapes", "0x4"], "block shape '0x4'"),
+    (["--model-path", "missing.ckpt"], "missing.ckpt: checkpoint file not found"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_pipeline, tmp_path, capsys,
+                                                         flags, message):
+    args = ["--model-path", tiny_pipeline["model"], "--output-dir", tmp_path / "out", *flags]
+    assert run_script(evaluate_disk_savings, args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out" / "sparse_model_metadata.csv").exists()
+    assert not list((tmp_path / "out").rglob("*.zip")) if (tmp_path / "out").exists() else True
+
+
+def test_dump_path_that_cannot_be_created(tiny_pipeline, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("x")
+    args = ["--model-path", tiny_pipeline["model"], "--output-dir", tmp_path,
+            "--sparsified-model-dump-path", tmp_path / "a_file" / "dump"]
+    assert run_script(evaluate_disk_savings, args) == 2
+    assert "cannot create the dump folder" in capsys.readouterr().err

@@ -1,0 +1,93 @@
+import pandas as pd
+import pytest
+import torch
+
+import evaluate_disk_savings
+import evaluate_forward_time
+from checkpoint_io import load_state_dict
+from conftest import run_script
+from criteo_data import load_split
+from dlrm_forward_time import (DENSE, SPARSE, check_agreement, forward_fn, measure,
+                               stage_fns, synced_clock)
+from dlrm_model import DLRMNet
+
+CPU = torch.device("cpu")
+
+
+def test_clock_synchronises_the_device_before_every_reading():
+    calls = []  # every fn() "takes" 1 ms of the fake clock
+    clock = synced_clock(torch.device("cuda"), sync=lambda: calls.append("sync"),
+                         clock=lambda: (calls.append("clock"), calls.count("fn") * 1e-3)[1])
+    m = measure(lambda: calls.append("fn"), "fake", CPU, threads=1, min_run_time=0.05,
+                clock=clock)
+    reads = [i for i, c in enumerate(calls) if c == "clock"]
+    assert reads and all(calls[i - 1] == "sync" for i in reads)
+    assert calls.count("fn") > 2 and m.n_runs >= 3
+    assert m.median_s == pytest.approx(1e-3)
+
+
+@pytest.fixture(scope="module")
+def model_and_batch(tiny_pipeline):
+    test = load_split(tiny_pipeline["processed"], tiny_pipeline["raw"], "test")
+    batch = next(test.batches(len(test)))
+    return DLRMNet.from_state_dict(load_state_dict(tiny_pipeline["model"])).eval(), batch
+
+
+def test_dense_and_sparse_variants_agree(model_and_batch):
+    model, batch = model_and_batch
+    assert check_agreement(model, batch) <= 1e-6
+    with torch.inference_mode():
+        assert forward_fn(model, batch, SPARSE)().shape == (len(batch.labels), 1)
+
+
+def test_stage_times_are_positive_and_add_up_to_about_the_whole(model_and_batch):
+    model, batch = model_and_batch
+    for variant, fns in stage_fns(model, batch).items():
+        whole = measure(forward_fn(model, batch, variant), variant, CPU, 1, 0.05).median_s
+        stages = [measure(fn, name, CPU, 1, 0.05).median_s for name, fn in fns.items()]
+        assert all(s > 0 for s in stages)
+        assert 0.3 * whole < sum(stages) < 3 * whole, (variant, stages, whole)
+    assert set(stage_fns(model, batch)[SPARSE]) == {"bottom_mlp", "embedding", "interaction",
+                                                    "to_sparse_coo", "top_mlp"}
+
+
+@pytest.fixture(scope="module")
+def metadata(tiny_pipeline, tmp_path_factory):
+    out = tmp_path_factory.mktemp("forward")
+    assert run_script(evaluate_disk_savings, [
+        "--model-path", tiny_pipeline["model"], "--output-dir", out, "--device", "cpu",
+        "--sparsity-levels", "0.0", "0.5", "--norms", "L1", "--block-shapes", "1x1"]) == 0
+    return out
+
+
+def args_for(p, out):
+    return ["--raw-data-file", p["raw"], "--processed-data-file", p["processed"],
+            "--output-dir", out, "--device", "cpu", "--min-run-time", "0.01",
+            "--batch-size", "256", "--threads", "1"]
+
+
+def test_csv_has_both_variants_for_every_row_and_stages(tiny_pipeline, metadata):
+    assert run_script(evaluate_forward_time, args_for(tiny_pipeline, metadata)) == 0
+    df = pd.read_csv(metadata / "dlrm_forward_time_info.csv")
+    assert list(df.columns[:5]) == ["norm", "sparse_block_shape", "sparsity_level",
+                                    "time_taken", "dlrm_type"]
+    assert df.groupby("sparsity_level")["dlrm_type"].apply(sorted).tolist() == \
+        [[SPARSE, DENSE]] * 2
+    assert (df["time_median_s"] > 0).all() and (df["n_runs"] >= 3).all()
+    assert (df["batch_size"] == 256).all() and (df["num_threads"] == 1).all()
+    level1 = df[df.sparsity_level == 0.5]
+    assert (level1["embedding_density"] < 0.51).all()
+    stages = pd.read_csv(metadata / "dlrm_forward_stage_times.csv")
+    assert set(stages["sparsity_level"]) == {0.0, 0.5} and (stages["time_median_s"] > 0).all()
+    assert (metadata / "forward_time.png").exists()
+
+
+def test_outputs_that_disagree_are_an_error_not_a_timing(tiny_pipeline, metadata, tmp_path,
+                                                        monkeypatch, capsys):
+    monkeypatch.setattr(evaluate_forward_time, "AGREEMENT_TOLERANCE", -1.0)
+    meta = ["--sparse_model_metadata", metadata / "sparse_model_metadata.csv"]
+    code = run_script(evaluate_forward_time, args_for(tiny_pipeline, tmp_path) + meta)
+    df = pd.read_csv(tmp_path / "dlrm_forward_time_info.csv")
+    assert code == 2 and "time_median_s" not in df.columns
+    assert df["error"].str.contains("outputs differ").all()
+    assert "dense and torch.sparse outputs differ" in capsys.readouterr().err
