@@ -23,6 +23,7 @@ import torch
 from atomic_io import atomic_path
 from errors import CheckpointError
 
+ZIP_MEMBER = "state_dict.pt"
 _TORCH_ZIP_MARKER = "data.pkl"  # every torch.save zip archive has <prefix>/data.pkl
 
 
@@ -118,7 +119,13 @@ def save_state_dict_zip(state_dict: Mapping[str, torch.Tensor], zip_path: str | 
     Level 6 is zlib's default, the level the seed's zipfile call used.
     """
     zip_path = Path(zip_path)
-    member = zip_path.with_suffix(".pt").name
+    # A fixed member name and timestamp make the zip a function of the weights alone: equal
+    # weights give byte-identical files (and sha256s), across grid points and across runs.
+    member = zipfile.ZipInfo(ZIP_MEMBER, date_time=(1980, 1, 1, 0, 0, 0))
+    member.compress_type = zipfile.ZIP_DEFLATED
+    # the level must sit on the ZipInfo (renamed compress_level in Python 3.13)
+    setattr(member, "compress_level" if hasattr(member, "compress_level") else "_compresslevel",
+            compresslevel)
     with atomic_path(zip_path) as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED,
                              compresslevel=compresslevel) as zf:

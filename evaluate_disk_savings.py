@@ -11,7 +11,9 @@ whose zip is present with the recorded sha256 are kept. Runs unchanged under tor
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,11 +21,12 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
+from atomic_io import atomic_path
 from checkpoint_io import load_state_dict, save_state_dict_zip, sha256_of_file
 from cli_common import (add_run_args, describe, make_parser, positive_int, resolve_device,
                         run_main)
 from distributed import DistContext, run_distributed
-from dlrm_model import DLRMConfig
+from dlrm_model import DLRMConfig, embedding_names
 from errors import UserInputError
 from plotting import plot_disk_savings
 from results_io import METADATA_COLUMNS, ResumeState, environment, write_csv
@@ -83,6 +86,25 @@ def compress_point(pruned: dict, zip_path: Path, level: int) -> dict:
             "actual_sparsity": zero_fraction(pruned)}
 
 
+def copy_point(original, original_zip: Path, zip_path: Path) -> dict:
+    """Same weights as an earlier point, so the same bytes: copy its zip, don't recompress.
+
+    Runs on a worker after `original` (submitted earlier to the same FIFO pool) has finished.
+    """
+    result = original.result()
+    with atomic_path(zip_path) as tmp:
+        shutil.copyfile(original_zip, tmp)
+    return dict(result)
+
+
+def weights_digest(pruned: dict) -> bytes:
+    """Fingerprint of the pruned embeddings (level 0.0 of every config, say, is the same)."""
+    digest = hashlib.blake2b(digest_size=32)
+    for name in embedding_names(pruned):
+        digest.update(pruned[name].contiguous().numpy().data)
+    return digest.digest()
+
+
 class Sweep:
     """Prunes grid points on the calling thread while earlier points compress on workers."""
 
@@ -93,6 +115,7 @@ class Sweep:
         self.dense_bytes = tensor_bytes(state_dict)
         self.rows: list[dict] = []
         self.skipped = 0
+        self.written: dict[bytes, tuple] = {}  # weights digest -> (future, zip) of this run
 
     def reusable(self, point: GridPoint) -> dict | None:
         old = self.resume.lookup(point.key)
@@ -117,12 +140,19 @@ class Sweep:
                     self.skipped += 1
                     bar.update()
                     continue
-                while len(pending) >= self.workers:  # bound the pruned copies held
-                    self._finish(*pending.popleft(), bar)
                 pruned, step_s = sparsify_embeddings(self.sd, point, self.device)
                 zip_path = self.dump_dir / point.zip_relpath()
                 zip_path.parent.mkdir(parents=True, exist_ok=True)
-                future = pool.submit(compress_point, pruned, zip_path, self.level)
+                digest = weights_digest(pruned)
+                # at most `workers` points compressing while this one was pruned: the copies
+                # of the embeddings held never exceed workers + 1
+                while len(pending) >= self.workers:
+                    self._finish(*pending.popleft(), bar)
+                if digest in self.written:
+                    future = pool.submit(copy_point, *self.written[digest], zip_path)
+                else:
+                    future = pool.submit(compress_point, pruned, zip_path, self.level)
+                    self.written[digest] = (future, zip_path)
                 pending.append((point, step_s, zip_path, future))
                 del pruned
             while pending:
