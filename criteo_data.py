@@ -166,7 +166,8 @@ class CriteoSplit:
 
 def arrays_to_split(x_int: np.ndarray, x_cat: np.ndarray, y: np.ndarray,
                     counts: np.ndarray) -> CriteoSplit:
-    dense = torch.log1p(torch.from_numpy(np.maximum(x_int, 0).astype(np.float32)))
+    # log(x + 1) in float32 exactly as dlrm's collate computes it (log1p rounds differently)
+    dense = torch.log(torch.from_numpy(np.maximum(x_int, 0).astype(np.float32)) + 1)
     sparse_t = torch.from_numpy(np.ascontiguousarray(x_cat.T).astype(np.int64))
     labels = torch.from_numpy(y.astype(np.float32))
     return CriteoSplit(dense, sparse_t, labels, counts)

@@ -29,3 +29,9 @@ def test_cardinality_cap_and_skew(tmp_path):
     values, counts = np.unique([v for v in col if v], return_counts=True)
     assert len(values) <= 300
     assert counts.max() > 20 * np.median(counts)  # Zipf: a few values dominate
+
+
+def test_hex8_matches_pythons_formatting():
+    from synthetic_criteo import hex8
+    values = np.array([0, 1, 0x7FFFFFFF, 0x80000000, 0xDEADBEEF, 0xFFFFFFFF], dtype=np.int64)
+    assert hex8(values).tolist() == [f"{v:08x}" for v in values]
