@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from atomic_io import atomic_path
+from dlrm_model import DLRMConfig
 from errors import CheckpointError
 
 ZIP_MEMBER = "state_dict.pt"
@@ -101,6 +102,16 @@ def load_checkpoint_object(path: str | os.PathLike) -> object:
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The model state dict in a checkpoint, a bare state dict, or a disk-savings zip."""
     return _extract_state_dict(load_checkpoint_object(path), str(path))
+
+
+def load_dlrm_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """load_state_dict, checked to be a DLRM_Net's; errors name the file."""
+    state_dict = load_state_dict(path)
+    try:
+        DLRMConfig.from_state_dict(state_dict)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    return state_dict
 
 
 def sha256_of_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:

@@ -26,7 +26,8 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 
 def make_parser(description: str) -> argparse.ArgumentParser:
-    return OneLineErrorParser(description=description, formatter_class=HelpFormatter)
+    return OneLineErrorParser(description=description, formatter_class=HelpFormatter,
+                              allow_abbrev=False)  # a typo must not pick a flag
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
@@ -103,7 +104,11 @@ def positive_int(text: str) -> int:
 
 
 def run_main(body: Callable[[], int | None]) -> None:
-    """Run a script's body; a UserInputError becomes one line on stderr and exit code 2."""
+    """Run a script's body; a UserInputError becomes one line on stderr and exit code 2.
+
+    Progress bars draw only on a terminal (tqdm's disable=None), so in logs and pipes an
+    error is the only line on stderr.
+    """
     try:
         code = body()
     except UserInputError as exc:

@@ -216,8 +216,8 @@ def preprocess_raw(raw_path: str | os.PathLike, processed_path: str | os.PathLik
     ids = FirstAppearanceIds(NUM_SPARSE_FEATURES)
     parts: dict[str, list[np.ndarray]] = {"X_int": [], "X_cat": [], "y": []}
     line, skipped = 1, 0
-    bar = tqdm(total=raw.stat().st_size, unit="B", unit_scale=True, disable=not show_progress,
-               desc=f"preprocessing {raw.name}")
+    bar = tqdm(total=raw.stat().st_size, unit="B", unit_scale=True,
+               disable=None if show_progress else True, desc=f"preprocessing {raw.name}")
     # Parsing the next block (numpy, GIL released) overlaps id assignment of this one.
     with bar, ThreadPoolExecutor(max_workers=1) as pool:
         pending = None

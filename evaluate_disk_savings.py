@@ -22,11 +22,11 @@ import pandas as pd
 from tqdm import tqdm
 
 from atomic_io import atomic_path
-from checkpoint_io import load_state_dict, save_state_dict_zip, sha256_of_file
+from checkpoint_io import load_dlrm_state_dict, save_state_dict_zip, sha256_of_file
 from cli_common import (add_run_args, describe, make_parser, positive_int, resolve_device,
                         run_main)
 from distributed import DistContext, run_distributed
-from dlrm_model import DLRMConfig, embedding_names
+from dlrm_model import embedding_names
 from errors import UserInputError
 from plotting import plot_disk_savings
 from results_io import METADATA_COLUMNS, ResumeState, environment, write_csv
@@ -132,7 +132,7 @@ class Sweep:
         pending: deque = deque()
         with ThreadPoolExecutor(self.workers) as pool, \
                 tqdm(total=len(points), desc="pruning + zipping", unit="model",
-                     disable=not show_progress) as bar:
+                     disable=None if show_progress else True) as bar:
             for point in points:
                 old = self.reusable(point)
                 if old is not None:
@@ -194,8 +194,7 @@ def run(args, ctx: DistContext) -> int:
     if model_path is None:
         from demo import ensure_demo
         model_path = str(ensure_demo().model)
-    state_dict = load_state_dict(model_path)
-    DLRMConfig.from_state_dict(state_dict)  # a clear error now if it is not a DLRM
+    state_dict = load_dlrm_state_dict(model_path)
     stat = os.stat(model_path)
     extra = {"model_path": os.path.abspath(model_path),
              "model_fingerprint": f"{stat.st_size}:{stat.st_mtime_ns}",

@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from checkpoint_io import load_state_dict
+from checkpoint_io import load_dlrm_state_dict
 from cli_common import (add_data_args, add_metadata_arg, add_run_args, describe, make_parser,
                         positive_int, resolve_device, resolve_inputs, run_main)
 from criteo_data import Batch, load_split
@@ -61,7 +61,7 @@ def parse_args(argv=None):
 
 def time_row(meta: dict, batch: Batch, args, device, with_stages: bool) -> tuple[list, list]:
     """The two variant rows of one model, and its stage rows (if asked)."""
-    sd = load_state_dict(meta["checkpoint"])
+    sd = load_dlrm_state_dict(meta["checkpoint"])
     model = DLRMNet.from_state_dict(sd).to(device).eval()
     batch_fits = batch.indices.max(dim=1).values.tolist()
     for k, (rows, top) in enumerate(zip(model.config.table_sizes, batch_fits)):
@@ -95,7 +95,8 @@ def time_row(meta: dict, batch: Batch, args, device, with_stages: bool) -> tuple
 def sweep(metadata: list[dict], batch: Batch, args, device, stage_levels, resume: ResumeState,
           extra: dict, show_progress: bool) -> tuple[list, list, int]:
     rows, stages, skipped = [], [], 0
-    for meta in tqdm(metadata, desc="timing", unit="model", disable=not show_progress):
+    for meta in tqdm(metadata, desc="timing", unit="model",
+                     disable=None if show_progress else True):
         key = {c: meta[c] for c in KEY_COLUMNS}
         base = {**key, "checkpoint": meta["path"], "checkpoint_sha256": meta.get("sha256"),
                 **extra}
@@ -128,7 +129,7 @@ def _reusable(old: dict, base: dict) -> bool:
 
 def repeatability(model_meta: dict, batch: Batch, args, device, first: dict) -> str:
     """Measure the first model's dense forward again, as a check on the timings' stability."""
-    model = DLRMNet.from_state_dict(load_state_dict(model_meta["checkpoint"])).to(device)
+    model = DLRMNet.from_state_dict(load_dlrm_state_dict(model_meta["checkpoint"])).to(device)
     again = measure(forward_fn(model, batch, VARIANTS[0]), "repeat", device, args.threads,
                     args.min_run_time)
     change = abs(again.median_s - first["time_median_s"]) / first["time_median_s"]

@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from checkpoint_io import load_state_dict
+from checkpoint_io import load_dlrm_state_dict
 from cli_common import (add_data_args, add_metadata_arg, add_run_args, describe, make_parser,
                         positive_int, resolve_device, resolve_inputs, run_main)
 from criteo_data import CriteoSplit, load_split
@@ -52,7 +52,7 @@ def parse_args(argv=None):
 
 def score_checkpoint(path: str, test: CriteoSplit, labels: np.ndarray, batch_size: int,
                      device: torch.device) -> dict:
-    model = DLRMNet.from_state_dict(load_state_dict(path)).to(device)
+    model = DLRMNet.from_state_dict(load_dlrm_state_dict(path)).to(device)
     test.check_fits(model.config.table_sizes, path)
     return quality_metrics(labels, score_split(model, test, batch_size))
 
@@ -89,7 +89,8 @@ def evaluate_rows(rows: list[dict], test: CriteoSplit, args, device, resume: Res
                   extra: dict, show_progress: bool) -> tuple[list[dict], int]:
     labels = test.labels.cpu().numpy()
     out, skipped = [], 0
-    for meta in tqdm(rows, desc="scoring", unit="model", disable=not show_progress):
+    for meta in tqdm(rows, desc="scoring", unit="model",
+                     disable=None if show_progress else True):
         base = {c: meta[c] for c in KEY_COLUMNS}
         base.update(checkpoint=meta["path"], checkpoint_sha256=meta.get("sha256"),
                     n_samples=len(test), batch_size=args.batch_size, limit=args.limit)

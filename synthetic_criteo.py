@@ -96,7 +96,7 @@ def write_synthetic_raw(path: str | os.PathLike, num_lines: int, seed: int = 0,
     spec = SyntheticCriteo(seed=seed, max_cardinality=max_cardinality)
     rng = np.random.default_rng(seed + 1)
     with atomic_path(path) as tmp, open(tmp, "w", encoding="ascii") as f:
-        with tqdm(total=num_lines, unit="lines", disable=not show_progress,
+        with tqdm(total=num_lines, unit="lines", disable=None if show_progress else True,
                   desc=f"writing {path.name}") as bar:
             for start in range(0, num_lines, chunk_lines):
                 n = min(chunk_lines, num_lines - start)
