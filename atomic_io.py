@@ -37,6 +37,19 @@ def atomic_path(final_path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def remove_stale_temporaries(folder: str | os.PathLike, recursive: bool = False) -> int:
+    """Delete temporaries that a killed run left behind (names made by atomic_path)."""
+    folder = Path(folder)
+    pattern = ".*.tmp"
+    found = folder.rglob(pattern) if recursive else folder.glob(pattern)
+    removed = 0
+    for path in found:
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 class ProgressLog:
     """Append-only JSON-lines logs of finished rows beside an output file, one per rank.
 

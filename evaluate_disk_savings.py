@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from atomic_io import atomic_path
+from atomic_io import atomic_path, remove_stale_temporaries
 from checkpoint_io import load_dlrm_state_dict, save_state_dict_zip, sha256_of_file
 from cli_common import (add_run_args, describe, make_parser, positive_int, resolve_device,
                         run_main)
@@ -190,6 +190,10 @@ def run(args, ctx: DistContext) -> int:
     out_dir = ensure_writable(Path(args.output_dir), "output folder")
     dump_dir = ensure_writable(Path(args.dump_path) if args.dump_path
                                else out_dir / "sparsified_models", "dump folder")
+    if ctx.is_main:  # before any rank writes: temporaries of a killed run are garbage
+        for folder, deep in ((out_dir, False), (dump_dir, True)):
+            remove_stale_temporaries(folder, recursive=deep)
+    ctx.barrier()
     model_path = args.model_path
     if model_path is None:
         from demo import ensure_demo
