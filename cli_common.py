@@ -13,8 +13,17 @@ import torch
 from errors import UserInputError
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Help shows defaults and keeps the description's line breaks."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's line breaks; states each default the help does not already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        flag = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+        if "default" in text or flag or default is None or default is argparse.SUPPRESS:
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, list) else default
+        return f"{text} (default: {shown})"
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -30,13 +39,14 @@ def make_parser(description: str) -> argparse.ArgumentParser:
                               allow_abbrev=False)  # a typo must not pick a flag
 
 
-def add_data_args(p: argparse.ArgumentParser) -> None:
+def add_data_args(p: argparse.ArgumentParser, demo_default: bool = True) -> None:
+    demo = " (default: the built-in demo's)" if demo_default else " (required)"
     p.add_argument("--raw_data_file", "--raw-data-file", dest="raw_data_file", default=None,
                    help="Criteo train.txt; its folder and stem locate dlrm's "
-                        "<stem>_day_count.npz (default: the built-in demo data)")
+                        "<stem>_day_count.npz" + demo)
     p.add_argument("--processed_data_file", "--processed-data-file", dest="processed_data_file",
                    default=None, help="dlrm's kaggleAdDisplayChallenge_processed.npz; built "
-                   "from the raw file if it does not exist (default: the demo's)")
+                   "from the raw file if it does not exist" + demo)
     p.add_argument("--skip-bad-lines", action="store_true",
                    help="when building the processed file, drop malformed raw lines (and "
                         "report how many) instead of stopping at the first")
@@ -84,6 +94,12 @@ def resolve_inputs(args, ctx) -> tuple[str, str, Path]:
             ensure_processed(raw, processed, args.skip_bad_lines)
         ctx.barrier()
     return raw, processed, metadata
+
+
+def log_progress(show: bool, bar, done: int, total: int, text: str) -> None:
+    """Where no progress bar is drawn (a log file, a pipe), print one line per finished row."""
+    if show and bar.disable:
+        print(f"[{done}/{total}] {text}", flush=True)
 
 
 def resolve_device(name: str | None) -> torch.device:

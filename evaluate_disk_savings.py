@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from atomic_io import atomic_path, remove_stale_temporaries
 from checkpoint_io import load_dlrm_state_dict, save_state_dict_zip, sha256_of_file
-from cli_common import (add_run_args, describe, make_parser, positive_int, resolve_device,
+from cli_common import (add_run_args, describe, log_progress, make_parser, resolve_device,
                         run_main)
 from distributed import DistContext, run_distributed
 from dlrm_model import embedding_names
@@ -54,9 +54,12 @@ def parse_args(argv=None):
     p.add_argument("--keep-l2-1x1", action="store_true",
                    help="also run L2 with 1x1 blocks (same masks as L1 1x1, so skipped)")
     add_run_args(p, "folder for sparse_model_metadata.csv and disk_savings.png")
-    p.add_argument("--workers", type=positive_int, default=None,
-                   help="compression threads; each holds one pruned copy of the embeddings "
-                        "(default: min(4, CPUs), or 1 for models over 1 GiB)")
+    p.add_argument("--workers", type=int, default=None, choices=range(0, 65), metavar="N",
+                   help="compression threads working while the next point is pruned; each "
+                        "holds one pruned copy of the embeddings, so peak memory is about "
+                        "(2 + N) x the embeddings plus the sparsifier's temporaries; 0 compresses "
+                        "on the main thread without overlap (default: min(4, CPUs), or 0 for "
+                        "models over 1 GiB)")
     p.add_argument("--compress-level", type=int, default=6, choices=range(10), metavar="0-9",
                    help="deflate level (6: zlib's default, the seed's)")
     return p.parse_args(argv)
@@ -129,8 +132,9 @@ class Sweep:
         return old
 
     def run(self, points: list[GridPoint], show_progress: bool) -> list[dict]:
+        self.show_progress, self.total = show_progress, len(points)
         pending: deque = deque()
-        with ThreadPoolExecutor(self.workers) as pool, \
+        with ThreadPoolExecutor(max(1, self.workers)) as pool, \
                 tqdm(total=len(points), desc="pruning + zipping", unit="model",
                      disable=None if show_progress else True) as bar:
             for point in points:
@@ -146,7 +150,7 @@ class Sweep:
                 digest = weights_digest(pruned)
                 # at most `workers` points compressing while this one was pruned: the copies
                 # of the embeddings held never exceed workers + 1
-                while len(pending) >= self.workers:
+                while pending and len(pending) >= self.workers:
                     self._finish(*pending.popleft(), bar)
                 if digest in self.written:
                     future = pool.submit(copy_point, *self.written[digest], zip_path)
@@ -155,6 +159,8 @@ class Sweep:
                     self.written[digest] = (future, zip_path)
                 pending.append((point, step_s, zip_path, future))
                 del pruned
+                if self.workers == 0:  # no overlap: one pruned copy at a time
+                    self._finish(*pending.popleft(), bar)
             while pending:
                 self._finish(*pending.popleft(), bar)
         return self.rows
@@ -171,6 +177,9 @@ class Sweep:
         self.resume.record(row)
         self.rows.append(row)
         bar.update()
+        log_progress(self.show_progress, bar, len(self.rows), self.total,
+                     f"{point.config} level {point.level:g}: "
+                     f"{size / MB:.2f} MB, step {step_s:.3f} s")
 
 
 def summary_table(df: pd.DataFrame) -> str:
@@ -180,7 +189,7 @@ def summary_table(df: pd.DataFrame) -> str:
 
 
 def default_workers(model_bytes: int) -> int:
-    return 1 if model_bytes > 2**30 else max(1, min(4, os.cpu_count() or 1))
+    return 0 if model_bytes > 2**30 else max(1, min(4, os.cpu_count() or 1))
 
 
 def run(args, ctx: DistContext) -> int:
@@ -208,7 +217,8 @@ def run(args, ctx: DistContext) -> int:
     if ctx.is_main and skipped_configs:
         print(f"skipping {', '.join(skipped_configs)}: its masks equal L1 "
               f"{block_label((1, 1))}'s (|x| and x*x rank alike); --keep-l2-1x1 runs it")
-    workers = args.workers or default_workers(tensor_bytes(state_dict))
+    workers = (args.workers if args.workers is not None
+               else default_workers(tensor_bytes(state_dict)))
     sweep = Sweep(state_dict, device, dump_dir, out_dir, workers, args.compress_level,
                   ResumeState(csv_path, ctx.rank, args.overwrite), extra)
     rows = ctx.gather(sweep.run(ctx.shard(points), show_progress=ctx.is_main))

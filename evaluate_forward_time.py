@@ -21,8 +21,8 @@ import torch
 from tqdm import tqdm
 
 from checkpoint_io import load_dlrm_state_dict
-from cli_common import (add_data_args, add_metadata_arg, add_run_args, describe, make_parser,
-                        positive_int, resolve_device, resolve_inputs, run_main)
+from cli_common import (add_data_args, add_metadata_arg, add_run_args, describe, log_progress,
+                        make_parser, positive_int, resolve_device, resolve_inputs, run_main)
 from criteo_data import Batch, load_split
 from distributed import DistContext, run_distributed
 from dlrm_forward_time import (AGREEMENT_TOLERANCE, VARIANTS, check_agreement,
@@ -95,8 +95,8 @@ def time_row(meta: dict, batch: Batch, args, device, with_stages: bool) -> tuple
 def sweep(metadata: list[dict], batch: Batch, args, device, stage_levels, resume: ResumeState,
           extra: dict, show_progress: bool) -> tuple[list, list, int]:
     rows, stages, skipped = [], [], 0
-    for meta in tqdm(metadata, desc="timing", unit="model",
-                     disable=None if show_progress else True):
+    bar = tqdm(metadata, desc="timing", unit="model", disable=None if show_progress else True)
+    for done, meta in enumerate(bar, 1):
         key = {c: meta[c] for c in KEY_COLUMNS}
         base = {**key, "checkpoint": meta["path"], "checkpoint_sha256": meta.get("sha256"),
                 **extra}
@@ -118,6 +118,9 @@ def sweep(metadata: list[dict], batch: Batch, args, device, stage_levels, resume
             rows.append(row)
         config = f"{meta['norm']} {meta['sparse_block_shape']}"
         stages += [{**key, "config": config, **s, **extra} for s in staged]
+        times = ", ".join(f"{r['dlrm_type']} {r.get('time_median_s', float('nan')) * 1e3:.2f} ms"
+                          for r in timed)
+        log_progress(show_progress, bar, done, len(metadata), f"{meta['path']}: {times}")
     return rows, stages, skipped
 
 

@@ -21,8 +21,8 @@ import torch
 from tqdm import tqdm
 
 from checkpoint_io import load_dlrm_state_dict
-from cli_common import (add_data_args, add_metadata_arg, add_run_args, describe, make_parser,
-                        positive_int, resolve_device, resolve_inputs, run_main)
+from cli_common import (add_data_args, add_metadata_arg, add_run_args, describe, log_progress,
+                        make_parser, positive_int, resolve_device, resolve_inputs, run_main)
 from criteo_data import CriteoSplit, load_split
 from distributed import DistContext, run_distributed
 from dlrm_model import DLRMNet
@@ -89,8 +89,8 @@ def evaluate_rows(rows: list[dict], test: CriteoSplit, args, device, resume: Res
                   extra: dict, show_progress: bool) -> tuple[list[dict], int]:
     labels = test.labels.cpu().numpy()
     out, skipped = [], 0
-    for meta in tqdm(rows, desc="scoring", unit="model",
-                     disable=None if show_progress else True):
+    bar = tqdm(rows, desc="scoring", unit="model", disable=None if show_progress else True)
+    for meta in bar:
         base = {c: meta[c] for c in KEY_COLUMNS}
         base.update(checkpoint=meta["path"], checkpoint_sha256=meta.get("sha256"),
                     n_samples=len(test), batch_size=args.batch_size, limit=args.limit)
@@ -109,6 +109,8 @@ def evaluate_rows(rows: list[dict], test: CriteoSplit, args, device, resume: Res
             row = {**base, "error": str(exc), **extra}
         resume.record(row)
         out.append(row)
+        log_progress(show_progress, bar, len(out), len(rows),
+                     f"{meta['path']}: AUC {row.get('roc_auc', 'error')}")
     return out, skipped
 
 

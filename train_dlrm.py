@@ -115,7 +115,7 @@ def train_and_save(processed: str, raw: str, save_path: str, embedding_dim: int 
 
 def parse_args(argv=None):
     p = make_parser(__doc__)
-    add_data_args(p)
+    add_data_args(p, demo_default=False)
     p.add_argument("--save-model", "--save_model", dest="save_model", required=True,
                    help="where to write the checkpoint")
     p.add_argument("--arch-sparse-feature-size", type=positive_int, default=16,

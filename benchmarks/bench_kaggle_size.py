@@ -1,0 +1,98 @@
+"""The seed's real size: a random DLRM with Kaggle's table sizes, through all three experiments.
+
+Builds a DLRM with dlrm's Kaggle configuration (26 tables, 33.8 M rows of width 16, 2.16 GB of
+float32; bottom 13-512-256-64-16, top 367-512-256-1), saves it in dlrm's checkpoint layout,
+writes processed test data whose ids span every table, then runs the three scripts on a reduced
+grid, each as a child process whose wall time and peak resident memory are reported.
+
+    python benchmarks/bench_kaggle_size.py                     # levels 0 0.5 0.9 1, L1 1x4
+    python benchmarks/bench_kaggle_size.py --keep work/         # keep the files afterwards
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from bench_common import gib, measured
+
+from criteo_data import day_sizes
+from dlrm_model import DLRMConfig, DLRMNet
+from synthetic_criteo import KAGGLE_CARDINALITIES
+from train_dlrm import save_dlrm_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+KAGGLE = DLRMConfig(KAGGLE_CARDINALITIES, 16, (13, 512, 256, 64, 16), (367, 512, 256, 1))
+
+
+def write_test_data(folder: Path, num_samples: int, seed: int = 0) -> tuple[Path, Path]:
+    """A processed file (and its day-count file) with ids uniform over each full table."""
+    rng = np.random.default_rng(seed)
+    x_cat = np.stack([rng.integers(0, n, size=num_samples, dtype=np.int32)
+                      for n in KAGGLE.table_sizes], axis=1)
+    x_int = rng.integers(0, 1000, size=(num_samples, 13), dtype=np.int32)
+    y = rng.integers(0, 2, size=num_samples, dtype=np.int32)
+    processed = folder / "kaggleAdDisplayChallenge_processed.npz"
+    np.savez(processed, X_int=x_int, X_cat=x_cat, y=y,
+             counts=np.array(KAGGLE.table_sizes, dtype=np.int32))
+    raw = folder / "train.txt"  # never read: it only locates train_day_count.npz
+    np.savez_compressed(folder / "train_day_count.npz", total_per_file=day_sizes(num_samples))
+    return raw, processed
+
+
+def run_child(args: list[str]) -> tuple[float, int]:
+    """Wall seconds and peak RSS bytes of one script run as a child process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, *args], cwd=REPO)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{args[0]} failed")
+    return wall, usage.ru_maxrss * 1024  # Linux reports KiB
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--samples", type=int, default=458_406,
+                   help="processed samples (1%% of Kaggle; the test split is 1/14 of them)")
+    p.add_argument("--sparsity-levels", nargs="+", default=["0.0", "0.5", "0.9", "1.0"])
+    p.add_argument("--keep", default=None, help="work in this folder and keep it")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory(dir=".") as tmp:
+        work = Path(args.keep or tmp).resolve()  # the children run from the repo root
+        work.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(0)
+        with measured("build") as build:
+            model = DLRMNet(KAGGLE)
+            save_dlrm_checkpoint(work / "kaggle.ckpt", model, 0.0, 0.0, 0, 0)
+            del model
+            raw, processed = write_test_data(work, args.samples)
+        model_bytes = sum(n * 16 * 4 for n in KAGGLE.table_sizes)
+        data = ["--raw-data-file", str(raw), "--processed-data-file", str(processed),
+                "--output-dir", str(work / "out")]
+        steps = {
+            "disk savings": ["evaluate_disk_savings.py", "--model-path", str(work / "kaggle.ckpt"),
+                             "--output-dir", str(work / "out"), "--norms", "L1",
+                             "--block-shapes", "1x4", "--sparsity-levels", *args.sparsity_levels],
+            "model metrics": ["evaluate_model_metrics.py", *data],
+            "forward time": ["evaluate_forward_time.py", *data, "--stage-levels", "0.0", "1.0"],
+        }
+        results = {name: run_child(cmd) for name, cmd in steps.items()}
+    print(f"\nKaggle-sized DLRM: {sum(KAGGLE.table_sizes):,} rows, embeddings "
+          f"{gib(model_bytes)}; built and saved in {build.wall_s:.0f} s; {os.cpu_count()} CPUs, "
+          f"{len(args.sparsity_levels)} grid points (L1 1x4)")
+    for name, (wall, peak) in results.items():
+        print(f"{name:>14}: {wall:7.1f} s wall, peak RSS {gib(peak)} "
+              f"({peak / model_bytes:.1f}x the embeddings)")
+
+
+if __name__ == "__main__":
+    main()

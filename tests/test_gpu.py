@@ -1,0 +1,43 @@
+"""Checks that need a CUDA device; they skip cleanly elsewhere."""
+
+import pytest
+import torch
+
+from conftest import random_batch, tiny_config
+from criteo_data import Batch
+from dlrm_forward_time import check_agreement, forward_fn, measure
+from dlrm_model import DLRMNet
+from sparse_utils import GridPoint, sparsify_embeddings
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+CUDA = torch.device("cuda")
+
+
+def cuda_batch(config, n=4096):
+    dense, offsets, indices = random_batch(config, n)
+    return Batch(dense.to(CUDA), offsets.contiguous().to(CUDA), indices.to(CUDA),
+                 torch.zeros(n, device=CUDA))
+
+
+def test_timing_synchronises_the_gpu_before_each_clock_reading(monkeypatch):
+    model = DLRMNet(tiny_config(tables=(5000,) * 26, dim=16)).to(CUDA).eval()
+    batch = cuda_batch(model.config)
+    calls = []
+    real = torch.cuda.synchronize
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda d=None: (calls.append(d), real(d)))
+    m = measure(forward_fn(model, batch, "without_torch_sparse"), "gpu", CUDA, 1, 0.05)
+    assert m.median_s > 0 and m.n_runs >= 3 and len(calls) >= 2 * m.n_runs
+
+
+def test_variants_agree_on_the_gpu():
+    model = DLRMNet(tiny_config(tables=(5000,) * 26, dim=16)).to(CUDA).eval()
+    assert check_agreement(model, cuda_batch(model.config)) <= 1e-5
+
+
+def test_pruning_on_the_gpu_gives_the_cpu_weights():
+    torch.manual_seed(0)
+    sd = DLRMNet(tiny_config(tables=(3000, 2000), dim=16)).state_dict()
+    for point in (GridPoint("L1", (1, 1), 0.7), GridPoint("L2", (1, 4), 0.9)):
+        cpu, _ = sparsify_embeddings(sd, point, torch.device("cpu"))
+        gpu, _ = sparsify_embeddings(sd, point, CUDA)
+        assert all(torch.equal(cpu[k], gpu[k]) for k in sd)
