@@ -142,9 +142,12 @@ class DLRMNet(nn.Module):
             self.emb_l.append(bag)
         self.bot_l = _make_mlp(config.bottom_mlp, final_sigmoid=False)
         self.top_l = _make_mlp(config.top_mlp, final_sigmoid=True)
+        self._register_tril_indices()
+
+    def _register_tril_indices(self) -> None:
         # Lower-triangle index pairs in dlrm's order (i outer, j < i inner), built once here
         # rather than on every forward; non-persistent so the state dict stays dlrm's.
-        f = config.num_features
+        f = self.config.num_features
         rows_i = [i for i in range(f) for _ in range(i)]
         cols_j = [j for i in range(f) for j in range(i)]
         self.register_buffer("tril_i", torch.tensor(rows_i, dtype=torch.long), persistent=False)
@@ -153,8 +156,15 @@ class DLRMNet(nn.Module):
     @classmethod
     def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor],
                         use_torch_sparse: bool = False) -> "DLRMNet":
-        model = cls(DLRMConfig.from_state_dict(state_dict), use_torch_sparse)
-        model.load_state_dict(state_dict, strict=True)
+        """A model that uses the state dict's tensors as its parameters (no copy).
+
+        Built on the meta device first, so a Kaggle-sized model is never allocated and
+        randomly initialised only to be overwritten.
+        """
+        with torch.device("meta"):
+            model = cls(DLRMConfig.from_state_dict(state_dict), use_torch_sparse)
+        model.load_state_dict(state_dict, strict=True, assign=True)
+        model._register_tril_indices()  # the index buffers were made on the meta device
         return model
 
     # The four stages, separately callable so evaluate_forward_time can time each one.
