@@ -31,8 +31,8 @@ from errors import UserInputError
 from plotting import plot_disk_savings
 from results_io import METADATA_COLUMNS, ResumeState, environment, write_csv
 from sparse_utils import (SEED_BLOCK_SHAPES, SEED_LEVELS, SEED_NORMS, GridPoint, block_label,
-                          build_grid, parse_block_shape, parse_level, parse_norm,
-                          sparsify_embeddings, tensor_bytes, zero_fraction)
+                          build_grid, make_zeros_positive, parse_block_shape, parse_level,
+                          parse_norm, sparsify_embeddings, tensor_bytes, zero_fraction)
 
 METADATA_CSV = "sparse_model_metadata.csv"
 MB = 2**20  # the seed's MB
@@ -62,6 +62,10 @@ def parse_args(argv=None):
                         "models over 1 GiB)")
     p.add_argument("--compress-level", type=int, default=6, choices=range(10), metavar="0-9",
                    help="deflate level (6: zlib's default, the seed's)")
+    p.add_argument("--positive-zeros", action="store_true",
+                   help="store pruned weights as +0.0 instead of the -0.0 the stock sparsifier "
+                        "leaves for negative weights: the same model, but the sign bits no "
+                        "longer cost disk (off by default, as the seed)")
     return p.parse_args(argv)
 
 
@@ -122,7 +126,8 @@ class Sweep:
 
     def reusable(self, point: GridPoint) -> dict | None:
         old = self.resume.lookup(point.key)
-        if old is None or old.get("model_fingerprint") != self.extra["model_fingerprint"]:
+        settings = ("model_fingerprint", "compress_level", "positive_zeros")
+        if old is None or any(str(old.get(k)) != str(self.extra[k]) for k in settings):
             return None
         zip_path = self.dump_dir / point.zip_relpath()
         recorded = self.csv_dir / str(old.get("path"))
@@ -145,6 +150,8 @@ class Sweep:
                     bar.update()
                     continue
                 pruned, step_s = sparsify_embeddings(self.sd, point, self.device)
+                if self.extra["positive_zeros"]:
+                    make_zeros_positive(pruned)
                 zip_path = self.dump_dir / point.zip_relpath()
                 zip_path.parent.mkdir(parents=True, exist_ok=True)
                 digest = weights_digest(pruned)
@@ -211,7 +218,8 @@ def run(args, ctx: DistContext) -> int:
     stat = os.stat(model_path)
     extra = {"model_path": os.path.abspath(model_path),
              "model_fingerprint": f"{stat.st_size}:{stat.st_mtime_ns}",
-             "compress_level": args.compress_level, **environment(device),
+             "compress_level": args.compress_level, "positive_zeros": args.positive_zeros,
+             **environment(device),
              "command": args.command}
     csv_path = out_dir / METADATA_CSV
     if ctx.is_main and skipped_configs:

@@ -131,6 +131,17 @@ def sparsify_embeddings(state_dict: Mapping[str, torch.Tensor], point: GridPoint
     return pruned, step_s
 
 
+def make_zeros_positive(state_dict: dict[str, torch.Tensor]) -> None:
+    """Turn the -0.0 left by the sparsifier's mask multiply into +0.0, in place.
+
+    -0.0 == 0.0 in every computation the model does, but the sign bits survive compression:
+    a fully pruned demo model zips to 0.86 MB with them and 0.11 MB without.
+    """
+    for name in embedding_names(state_dict):
+        table = state_dict[name]
+        table.masked_fill_(table == 0, 0.0)
+
+
 def zero_fraction(state_dict: Mapping[str, torch.Tensor]) -> float:
     """Fraction of exactly-zero values over all embedding weights."""
     names = embedding_names(state_dict)

@@ -106,3 +106,20 @@ def test_dump_path_that_cannot_be_created(tiny_pipeline, tmp_path, capsys):
             "--sparsified-model-dump-path", tmp_path / "a_file" / "dump"]
     assert run_script(evaluate_disk_savings, args) == 2
     assert "cannot create the dump folder" in capsys.readouterr().err
+
+
+def test_positive_zeros_keep_the_model_and_shrink_the_zip(run, tiny_pipeline, tmp_path):
+    _, out, df = run
+    args = ["--model-path", tiny_pipeline["model"], "--output-dir", tmp_path, "--device", "cpu",
+            "--sparsity-levels", "1.0", "--norms", "L1", "--block-shapes", "1x4"]
+    assert run_script(evaluate_disk_savings, [*args, "--positive-zeros"]) == 0
+    positive = pd.read_csv(tmp_path / "sparse_model_metadata.csv").iloc[0]
+    signed = df[(df.sparsity_level == 1.0) & (df.norm == "L1") &
+                (df.sparse_block_shape == "(1, 4)")].iloc[0]
+    a, b = load_state_dict(tmp_path / positive["path"]), load_state_dict(out / signed["path"])
+    assert all(torch.equal(a[k], b[k]) for k in a)  # -0.0 == 0.0: the same model
+    assert any(torch.signbit(b[k]).any() for k in b if k.startswith("emb_l"))
+    assert not any(torch.signbit(a[k]).any() for k in a if k.startswith("emb_l"))
+    assert positive["zip_file_size_bytes"] < signed["zip_file_size_bytes"]
+    assert run_script(evaluate_disk_savings, args) == 0  # the flag changed: not resumed
+    assert pd.read_csv(tmp_path / "sparse_model_metadata.csv")["sha256"][0] == signed["sha256"]
