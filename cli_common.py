@@ -136,6 +136,16 @@ def run_main(body: Callable[[], int | None]) -> None:
     sys.exit(code or 0)
 
 
+def script_main(parse_args: Callable, run: Callable, argv: Sequence[str] | None) -> None:
+    """What every experiment's main() does: parse, record the command, run under torchrun
+    when launched by it, and turn user errors into one line and exit code 2."""
+    from distributed import run_distributed
+
+    args = parse_args(argv)
+    args.command = describe(argv)
+    run_main(lambda: run_distributed(run, args))
+
+
 def describe(argv: Sequence[str] | None) -> str:
     """The command line, for the reproducibility columns of the CSVs."""
     return " ".join(sys.argv[:1] + list(sys.argv[1:] if argv is None else argv))

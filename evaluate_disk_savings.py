@@ -23,9 +23,8 @@ from tqdm import tqdm
 
 from atomic_io import atomic_path, remove_stale_temporaries
 from checkpoint_io import load_dlrm_state_dict, save_state_dict_zip, sha256_of_file
-from cli_common import (add_run_args, describe, log_progress, make_parser, resolve_device,
-                        run_main)
-from distributed import DistContext, run_distributed
+from cli_common import add_run_args, log_progress, make_parser, resolve_device, script_main
+from distributed import DistContext
 from dlrm_model import embedding_names
 from errors import UserInputError
 from plotting import plot_disk_savings
@@ -249,9 +248,7 @@ def run(args, ctx: DistContext) -> int:
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
-    args.command = describe(argv)
-    run_main(lambda: run_distributed(run, args))
+    script_main(parse_args, run, argv)
 
 
 if __name__ == "__main__":

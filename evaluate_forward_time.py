@@ -21,10 +21,10 @@ import torch
 from tqdm import tqdm
 
 from checkpoint_io import load_dlrm_state_dict
-from cli_common import (add_data_args, add_metadata_arg, add_run_args, describe, log_progress,
-                        make_parser, positive_int, resolve_device, resolve_inputs, run_main)
+from cli_common import (add_data_args, add_metadata_arg, add_run_args, log_progress, make_parser,
+                        positive_int, resolve_device, resolve_inputs, script_main)
 from criteo_data import Batch, load_split
-from distributed import DistContext, run_distributed
+from distributed import DistContext
 from dlrm_forward_time import (AGREEMENT_TOLERANCE, VARIANTS, check_agreement,
                                forward_fn, interaction_density, measure, stage_fns,
                                steady_cpu_allocator)
@@ -202,9 +202,7 @@ def run(args, ctx: DistContext) -> int:
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
-    args.command = describe(argv)
-    run_main(lambda: run_distributed(run, args))
+    script_main(parse_args, run, argv)
 
 
 if __name__ == "__main__":

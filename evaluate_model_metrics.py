@@ -21,10 +21,10 @@ import torch
 from tqdm import tqdm
 
 from checkpoint_io import load_dlrm_state_dict
-from cli_common import (add_data_args, add_metadata_arg, add_run_args, describe, log_progress,
-                        make_parser, positive_int, resolve_device, resolve_inputs, run_main)
+from cli_common import (add_data_args, add_metadata_arg, add_run_args, log_progress, make_parser,
+                        positive_int, resolve_device, resolve_inputs, script_main)
 from criteo_data import CriteoSplit, load_split
-from distributed import DistContext, run_distributed
+from distributed import DistContext
 from dlrm_model import DLRMNet
 from errors import UserInputError
 from evaluation import quality_metrics, score_split
@@ -163,9 +163,7 @@ def run(args, ctx: DistContext) -> int:
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
-    args.command = describe(argv)
-    run_main(lambda: run_distributed(run, args))
+    script_main(parse_args, run, argv)
 
 
 if __name__ == "__main__":
