@@ -111,3 +111,15 @@ def test_bad_metadata_csv_is_one_line(tiny_pipeline, tmp_path, capsys, content, 
                                                tmp_path / "meta.csv"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and "meta.csv" in err and len(err.splitlines()) == 1
+
+
+def test_rerun_keeps_scored_rows_unless_overwrite(tiny_pipeline, metadata, capsys):
+    args = [*data_args(tiny_pipeline), "--output-dir", metadata, "--batch-size", "64"]
+    assert run_script(evaluate_model_metrics, args) == 0
+    first = pd.read_csv(metadata / "sparse_model_metrics.csv")
+    capsys.readouterr()
+    assert run_script(evaluate_model_metrics, args) == 0
+    assert "resumed: kept 2 scored model(s)" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(pd.read_csv(metadata / "sparse_model_metrics.csv"), first)
+    assert run_script(evaluate_model_metrics, [*args, "--overwrite"]) == 0
+    assert "resumed" not in capsys.readouterr().out
