@@ -92,8 +92,22 @@ def time_row(meta: dict, batch: Batch, args, device, with_stages: bool) -> tuple
     return rows, stages
 
 
+def previous_stage_rows(path: Path, overwrite: bool) -> dict[tuple, list[dict]]:
+    """Stage rows of an earlier run, by grid key (an unreadable file is simply redone)."""
+    found: dict[tuple, list[dict]] = {}
+    if overwrite or not path.is_file():
+        return found
+    try:
+        for row in pd.read_csv(path).to_dict("records"):
+            found.setdefault(row_key(row), []).append(row)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, KeyError):
+        pass
+    return found
+
+
 def sweep(metadata: list[dict], batch: Batch, args, device, stage_levels, resume: ResumeState,
-          extra: dict, show_progress: bool) -> tuple[list, list, int]:
+          old_stages: dict[tuple, list[dict]], extra: dict, show_progress: bool
+          ) -> tuple[list, list, int]:
     rows, stages, skipped = [], [], 0
     bar = tqdm(metadata, desc="timing", unit="model", disable=None if show_progress else True)
     for done, meta in enumerate(bar, 1):
@@ -102,8 +116,10 @@ def sweep(metadata: list[dict], batch: Batch, args, device, stage_levels, resume
                 **extra}
         old = [r for r in resume.previous_rows(row_key(meta)) if _reusable(r, base)]
         wants_stages = stage_levels is None or float(meta["sparsity_level"]) in stage_levels
-        if len(old) == len(VARIANTS) and not wants_stages:
+        kept_stages = [r for r in old_stages.get(row_key(meta), []) if _reusable(r, base)]
+        if len(old) == len(VARIANTS) and (kept_stages or not wants_stages):
             rows += old
+            stages += kept_stages if wants_stages else []
             skipped += 1
             continue
         try:
@@ -117,7 +133,7 @@ def sweep(metadata: list[dict], batch: Batch, args, device, stage_levels, resume
             resume.record(row)
             rows.append(row)
         config = f"{meta['norm']} {meta['sparse_block_shape']}"
-        stages += [{**key, "config": config, **s, **extra} for s in staged]
+        stages += [{**base, "config": config, **s} for s in staged]
         times = ", ".join(f"{r['dlrm_type']} {r.get('time_median_s', float('nan')) * 1e3:.2f} ms"
                           for r in timed)
         log_progress(show_progress, bar, done, len(metadata), f"{meta['path']}: {times}")
@@ -130,15 +146,15 @@ def _reusable(old: dict, base: dict) -> bool:
     return pd.isna(old.get("error")) and all(str(old.get(k)) == str(base.get(k)) for k in same)
 
 
-def repeatability(model_meta: dict, batch: Batch, args, device, first: dict) -> str:
-    """Measure the first model's dense forward again, as a check on the timings' stability."""
+def repeatability(model_meta: dict, batch: Batch, args, device) -> str:
+    """The first model's dense forward measured twice in this run: the timings' stability."""
     model = DLRMNet.from_state_dict(load_dlrm_state_dict(model_meta["checkpoint"])).to(device)
-    again = measure(forward_fn(model, batch, VARIANTS[0]), "repeat", device, args.threads,
-                    args.min_run_time)
-    change = abs(again.median_s - first["time_median_s"]) / first["time_median_s"]
+    fn = forward_fn(model, batch, VARIANTS[0])
+    first, again = (measure(fn, "repeat", device, args.threads, args.min_run_time).median_s
+                    for _ in range(2))
+    change = abs(again - first) / first
     return (f"repeatability: {model_meta['path']} dense forward measured twice: medians "
-            f"{first['time_median_s'] * 1e3:.3f} ms and {again.median_s * 1e3:.3f} ms "
-            f"({change:.1%} apart)")
+            f"{first * 1e3:.3f} ms and {again * 1e3:.3f} ms ({change:.1%} apart)")
 
 
 def summary(df: pd.DataFrame) -> str:
@@ -170,8 +186,9 @@ def run(args, ctx: DistContext) -> int:
              "min_run_time": args.min_run_time, "steady_malloc": steady, "command": args.command}
     extra["num_threads"] = args.threads
     resume = ResumeState(out_dir / TIMES_CSV, ctx.rank, args.overwrite)
+    old_stages = previous_stage_rows(out_dir / STAGES_CSV, args.overwrite)
     rows, stages, skipped = sweep(ctx.shard(metadata), batch, args, device, stage_levels,
-                                  resume, extra, ctx.is_main)
+                                  resume, old_stages, extra, ctx.is_main)
     rows, stages = ctx.gather(rows), ctx.gather(stages)
     skipped = sum(ctx.gather([skipped]))
     failed = 0
@@ -193,7 +210,7 @@ def run(args, ctx: DistContext) -> int:
         if not ok.empty and not ctx.enabled:
             first = ok.iloc[0].to_dict()
             meta = next(m for m in metadata if row_key(m) == row_key(first))
-            print(repeatability(meta, batch, args, device, first))
+            print(repeatability(meta, batch, args, device))
         print(f"wrote {out_dir / TIMES_CSV}, {out_dir / STAGES_CSV} and "
               f"{out_dir / 'forward_time.png'} (batch {len(batch.labels)}, {device}, "
               f"{args.threads} threads{f', {failed} failed' if failed else ''})")

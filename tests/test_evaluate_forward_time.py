@@ -93,13 +93,15 @@ def test_outputs_that_disagree_are_an_error_not_a_timing(tiny_pipeline, metadata
     assert "dense and torch.sparse outputs differ" in capsys.readouterr().err
 
 
-def test_rerun_keeps_timings_of_rows_without_stage_breakdown(tiny_pipeline, metadata, capsys):
+def test_rerun_keeps_timings_and_stage_breakdowns(tiny_pipeline, metadata, capsys):
     args = args_for(tiny_pipeline, metadata) + ["--stage-levels", "0.5"]
     assert run_script(evaluate_forward_time, args) == 0
     first = pd.read_csv(metadata / "dlrm_forward_time_info.csv")
     capsys.readouterr()
     assert run_script(evaluate_forward_time, args) == 0
-    assert "kept the timings of 1 model(s)" in capsys.readouterr().out  # level 0.0
-    again = pd.read_csv(metadata / "dlrm_forward_time_info.csv")
-    level0 = lambda df: df[df.sparsity_level == 0.0].reset_index(drop=True)
-    pd.testing.assert_frame_equal(level0(again), level0(first))
+    assert "kept the timings of 2 model(s)" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(pd.read_csv(metadata / "dlrm_forward_time_info.csv"), first)
+    stages = pd.read_csv(metadata / "dlrm_forward_stage_times.csv")
+    assert set(stages["sparsity_level"]) == {0.5} and len(stages) == 9  # 4 + 5 stages, kept
+    assert run_script(evaluate_forward_time, [*args, "--stage-levels", "0.0"]) == 0
+    assert "kept the timings of 1 model(s)" in capsys.readouterr().out  # 0.0 needs its stages
