@@ -173,6 +173,9 @@ def summary(df: pd.DataFrame) -> str:
 def run(args, ctx: DistContext) -> int:
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    if ctx.enabled and device.type == "cpu" and ctx.is_main:
+        print("note: under torchrun on CPUs the ranks share this machine's cores, so their "
+              "timings disturb each other; time on CPUs with a single process")
     steady = device.type == "cpu" and args.steady_malloc and steady_cpu_allocator()
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
