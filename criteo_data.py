@@ -151,17 +151,21 @@ class CriteoSplit:
                         self.labels[start:stop])
 
     def check_fits(self, table_sizes: tuple[int, ...], origin: str) -> None:
-        """Raise DataError if an id is beyond its table (EmbeddingBag would fail obscurely)."""
-        if len(table_sizes) != self.sparse_t.shape[0]:
-            raise DataError(f"{origin}: the model has {len(table_sizes)} embedding tables but "
-                            f"the data has {self.sparse_t.shape[0]} categorical features")
-        if len(self) == 0:
-            return
-        max_ids = self.sparse_t.max(dim=1).values.tolist()
-        for k, (rows, top) in enumerate(zip(table_sizes, max_ids)):
-            if top >= rows:
-                raise DataError(f"{origin}: table {k} (C{k + 1}) has {rows} rows but the "
-                                f"data holds id {top}")
+        check_ids_fit(self.sparse_t, table_sizes, origin)
+
+
+def check_ids_fit(ids_t: torch.Tensor, table_sizes: tuple[int, ...], origin: str) -> None:
+    """Raise DataError if an id of (26, N) ids is beyond its table (EmbeddingBag would fail
+    obscurely, or on a GPU asynchronously)."""
+    if len(table_sizes) != ids_t.shape[0]:
+        raise DataError(f"{origin}: the model has {len(table_sizes)} embedding tables but "
+                        f"the data has {ids_t.shape[0]} categorical features")
+    if ids_t.shape[1] == 0:
+        return
+    for k, (rows, top) in enumerate(zip(table_sizes, ids_t.max(dim=1).values.tolist())):
+        if top >= rows:
+            raise DataError(f"{origin}: table {k} (C{k + 1}) has {rows} rows but the "
+                            f"data holds id {top}")
 
 
 def arrays_to_split(x_int: np.ndarray, x_cat: np.ndarray, y: np.ndarray,

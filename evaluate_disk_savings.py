@@ -28,7 +28,7 @@ from distributed import DistContext
 from dlrm_model import embedding_names
 from errors import UserInputError
 from plotting import plot_disk_savings
-from results_io import METADATA_COLUMNS, ResumeState, environment, write_csv
+from results_io import METADATA_COLUMNS, ResumeState, environment, reusable, write_csv
 from sparse_utils import (SEED_BLOCK_SHAPES, SEED_LEVELS, SEED_NORMS, GridPoint, block_label,
                           build_grid, make_zeros_positive, parse_block_shape, parse_level,
                           parse_norm, sparsify_embeddings, tensor_bytes, zero_fraction)
@@ -125,8 +125,8 @@ class Sweep:
 
     def reusable(self, point: GridPoint) -> dict | None:
         old = self.resume.lookup(point.key)
-        settings = ("model_fingerprint", "compress_level", "positive_zeros")
-        if old is None or any(str(old.get(k)) != str(self.extra[k]) for k in settings):
+        if not reusable(old, self.extra, ("model_fingerprint", "compress_level",
+                                          "positive_zeros")):
             return None
         zip_path = self.dump_dir / point.zip_relpath()
         recorded = self.csv_dir / str(old.get("path"))

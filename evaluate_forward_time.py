@@ -23,7 +23,7 @@ from tqdm import tqdm
 from checkpoint_io import load_dlrm_state_dict
 from cli_common import (add_data_args, add_metadata_arg, add_run_args, log_progress, make_parser,
                         positive_int, resolve_device, resolve_inputs, script_main)
-from criteo_data import Batch, load_split
+from criteo_data import Batch, check_ids_fit, load_split
 from distributed import DistContext
 from dlrm_forward_time import (AGREEMENT_TOLERANCE, VARIANTS, check_agreement,
                                forward_fn, interaction_density, measure, stage_fns,
@@ -31,12 +31,15 @@ from dlrm_forward_time import (AGREEMENT_TOLERANCE, VARIANTS, check_agreement,
 from dlrm_model import DLRMNet
 from errors import UserInputError
 from plotting import plot_forward_time
-from results_io import KEY_COLUMNS, ResumeState, environment, read_metadata, row_key, write_csv
+from results_io import (KEY_COLUMNS, ResumeState, environment, read_metadata, reusable, row_key,
+                        write_csv)
 from sparse_utils import zero_fraction
 
 TIMES_CSV = "dlrm_forward_time_info.csv"
 STAGES_CSV = "dlrm_forward_stage_times.csv"
 SEED_TIME_COLUMNS = KEY_COLUMNS + ["time_taken", "dlrm_type"]
+# an earlier timing is kept only if measured on the same checkpoint in the same conditions
+SAME = ("checkpoint", "checkpoint_sha256", "batch_size", "device", "num_threads", "min_run_time")
 
 
 def parse_args(argv=None):
@@ -63,11 +66,7 @@ def time_row(meta: dict, batch: Batch, args, device, with_stages: bool) -> tuple
     """The two variant rows of one model, and its stage rows (if asked)."""
     sd = load_dlrm_state_dict(meta["checkpoint"])
     model = DLRMNet.from_state_dict(sd).to(device).eval()
-    batch_fits = batch.indices.max(dim=1).values.tolist()
-    for k, (rows, top) in enumerate(zip(model.config.table_sizes, batch_fits)):
-        if top >= rows:
-            raise UserInputError(f"{meta['checkpoint']}: table {k} (C{k + 1}) has {rows} rows "
-                                 f"but the data holds id {top}")
+    check_ids_fit(batch.indices, model.config.table_sizes, meta["checkpoint"])
     diff = check_agreement(model, batch)
     if not diff <= AGREEMENT_TOLERANCE:
         raise UserInputError(f"{meta['checkpoint']}: dense and torch.sparse outputs differ by "
@@ -114,9 +113,9 @@ def sweep(metadata: list[dict], batch: Batch, args, device, stage_levels, resume
         key = {c: meta[c] for c in KEY_COLUMNS}
         base = {**key, "checkpoint": meta["path"], "checkpoint_sha256": meta.get("sha256"),
                 **extra}
-        old = [r for r in resume.previous_rows(row_key(meta)) if _reusable(r, base)]
+        old = [r for r in resume.previous_rows(row_key(meta)) if reusable(r, base, SAME)]
         wants_stages = stage_levels is None or float(meta["sparsity_level"]) in stage_levels
-        kept_stages = [r for r in old_stages.get(row_key(meta), []) if _reusable(r, base)]
+        kept_stages = [r for r in old_stages.get(row_key(meta), []) if reusable(r, base, SAME)]
         if len(old) == len(VARIANTS) and (kept_stages or not wants_stages):
             rows += old
             stages += kept_stages if wants_stages else []
@@ -138,12 +137,6 @@ def sweep(metadata: list[dict], batch: Batch, args, device, stage_levels, resume
                           for r in timed)
         log_progress(show_progress, bar, done, len(metadata), f"{meta['path']}: {times}")
     return rows, stages, skipped
-
-
-def _reusable(old: dict, base: dict) -> bool:
-    same = ("checkpoint", "checkpoint_sha256", "batch_size", "device", "num_threads",
-            "min_run_time")
-    return pd.isna(old.get("error")) and all(str(old.get(k)) == str(base.get(k)) for k in same)
 
 
 def repeatability(model_meta: dict, batch: Batch, args, device) -> str:

@@ -29,8 +29,8 @@ from dlrm_model import DLRMNet
 from errors import UserInputError
 from evaluation import quality_metrics, score_split
 from plotting import plot_quality
-from results_io import (KEY_COLUMNS, ResumeState, environment, read_metadata, row_key,
-                        write_csv)
+from results_io import (KEY_COLUMNS, ResumeState, environment, read_metadata, reusable,
+                        row_key, write_csv)
 
 METRICS_CSV = "sparse_model_metrics.csv"
 SEED_METRIC_COLUMNS = KEY_COLUMNS + ["precision", "recall", "f1", "roc_auc", "accuracy",
@@ -95,9 +95,7 @@ def evaluate_rows(rows: list[dict], test: CriteoSplit, args, device, resume: Res
         base.update(checkpoint=meta["path"], checkpoint_sha256=meta.get("sha256"),
                     n_samples=len(test), batch_size=args.batch_size, limit=args.limit)
         old = resume.lookup(row_key(meta))
-        if (old is not None and _missing(old.get("error"))
-                and all(_same(old.get(k), base[k])
-                        for k in ("checkpoint_sha256", "n_samples", "checkpoint"))):
+        if reusable(old, base, ("checkpoint_sha256", "n_samples", "checkpoint")):
             out.append(old)
             skipped += 1
             continue
@@ -112,17 +110,6 @@ def evaluate_rows(rows: list[dict], test: CriteoSplit, args, device, resume: Res
         log_progress(show_progress, bar, len(out), len(rows),
                      f"{meta['path']}: AUC {row.get('roc_auc', 'error')}")
     return out, skipped
-
-
-def _missing(x) -> bool:
-    return x is None or (isinstance(x, float) and np.isnan(x))
-
-
-def _same(a, b) -> bool:
-    """Equal as CSV text, with None and NaN (an empty CSV cell) equal to each other."""
-    if _missing(a) or _missing(b):
-        return _missing(a) and _missing(b)
-    return str(a) == str(b)
 
 
 def run(args, ctx: DistContext) -> int:

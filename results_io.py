@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 from pathlib import Path
@@ -20,6 +21,28 @@ KEY_COLUMNS = ["norm", "sparse_block_shape", "sparsity_level"]
 
 def row_key(row) -> tuple[str, str, float]:
     return (str(row["norm"]), str(row["sparse_block_shape"]), float(row["sparsity_level"]))
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def reusable(old: dict | None, wanted: dict, keys) -> bool:
+    """May an earlier row stand for this one? It must exist, hold no error, and match on keys.
+
+    Rows come back from CSVs and JSON logs, so values compare as text, and an empty cell (NaN)
+    equals None.
+    """
+    if old is None or not _missing(old.get("error")):
+        return False
+    for key in keys:
+        a, b = old.get(key), wanted.get(key)
+        if _missing(a) or _missing(b):
+            if not (_missing(a) and _missing(b)):
+                return False
+        elif str(a) != str(b):
+            return False
+    return True
 
 
 def environment(device: torch.device) -> dict:
