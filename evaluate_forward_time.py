@@ -31,8 +31,8 @@ from dlrm_forward_time import (AGREEMENT_TOLERANCE, VARIANTS, check_agreement,
 from dlrm_model import DLRMNet
 from errors import UserInputError
 from plotting import plot_forward_time
-from results_io import (KEY_COLUMNS, ResumeState, environment, read_metadata, reusable, row_key,
-                        write_csv)
+from results_io import (KEY_COLUMNS, ResumeState, earlier_rows, environment, read_metadata,
+                        reusable, row_key, write_csv)
 from sparse_utils import zero_fraction
 
 TIMES_CSV = "dlrm_forward_time_info.csv"
@@ -92,15 +92,10 @@ def time_row(meta: dict, batch: Batch, args, device, with_stages: bool) -> tuple
 
 
 def previous_stage_rows(path: Path, overwrite: bool) -> dict[tuple, list[dict]]:
-    """Stage rows of an earlier run, by grid key (an unreadable file is simply redone)."""
+    """Stage rows of an earlier run, by grid key."""
     found: dict[tuple, list[dict]] = {}
-    if overwrite or not path.is_file():
-        return found
-    try:
-        for row in pd.read_csv(path).to_dict("records"):
-            found.setdefault(row_key(row), []).append(row)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, KeyError):
-        pass
+    for row in [] if overwrite else earlier_rows(path):
+        found.setdefault(row_key(row), []).append(row)
     return found
 
 

@@ -84,6 +84,19 @@ def read_metadata(path: str | os.PathLike) -> pd.DataFrame:
     return df
 
 
+def earlier_rows(csv_path: Path) -> list[dict]:
+    """The rows of an earlier run's CSV; none if it is missing or unreadable (then redone)."""
+    if not csv_path.is_file():
+        return []
+    try:
+        rows = pd.read_csv(csv_path).to_dict("records")
+        for row in rows:
+            row_key(row)  # a CSV without the grid columns is not ours
+        return rows
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, KeyError, ValueError):
+        return []
+
+
 class ResumeState:
     """Rows finished by earlier runs (final CSV and progress logs), reusable if still valid.
 
@@ -96,12 +109,8 @@ class ResumeState:
         self.previous: dict[tuple, dict[str, dict]] = {}
         if overwrite:
             return
-        if csv_path.is_file():
-            try:
-                for row in pd.read_csv(csv_path).to_dict("records"):
-                    self._keep(row)
-            except (pd.errors.EmptyDataError, pd.errors.ParserError, KeyError):
-                pass  # an unreadable old CSV is simply redone
+        for row in earlier_rows(csv_path):
+            self._keep(row)
         for row in self.log.read():
             self._keep(row)
 
