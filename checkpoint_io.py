@@ -36,10 +36,10 @@ def _numpy_safe_globals() -> list:
     return found
 
 
-def _torch_load_safe(source, origin: str) -> object:
+def _torch_load_safe(source, origin: str, mmap: bool = False) -> object:
     try:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
-            return torch.load(source, map_location="cpu", weights_only=True)
+            return torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         match = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
         if match:
@@ -77,8 +77,26 @@ def _inner_member(zf: zipfile.ZipFile, origin: str) -> str:
     return members[0]
 
 
-def load_checkpoint_object(path: str | os.PathLike) -> object:
-    """Whatever torch.load safely returns for this file (reading a zip's member in memory)."""
+def _is_torch_archive(zf: zipfile.ZipFile) -> bool:
+    return any(n == _TORCH_ZIP_MARKER or n.endswith("/" + _TORCH_ZIP_MARKER)
+               for n in zf.namelist())
+
+
+def is_torch_archive(path: str | os.PathLike) -> bool:
+    """A plain torch.save file (dlrm's checkpoints are), which torch.load can memory-map."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return _is_torch_archive(zf)
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def load_checkpoint_object(path: str | os.PathLike, mmap: bool = False) -> object:
+    """Whatever torch.load safely returns for this file (reading a zip's member in memory).
+
+    mmap=True maps a plain torch.save archive instead of reading it (tensors are read from the
+    file when touched); other inputs are read as usual.
+    """
     origin = str(path)
     if not os.path.exists(path):
         raise CheckpointError(f"{origin}: checkpoint file not found")
@@ -87,10 +105,8 @@ def load_checkpoint_object(path: str | os.PathLike) -> object:
     if zipfile.is_zipfile(path):
         try:
             with zipfile.ZipFile(path) as zf:
-                names = zf.namelist()
-                if any(n == _TORCH_ZIP_MARKER or n.endswith("/" + _TORCH_ZIP_MARKER)
-                       for n in names):
-                    return _torch_load_safe(origin, origin)  # a plain torch.save archive
+                if _is_torch_archive(zf):
+                    return _torch_load_safe(origin, origin, mmap)  # a plain torch.save archive
                 member = _inner_member(zf, origin)
                 payload = zf.read(member)
         except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as exc:
@@ -99,19 +115,50 @@ def load_checkpoint_object(path: str | os.PathLike) -> object:
     return _torch_load_safe(origin, origin)
 
 
-def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def load_state_dict(path: str | os.PathLike, mmap: bool = False) -> dict[str, torch.Tensor]:
     """The model state dict in a checkpoint, a bare state dict, or a disk-savings zip."""
-    return _extract_state_dict(load_checkpoint_object(path), str(path))
+    return _extract_state_dict(load_checkpoint_object(path, mmap), str(path))
 
 
-def load_dlrm_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def load_dlrm_state_dict(path: str | os.PathLike, mmap: bool = False
+                         ) -> dict[str, torch.Tensor]:
     """load_state_dict, checked to be a DLRM_Net's; errors name the file."""
-    state_dict = load_state_dict(path)
+    state_dict = load_state_dict(path, mmap)
     try:
         DLRMConfig.from_state_dict(state_dict)
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     return state_dict
+
+
+class CheckpointTables:
+    """The tensors of a plain torch.save checkpoint, read one at a time through a memory map.
+
+    For models too large to hold twice: the source stays on disk (in the page cache, outside
+    this process), and each read maps the file, copies one tensor out and unmaps it again, so
+    a caller holds one original table at a time instead of the whole model. Refuses to read
+    once the file has changed, since the run's results would then mix two models.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path, self.origin = os.fspath(path), str(path)
+        self.stamp = self._stamp()
+
+    def _stamp(self) -> tuple[int, int]:
+        try:
+            stat = os.stat(self.path)
+        except OSError as exc:
+            raise CheckpointError(f"{self.origin}: cannot read the checkpoint "
+                                  f"({exc.strerror})") from None
+        return stat.st_size, stat.st_mtime_ns
+
+    def read(self, name: str) -> torch.Tensor:
+        """A private in-memory copy of one tensor."""
+        if self._stamp() != self.stamp:
+            raise CheckpointError(f"{self.origin}: the checkpoint changed during the run")
+        mapped = _extract_state_dict(_torch_load_safe(self.path, self.origin, mmap=True),
+                                     self.origin)
+        return mapped[name].clone()  # the map goes with `mapped`; only the copy stays
 
 
 def sha256_of_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:

@@ -19,10 +19,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
+import torch
 from tqdm import tqdm
 
 from atomic_io import atomic_path, remove_stale_temporaries
-from checkpoint_io import load_dlrm_state_dict, save_state_dict_zip, sha256_of_file
+from checkpoint_io import (CheckpointTables, is_torch_archive, load_dlrm_state_dict,
+                           save_state_dict_zip, sha256_of_file)
 from cli_common import add_run_args, log_progress, make_parser, resolve_device, script_main
 from distributed import DistContext
 from dlrm_model import embedding_names
@@ -35,6 +37,7 @@ from sparse_utils import (SEED_BLOCK_SHAPES, SEED_LEVELS, SEED_NORMS, GridPoint,
 
 METADATA_CSV = "sparse_model_metadata.csv"
 MB = 2**20  # the seed's MB
+LARGE_MODEL_BYTES = 2**30  # above this, memory comes before overlap
 
 
 def parse_args(argv=None):
@@ -57,8 +60,10 @@ def parse_args(argv=None):
                    help="compression threads working while the next point is pruned; each "
                         "holds one pruned copy of the embeddings, so peak memory is about "
                         "(2 + N) x the embeddings plus the sparsifier's temporaries; 0 compresses "
-                        "on the main thread without overlap (default: min(4, CPUs), or 0 for "
-                        "models over 1 GiB)")
+                        "on the main thread without overlap and, for a model over 1 GiB in a "
+                        "plain torch.save file, reads the original tables from the file one at "
+                        "a time instead of holding them (about 1x the embeddings plus the "
+                        "temporaries) (default: min(4, CPUs), or 0 for models over 1 GiB)")
     p.add_argument("--compress-level", type=int, default=6, choices=range(10), metavar="0-9",
                    help="deflate level (6: zlib's default, the seed's)")
     p.add_argument("--positive-zeros", action="store_true",
@@ -114,9 +119,10 @@ def weights_digest(pruned: dict) -> bytes:
 class Sweep:
     """Prunes grid points on the calling thread while earlier points compress on workers."""
 
-    def __init__(self, state_dict, device, dump_dir: Path, csv_dir: Path, workers: int,
-                 compress_level: int, resume: ResumeState, extra: dict):
-        self.sd, self.device, self.dump_dir, self.csv_dir = state_dict, device, dump_dir, csv_dir
+    def __init__(self, state_dict, read_table, device, dump_dir: Path, csv_dir: Path,
+                 workers: int, compress_level: int, resume: ResumeState, extra: dict):
+        self.sd, self.read_table = state_dict, read_table
+        self.device, self.dump_dir, self.csv_dir = device, dump_dir, csv_dir
         self.workers, self.level, self.resume, self.extra = workers, compress_level, resume, extra
         self.dense_bytes = tensor_bytes(state_dict)
         self.rows: list[dict] = []
@@ -148,7 +154,8 @@ class Sweep:
                     self.skipped += 1
                     bar.update()
                     continue
-                pruned, step_s = sparsify_embeddings(self.sd, point, self.device)
+                pruned, step_s = sparsify_embeddings(self.sd, point, self.device,
+                                                     self.read_table)
                 if self.extra["positive_zeros"]:
                     make_zeros_positive(pruned)
                 zip_path = self.dump_dir / point.zip_relpath()
@@ -195,7 +202,24 @@ def summary_table(df: pd.DataFrame) -> str:
 
 
 def default_workers(model_bytes: int) -> int:
-    return 0 if model_bytes > 2**30 else max(1, min(4, os.cpu_count() or 1))
+    return 0 if model_bytes > LARGE_MODEL_BYTES else max(1, min(4, os.cpu_count() or 1))
+
+
+def hold_model(mapped: dict, model_path: str, workers: int):
+    """What the sweep keeps in memory: (state dict, table reader or None).
+
+    Overlapped compression needs the original tables at hand, so they are read in. Without
+    it, a large model's tables stay in the checkpoint file and each grid point reads them one
+    at a time: the process then holds one pruned model and one table with the sparsifier's
+    temporaries (several times that table), not the model twice.
+    """
+    if (workers == 0 and tensor_bytes(mapped) > LARGE_MODEL_BYTES
+            and is_torch_archive(model_path)):
+        tables = set(embedding_names(mapped))
+        held = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") if k in tables
+                else v.clone() for k, v in mapped.items()}
+        return held, CheckpointTables(model_path).read
+    return {k: v.clone() for k, v in mapped.items()}, None
 
 
 def run(args, ctx: DistContext) -> int:
@@ -213,7 +237,7 @@ def run(args, ctx: DistContext) -> int:
     if model_path is None:
         from demo import ensure_demo
         model_path = str(ensure_demo().model)
-    state_dict = load_dlrm_state_dict(model_path)
+    mapped = load_dlrm_state_dict(model_path, mmap=True)  # nothing read yet
     stat = os.stat(model_path)
     extra = {"model_path": os.path.abspath(model_path),
              "model_fingerprint": f"{stat.st_size}:{stat.st_mtime_ns}",
@@ -225,9 +249,11 @@ def run(args, ctx: DistContext) -> int:
         print(f"skipping {', '.join(skipped_configs)}: its masks equal L1 "
               f"{block_label((1, 1))}'s (|x| and x*x rank alike); --keep-l2-1x1 runs it")
     workers = (args.workers if args.workers is not None
-               else default_workers(tensor_bytes(state_dict)))
-    sweep = Sweep(state_dict, device, dump_dir, out_dir, workers, args.compress_level,
-                  ResumeState(csv_path, ctx.rank, args.overwrite), extra)
+               else default_workers(tensor_bytes(mapped)))
+    state_dict, read_table = hold_model(mapped, model_path, workers)
+    del mapped
+    sweep = Sweep(state_dict, read_table, device, dump_dir, out_dir, workers,
+                  args.compress_level, ResumeState(csv_path, ctx.rank, args.overwrite), extra)
     rows = ctx.gather(sweep.run(ctx.shard(points), show_progress=ctx.is_main))
     skipped = sum(ctx.gather([sweep.skipped]))
     if ctx.is_main:

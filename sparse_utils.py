@@ -11,7 +11,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch.ao.pruning._experimental.data_sparsifier import DataNormSparsifier
@@ -100,10 +100,12 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)  # note: the step is asynchronous on a GPU
 
 
-def sparsify_table(weight: torch.Tensor, point: GridPoint, name: str,
+def sparsify_table(table: torch.Tensor, point: GridPoint, name: str,
                    device: torch.device) -> tuple[torch.Tensor, float]:
-    """A pruned copy of one table (on the CPU) and the seconds of the sparsifier's step."""
-    table = weight.to(device, copy=True)
+    """Prune `table` (a copy the caller gives up, on `device`) in place.
+
+    Returns it on the CPU, with the seconds of the sparsifier's step.
+    """
     sparsifier = DataNormSparsifier(sparsity_level=point.level,
                                     sparse_block_shape=point.block_shape, norm=point.norm)
     sparsifier.add_data(name.replace(".", "_"), table)  # the sparsifier refuses dots
@@ -117,16 +119,23 @@ def sparsify_table(weight: torch.Tensor, point: GridPoint, name: str,
 
 
 def sparsify_embeddings(state_dict: Mapping[str, torch.Tensor], point: GridPoint,
-                        device: torch.device) -> tuple[dict[str, torch.Tensor], float]:
+                        device: torch.device,
+                        read_table: Callable[[str], torch.Tensor] | None = None
+                        ) -> tuple[dict[str, torch.Tensor], float]:
     """State dict with every embedding table pruned (MLP tensors shared), and the step time.
 
     Tables are pruned one at a time, so the sparsifier's temporaries (mask, sort indices)
-    exist for one table at once, not for the whole model.
+    exist for one table at once, not for the whole model. `read_table(name)`, when given,
+    supplies a fresh copy of each original table (state_dict's tables are then only shapes,
+    for instance on the meta device); otherwise each table is copied from state_dict.
     """
     pruned = dict(state_dict)
     step_s = 0.0
     for name in embedding_names(state_dict):
-        pruned[name], seconds = sparsify_table(state_dict[name], point, name, device)
+        table = (state_dict[name].to(device, copy=True) if read_table is None
+                 else read_table(name).to(device))
+        pruned[name], seconds = sparsify_table(table, point, name, device)
+        del table  # on a GPU, free it before the next table's temporaries
         step_s += seconds
     return pruned, step_s
 

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoint_io import load_state_dict, save_state_dict_zip, sha256_of_file
+from checkpoint_io import (CheckpointTables, is_torch_archive, load_state_dict,
+                           save_state_dict_zip, sha256_of_file)
 from errors import CheckpointError
 
 
@@ -107,3 +108,29 @@ def _zip_with(path, members):
     with zipfile.ZipFile(path, "w") as zf:
         for name, data in members.items():
             zf.writestr(name, data)
+
+
+def test_tables_are_read_one_at_a_time_as_private_copies(tmp_path, tiny_model):
+    path = tmp_path / "criteo.ckpt"
+    torch.save(dlrm_layout(tiny_model), path)
+    assert is_torch_archive(path)
+    tables = CheckpointTables(path)
+    ref = tiny_model.state_dict()
+    first = tables.read("emb_l.0.weight")
+    assert torch.equal(first, ref["emb_l.0.weight"])
+    first.zero_()  # a copy: the file and later reads are untouched
+    assert torch.equal(tables.read("emb_l.0.weight"), ref["emb_l.0.weight"])
+    assert torch.equal(load_state_dict(path, mmap=True)["emb_l.1.weight"],
+                       ref["emb_l.1.weight"])
+    torch.save(dlrm_layout(tiny_model), path)  # rewritten: another mtime
+    with pytest.raises(CheckpointError, match="changed during the run"):
+        tables.read("emb_l.0.weight")
+
+
+def test_only_plain_torch_files_count_as_archives(tmp_path, tiny_model):
+    zipped = tmp_path / "model.zip"
+    save_state_dict_zip(tiny_model.state_dict(), zipped)
+    (tmp_path / "text.ckpt").write_text("not a checkpoint")
+    assert not is_torch_archive(zipped)
+    assert not is_torch_archive(tmp_path / "text.ckpt")
+    assert not is_torch_archive(tmp_path / "missing.ckpt")

@@ -123,3 +123,23 @@ def test_positive_zeros_keep_the_model_and_shrink_the_zip(run, tiny_pipeline, tm
     assert positive["zip_file_size_bytes"] < signed["zip_file_size_bytes"]
     assert run_script(evaluate_disk_savings, args) == 0  # the flag changed: not resumed
     assert pd.read_csv(tmp_path / "sparse_model_metadata.csv")["sha256"][0] == signed["sha256"]
+
+
+def test_large_model_path_reads_tables_from_the_file_and_writes_the_same_zips(
+        run, tiny_pipeline, tmp_path, monkeypatch):
+    """Above the size limit with --workers 0 the originals stay in the file: same bytes out."""
+    _, out, df = run
+    mapped = load_state_dict(tiny_pipeline["model"], mmap=True)
+    held, read_table = evaluate_disk_savings.hold_model(mapped, tiny_pipeline["model"], 0)
+    assert read_table is None  # small model: held in memory
+    monkeypatch.setattr(evaluate_disk_savings, "LARGE_MODEL_BYTES", 0)
+    held, read_table = evaluate_disk_savings.hold_model(mapped, tiny_pipeline["model"], 0)
+    assert {v.device.type for k, v in held.items() if "emb_l" in k} == {"meta"}
+    assert {v.device.type for k, v in held.items() if "emb_l" not in k} == {"cpu"}
+    assert evaluate_disk_savings.hold_model(mapped, tiny_pipeline["model"], 1)[1] is None
+    args = ["--model-path", tiny_pipeline["model"], "--output-dir", tmp_path, "--device", "cpu",
+            "--workers", "0", *GRID]
+    assert run_script(evaluate_disk_savings, args) == 0
+    lean = pd.read_csv(tmp_path / "sparse_model_metadata.csv")
+    assert list(lean["sha256"]) == list(df["sha256"])
+    assert list(lean["actual_sparsity"]) == list(df["actual_sparsity"])
