@@ -28,6 +28,7 @@ class Phase:
     wall_s: float = 0.0
     peak_rss_bytes: int = 0  # highest resident size seen during the phase
     start_rss_bytes: int = 0
+    cpu_s: float = 0.0  # CPU seconds of the whole process (all threads) during the phase
 
     @property
     def peak_growth_bytes(self) -> int:
@@ -36,7 +37,7 @@ class Phase:
 
 @contextmanager
 def measured(name: str, interval_s: float = 0.005) -> Iterator[Phase]:
-    """Wall time and peak RSS of a block (RSS sampled every few ms on a thread)."""
+    """Wall time, CPU time and peak RSS of a block (RSS sampled every few ms on a thread)."""
     phase = Phase(name, start_rss_bytes=rss_bytes())
     phase.peak_rss_bytes = phase.start_rss_bytes
     done = threading.Event()
@@ -48,11 +49,12 @@ def measured(name: str, interval_s: float = 0.005) -> Iterator[Phase]:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     try:
         yield phase
     finally:
         phase.wall_s = time.perf_counter() - start
+        phase.cpu_s = time.process_time() - cpu_start
         done.set()
         sampler.join()
         phase.peak_rss_bytes = max(phase.peak_rss_bytes, rss_bytes())

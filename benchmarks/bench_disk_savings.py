@@ -95,9 +95,13 @@ def main() -> None:
     print(f"\n{len(points)} grid points, model file {gib(model_bytes)}, "
           f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs")
     for ph in (seed_phase, ours_phase):
-        print(f"{ph.name:>5}: {ph.wall_s:7.2f} s wall, peak RSS {gib(ph.peak_rss_bytes)} "
-              f"(+{gib(ph.peak_growth_bytes)} over its start)")
+        print(f"{ph.name:>5}: {ph.wall_s:7.2f} s wall, {ph.cpu_s:7.2f} s CPU, peak RSS "
+              f"{gib(ph.peak_rss_bytes)} (+{gib(ph.peak_growth_bytes)} over its start)")
     print(f"speed-up (seed wall / ours wall): {seed_phase.wall_s / ours_phase.wall_s:.2f}x")
+    # The same CPU work cannot finish faster than when it is spread evenly over every core.
+    cores = len(os.sched_getaffinity(0))
+    print(f"ceiling for ours' CPU work on {cores} cores (seed wall / (ours CPU / {cores})): "
+          f"{seed_phase.wall_s / (ours_phase.cpu_s / cores):.2f}x")
     print(f"embedding weights bit-identical in all {len(points)} checkpoints: {identical}")
 
 
