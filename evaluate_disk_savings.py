@@ -213,13 +213,14 @@ def hold_model(mapped: dict, model_path: str, workers: int):
     at a time: the process then holds one pruned model and one table with the sparsifier's
     temporaries (several times that table), not the model twice.
     """
-    if (workers == 0 and tensor_bytes(mapped) > LARGE_MODEL_BYTES
-            and is_torch_archive(model_path)):
+    if not is_torch_archive(model_path):  # a zip or legacy file: already read into memory
+        return mapped, None
+    if workers == 0 and tensor_bytes(mapped) > LARGE_MODEL_BYTES:
         tables = set(embedding_names(mapped))
         held = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") if k in tables
                 else v.clone() for k, v in mapped.items()}
         return held, CheckpointTables(model_path).read
-    return {k: v.clone() for k, v in mapped.items()}, None
+    return {k: v.clone() for k, v in mapped.items()}, None  # read the mapped file in
 
 
 def run(args, ctx: DistContext) -> int:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import evaluate_disk_savings
-from checkpoint_io import load_state_dict, sha256_of_file
+from checkpoint_io import load_state_dict, save_state_dict_zip, sha256_of_file
 from conftest import run_script
 from results_io import METADATA_COLUMNS, read_metadata
 from sparse_utils import GridPoint, sparsify_embeddings
@@ -137,6 +137,9 @@ def test_large_model_path_reads_tables_from_the_file_and_writes_the_same_zips(
     assert {v.device.type for k, v in held.items() if "emb_l" in k} == {"meta"}
     assert {v.device.type for k, v in held.items() if "emb_l" not in k} == {"cpu"}
     assert evaluate_disk_savings.hold_model(mapped, tiny_pipeline["model"], 1)[1] is None
+    zipped = tmp_path / "model.zip"  # a zip cannot be mapped: held in memory
+    save_state_dict_zip(mapped, zipped)
+    assert evaluate_disk_savings.hold_model(load_state_dict(zipped), zipped, 0)[1] is None
     args = ["--model-path", tiny_pipeline["model"], "--output-dir", tmp_path, "--device", "cpu",
             "--workers", "0", *GRID]
     assert run_script(evaluate_disk_savings, args) == 0
