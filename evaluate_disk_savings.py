@@ -63,7 +63,9 @@ def parse_args(argv=None):
                         "on the main thread without overlap and, for a model over 1 GiB in a "
                         "plain torch.save file, reads the original tables from the file one at "
                         "a time instead of holding them (about 1x the embeddings plus the "
-                        "temporaries) (default: min(4, CPUs), or 0 for models over 1 GiB)")
+                        "temporaries) (default: min(4, CPUs), or 0 for models over 1 GiB); on a "
+                        "CPU the sparsifier's step shares the cores with them, so for clean "
+                        "step_time_sec figures use 0 or a GPU")
     p.add_argument("--compress-level", type=int, default=6, choices=range(10), metavar="0-9",
                    help="deflate level (6: zlib's default, the seed's)")
     p.add_argument("--positive-zeros", action="store_true",
@@ -239,18 +241,20 @@ def run(args, ctx: DistContext) -> int:
         from demo import ensure_demo
         model_path = str(ensure_demo().model)
     mapped = load_dlrm_state_dict(model_path, mmap=True)  # nothing read yet
+    workers = (args.workers if args.workers is not None
+               else default_workers(tensor_bytes(mapped)))
     stat = os.stat(model_path)
     extra = {"model_path": os.path.abspath(model_path),
              "model_fingerprint": f"{stat.st_size}:{stat.st_mtime_ns}",
              "compress_level": args.compress_level, "positive_zeros": args.positive_zeros,
              **environment(device),
+             # on a CPU the step shares the cores with these threads: see --workers
+             "compress_workers": workers,
              "command": args.command}
     csv_path = out_dir / METADATA_CSV
     if ctx.is_main and skipped_configs:
         print(f"skipping {', '.join(skipped_configs)}: its masks equal L1 "
               f"{block_label((1, 1))}'s (|x| and x*x rank alike); --keep-l2-1x1 runs it")
-    workers = (args.workers if args.workers is not None
-               else default_workers(tensor_bytes(mapped)))
     state_dict, read_table = hold_model(mapped, model_path, workers)
     del mapped
     sweep = Sweep(state_dict, read_table, device, dump_dir, out_dir, workers,
