@@ -66,6 +66,9 @@ def main() -> None:
     p.add_argument("--norms", nargs="+", default=["L1", "L2"])
     p.add_argument("--block-shapes", nargs="+", default=["1x1", "1x4"])
     p.add_argument("--workers", type=int, default=None, help="this suite's compression threads")
+    p.add_argument("--ours-threads", type=int, default=None,
+                   help="torch threads for this suite's run only (the seed keeps the default), "
+                        "to see what a step on fewer threads would save")
     args = p.parse_args()
     if args.model_path is None:
         from demo import ensure_demo
@@ -85,15 +88,19 @@ def main() -> None:
         with measured("seed") as seed_phase:
             seed_paths = seed_procedure(model, points, tmp / "seed")
         del model
+        seed_threads = torch.get_num_threads()
+        torch.set_num_threads(args.ours_threads or seed_threads)
         with measured("ours") as ours_phase:
             evaluate_disk_savings.run(ours_args, DistContext())
+        torch.set_num_threads(seed_threads)
         dump = tmp / "ours" / "sparsified_models"
         identical = all(same_embeddings(load_state_dict(seed_paths[pt.key]),
                                         load_state_dict(dump / pt.zip_relpath()))
                         for pt in points)
     model_bytes = os.path.getsize(args.model_path)
     print(f"\n{len(points)} grid points, model file {gib(model_bytes)}, "
-          f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs")
+          f"{seed_threads} torch threads (ours {args.ours_threads or seed_threads}), "
+          f"{os.cpu_count()} CPUs")
     for ph in (seed_phase, ours_phase):
         print(f"{ph.name:>5}: {ph.wall_s:7.2f} s wall, {ph.cpu_s:7.2f} s CPU, peak RSS "
               f"{gib(ph.peak_rss_bytes)} (+{gib(ph.peak_growth_bytes)} over its start)")
