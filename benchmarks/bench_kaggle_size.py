@@ -59,6 +59,11 @@ sparsifier.squash_mask()
 """
 
 
+# what --experiments names, and how the report labels it
+LABELS = {"disk": "disk savings", "floor": "stock, 1 table", "metrics": "model metrics",
+          "forward": "forward time"}
+
+
 def run_child(args: list[str]) -> tuple[float, int]:
     """Wall seconds and peak RSS bytes of one script run as a child process."""
     start = time.perf_counter()
@@ -77,8 +82,7 @@ def main() -> None:
                    help="processed samples (1%% of Kaggle; the test split is 1/14 of them)")
     p.add_argument("--sparsity-levels", nargs="+", default=["0.0", "0.5", "0.9", "1.0"])
     p.add_argument("--keep", default=None, help="work in this folder and keep it")
-    p.add_argument("--experiments", nargs="+", choices=["disk", "floor", "metrics", "forward"],
-                   default=["disk", "floor", "metrics", "forward"],
+    p.add_argument("--experiments", nargs="+", choices=list(LABELS), default=list(LABELS),
                    help="what to run; floor: the stock sparsifier on the largest table alone")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(dir=".") as tmp:
@@ -96,16 +100,14 @@ def main() -> None:
         data = ["--raw-data-file", str(raw), "--processed-data-file", str(processed),
                 "--output-dir", str(work / "out")]
         steps = {
-            "disk savings": ["evaluate_disk_savings.py", "--model-path", str(work / "kaggle.ckpt"),
-                             "--output-dir", str(work / "out"), "--norms", "L1",
-                             "--block-shapes", "1x4", "--sparsity-levels", *args.sparsity_levels],
-            "model metrics": ["evaluate_model_metrics.py", *data],
-            "forward time": ["evaluate_forward_time.py", *data, "--stage-levels", "0.0", "1.0"],
-            "stock, 1 table": ["-c", STOCK_ON_ONE_TABLE, str(max(KAGGLE.table_sizes))],
+            "disk": ["evaluate_disk_savings.py", "--model-path", str(work / "kaggle.ckpt"),
+                     "--output-dir", str(work / "out"), "--norms", "L1",
+                     "--block-shapes", "1x4", "--sparsity-levels", *args.sparsity_levels],
+            "floor": ["-c", STOCK_ON_ONE_TABLE, str(max(KAGGLE.table_sizes))],
+            "metrics": ["evaluate_model_metrics.py", *data],
+            "forward": ["evaluate_forward_time.py", *data, "--stage-levels", "0.0", "1.0"],
         }
-        chosen = {"disk": "disk savings", "floor": "stock, 1 table", "metrics": "model metrics",
-                  "forward": "forward time"}
-        results = {chosen[e]: run_child(steps[chosen[e]]) for e in args.experiments}
+        results = {LABELS[e]: run_child(steps[e]) for e in args.experiments}
     print(f"\nKaggle-sized DLRM: {sum(KAGGLE.table_sizes):,} rows, embeddings "
           f"{gib(embedding_bytes)}, model {gib(model_bytes)}; built and saved in "
           f"{build.wall_s:.0f} s; {os.cpu_count()} CPUs, "
