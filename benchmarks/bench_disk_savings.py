@@ -2,10 +2,12 @@
 
 The seed, per grid point: deep copy of the whole model, DataNormSparsifier over the embedding
 parameters, torch.save of the state dict to disk, zip that file (deflate), delete it. This suite:
-clone only the embedding tables, prune, stream into the zip on worker threads while the next
-point is pruned. Both run on the same checkpoint and grid; the script checks that every pair of
-checkpoints holds bit-identical embedding weights, then prints the wall-time ratio and the
-peak memory of each.
+clone only the embedding tables, and prune and stream into the zip on worker threads, several
+points at once. Both run on the same checkpoint and grid; this suite runs once per compressor
+(zlib-ng, its default, and zlib, the one the seed's zipfile uses). The script checks that every
+pair of checkpoints holds bit-identical embedding weights, then prints the wall-time ratio, the
+ceiling that this suite's CPU time sets on this machine's cores, the zip sizes against the
+seed's, and the peak memory of each.
 
     python benchmarks/bench_disk_savings.py              # the demo model, the seed's grid
     python benchmarks/bench_disk_savings.py --model-path criteo.ckpt --sparsity-levels 0 0.5
@@ -21,11 +23,11 @@ import zipfile
 from pathlib import Path
 
 import torch
-from bench_common import gib, measured
+from bench_common import Phase, gib, measured
 from torch.ao.pruning._experimental.data_sparsifier import DataNormSparsifier
 
 import evaluate_disk_savings
-from checkpoint_io import load_state_dict
+from checkpoint_io import COMPRESSORS, load_state_dict
 from dlrm_model import DLRMNet
 from distributed import DistContext
 from sparse_utils import SEED_LEVELS, GridPoint
@@ -58,6 +60,18 @@ def same_embeddings(a: dict, b: dict) -> bool:
     return all(torch.equal(a[k].view(torch.int32), b[k].view(torch.int32)) for k in names)
 
 
+def run_ours(model_path: str, grid: list[str], out: Path, compressor: str,
+             workers: int | None) -> Phase:
+    args = evaluate_disk_savings.parse_args(
+        ["--model-path", model_path, "--output-dir", str(out), "--device", "cpu",
+         "--compressor", compressor, *grid]
+        + (["--workers", str(workers)] if workers is not None else []))
+    args.command = "benchmark"
+    with measured(f"ours, {compressor}") as phase:
+        evaluate_disk_savings.run(args, DistContext())
+    return phase
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -65,51 +79,50 @@ def main() -> None:
     p.add_argument("--sparsity-levels", nargs="+", default=[str(x) for x in SEED_LEVELS])
     p.add_argument("--norms", nargs="+", default=["L1", "L2"])
     p.add_argument("--block-shapes", nargs="+", default=["1x1", "1x4"])
-    p.add_argument("--workers", type=int, default=None, help="this suite's compression threads")
-    p.add_argument("--ours-threads", type=int, default=None,
-                   help="torch threads for this suite's run only (the seed keeps the default), "
-                        "to see what a step on fewer threads would save")
+    p.add_argument("--workers", type=int, default=None, help="this suite's --workers")
+    p.add_argument("--compressors", nargs="+", default=list(COMPRESSORS), choices=COMPRESSORS,
+                   help="run this suite once with each (default: both; zlib-ng is its default, "
+                        "zlib deflates as the seed did)")
     args = p.parse_args()
     if args.model_path is None:
         from demo import ensure_demo
         args.model_path = str(ensure_demo().model)
     grid = ["--sparsity-levels", *args.sparsity_levels, "--norms", *args.norms,
             "--block-shapes", *args.block_shapes]
+    points, _ = evaluate_disk_savings.grid_from_args(
+        evaluate_disk_savings.parse_args(grid))
+    threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory(dir=".") as tmp:
         tmp = Path(tmp)
-        ours_args = evaluate_disk_savings.parse_args(
-            ["--model-path", args.model_path, "--output-dir", str(tmp / "ours"),
-             "--device", "cpu", *grid] + (["--workers", str(args.workers)] if args.workers
-                                          else []))
-        ours_args.command = "benchmark"
-        points, _ = evaluate_disk_savings.grid_from_args(ours_args)
         model = DLRMNet.from_state_dict(load_state_dict(args.model_path))
         (tmp / "seed").mkdir()
         with measured("seed") as seed_phase:
             seed_paths = seed_procedure(model, points, tmp / "seed")
         del model
-        seed_threads = torch.get_num_threads()
-        torch.set_num_threads(args.ours_threads or seed_threads)
-        with measured("ours") as ours_phase:
-            evaluate_disk_savings.run(ours_args, DistContext())
-        torch.set_num_threads(seed_threads)
-        dump = tmp / "ours" / "sparsified_models"
-        identical = all(same_embeddings(load_state_dict(seed_paths[pt.key]),
-                                        load_state_dict(dump / pt.zip_relpath()))
-                        for pt in points)
-    model_bytes = os.path.getsize(args.model_path)
-    print(f"\n{len(points)} grid points, model file {gib(model_bytes)}, "
-          f"{seed_threads} torch threads (ours {args.ours_threads or seed_threads}), "
-          f"{os.cpu_count()} CPUs")
-    for ph in (seed_phase, ours_phase):
-        print(f"{ph.name:>5}: {ph.wall_s:7.2f} s wall, {ph.cpu_s:7.2f} s CPU, peak RSS "
-              f"{gib(ph.peak_rss_bytes)} (+{gib(ph.peak_growth_bytes)} over its start)")
-    print(f"speed-up (seed wall / ours wall): {seed_phase.wall_s / ours_phase.wall_s:.2f}x")
-    # The same CPU work cannot finish faster than when it is spread evenly over every core.
+        runs = []
+        for compressor in args.compressors:
+            out = tmp / f"ours-{compressor}"
+            phase = run_ours(args.model_path, grid, out, compressor, args.workers)
+            dump = out / "sparsified_models"
+            identical = all(same_embeddings(load_state_dict(seed_paths[pt.key]),
+                                            load_state_dict(dump / pt.zip_relpath()))
+                            for pt in points)
+            size_ratios = [os.path.getsize(dump / pt.zip_relpath())
+                           / os.path.getsize(seed_paths[pt.key]) for pt in points]
+            runs.append((phase, identical, size_ratios))
     cores = len(os.sched_getaffinity(0))
-    print(f"ceiling for ours' CPU work on {cores} cores (seed wall / (ours CPU / {cores})): "
-          f"{seed_phase.wall_s / (ours_phase.cpu_s / cores):.2f}x")
-    print(f"embedding weights bit-identical in all {len(points)} checkpoints: {identical}")
+    print(f"\n{len(points)} grid points, model file {gib(os.path.getsize(args.model_path))}, "
+          f"{cores} cores, {threads} torch threads")
+    for ph in [seed_phase] + [r[0] for r in runs]:
+        print(f"{ph.name:>14}: {ph.wall_s:7.2f} s wall, {ph.cpu_s:7.2f} s CPU, peak RSS "
+              f"{gib(ph.peak_rss_bytes)} (+{gib(ph.peak_growth_bytes)} over its start)")
+    for phase, identical, size_ratios in runs:
+        # the same CPU work cannot finish sooner than when spread evenly over every core
+        ceiling = seed_phase.wall_s / (phase.cpu_s / cores)
+        print(f"{phase.name}: speed-up {seed_phase.wall_s / phase.wall_s:.2f}x (seed wall / "
+              f"ours wall; its CPU time allows at most {ceiling:.2f}x on {cores} cores); "
+              f"embedding weights bit-identical in all {len(points)} checkpoints: {identical}; "
+              f"zip size / the seed's zip: {min(size_ratios):.4f} to {max(size_ratios):.4f}")
 
 
 if __name__ == "__main__":

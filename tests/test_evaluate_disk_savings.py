@@ -19,7 +19,8 @@ GRID = ["--sparsity-levels", "0.0", "0.5", "1.0", "--norms", "L1", "L2",
 def run(tiny_pipeline, tmp_path_factory):
     out = tmp_path_factory.mktemp("disk")
     code = run_script(evaluate_disk_savings, ["--model-path", tiny_pipeline["model"],
-                                              "--output-dir", out, "--device", "cpu", *GRID])
+                                              "--output-dir", out, "--device", "cpu",
+                                              "--workers", "2", *GRID])
     return code, out, pd.read_csv(out / "sparse_model_metadata.csv")
 
 
@@ -29,6 +30,9 @@ def test_csv_has_the_seed_columns_then_more_and_one_row_per_point(run, capsys):
     assert list(df.columns[:6]) == METADATA_COLUMNS
     assert {"zip_file_size_bytes", "actual_sparsity", "compression_ratio", "sha256",
             "device", "torch_version"} <= set(df.columns)
+    assert set(df["workers"]) == {2} and df["compressor"].str.startswith("zlib-ng ").all()
+    # two workers prune side by side on the CPU, each step on half of torch's threads
+    assert set(df["num_threads"]) == {max(1, torch.get_num_threads() // 2)}
     assert len(df) == 9  # 3 levels x (L1 1x1, L1 1x4, L2 1x4): L2 1x1 is skipped
     assert set(df["sparse_block_shape"]) == {"(1, 1)", "(1, 4)"}
     assert (out / "disk_savings.png").stat().st_size > 0
@@ -76,7 +80,8 @@ def test_rerun_resumes_and_redoes_a_damaged_zip(run, tiny_pipeline, capsys):
     first.write_bytes(first.read_bytes()[:100])
     capsys.readouterr()
     code = run_script(evaluate_disk_savings, ["--model-path", tiny_pipeline["model"],
-                                              "--output-dir", out, "--device", "cpu", *GRID])
+                                              "--output-dir", out, "--device", "cpu",
+                                              "--workers", "2", *GRID])
     assert code == 0
     assert "kept 8 finished point(s)" in capsys.readouterr().out
     again = pd.read_csv(out / "sparse_model_metadata.csv")
@@ -127,7 +132,8 @@ def test_positive_zeros_keep_the_model_and_shrink_the_zip(run, tiny_pipeline, tm
 
 def test_large_model_path_reads_tables_from_the_file_and_writes_the_same_zips(
         run, tiny_pipeline, tmp_path, monkeypatch):
-    """Above the size limit with --workers 0 the originals stay in the file: same bytes out."""
+    """Above the size limit with --workers 0 the originals stay in the file, and one point is
+    pruned at a time: the same bytes out as two workers pruning side by side in memory."""
     _, out, df = run
     mapped = load_state_dict(tiny_pipeline["model"], mmap=True)
     held, read_table = evaluate_disk_savings.hold_model(mapped, tiny_pipeline["model"], 0)
