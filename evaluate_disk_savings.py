@@ -109,6 +109,12 @@ def weights_digest(pruned: dict) -> bytes:
     return digest.digest()
 
 
+def prunes_on_workers(device: torch.device, workers: int) -> bool:
+    """On a GPU with workers, the calling thread prunes (one step at a time on the device)
+    and the workers only zip. With 0 workers one thread does all, a point at a time."""
+    return device.type != "cuda" or workers == 0
+
+
 class Sweep:
     """Prunes and zips grid points, several at once, and records a row for each in grid order.
 
@@ -181,8 +187,7 @@ class Sweep:
 
     def run(self, points: list[GridPoint], show_progress: bool) -> list[dict]:
         self.show_progress, self.total = show_progress, len(points)
-        # with 0 workers one thread does all, and each point finishes before the next starts
-        on_workers = self.device.type == "cpu" or self.workers == 0
+        on_workers = prunes_on_workers(self.device, self.workers)
         in_flight = max(1, self.workers)
         pending: deque = deque()
         with ThreadPoolExecutor(in_flight) as pool, \

@@ -17,6 +17,6 @@ export PYTHONUNBUFFERED=1
   python3 -m torch.distributed.run --standalone --nproc_per_node=1 evaluate_model_metrics.py \
       --output-dir /tmp/torchrun --sparse-model-metadata "$OUT/demo/sparse_model_metadata.csv" \
       --device cuda | tail -n 2
-  python3 benchmarks/bench_disk_savings.py | tail -n 5
+  python3 benchmarks/bench_disk_savings.py | tail -n 7
   python3 benchmarks/bench_model_metrics.py | tail -n 4
 } 2>&1 | grep -v '%|' | tee "$OUT/gpu_check.log"

@@ -152,3 +152,20 @@ def test_large_model_path_reads_tables_from_the_file_and_writes_the_same_zips(
     lean = pd.read_csv(tmp_path / "sparse_model_metadata.csv")
     assert list(lean["sha256"]) == list(df["sha256"])
     assert list(lean["actual_sparsity"]) == list(df["actual_sparsity"])
+
+
+def test_pruning_on_the_calling_thread_as_on_a_gpu_writes_the_same_zips(
+        run, tiny_pipeline, tmp_path, monkeypatch):
+    """The GPU's arrangement (the calling thread prunes, two workers zip), here on the CPU."""
+    _, out, df = run
+    calls = []
+    monkeypatch.setattr(evaluate_disk_savings, "prunes_on_workers",
+                        lambda device, workers: calls.append((device.type, workers)) or False)
+    args = ["--model-path", tiny_pipeline["model"], "--output-dir", tmp_path, "--device", "cpu",
+            "--workers", "2", *GRID]
+    assert run_script(evaluate_disk_savings, args) == 0
+    assert calls == [("cpu", 2)]
+    here = pd.read_csv(tmp_path / "sparse_model_metadata.csv")
+    assert list(here["sha256"]) == list(df["sha256"])
+    # level 0.0 prunes nothing in any config: the same zip for all three
+    assert here[here.sparsity_level == 0.0]["sha256"].nunique() == 1
