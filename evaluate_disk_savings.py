@@ -124,11 +124,12 @@ class Sweep:
     """
 
     def __init__(self, state_dict, read_table, device, dump_dir: Path, csv_dir: Path,
-                 workers: int, compressor: str, compress_level: int, resume: ResumeState,
-                 extra: dict):
+                 workers: int, on_workers: bool, compressor: str, compress_level: int,
+                 resume: ResumeState, extra: dict):
         self.sd, self.read_table = state_dict, read_table
         self.device, self.dump_dir, self.csv_dir = device, dump_dir, csv_dir
-        self.workers, self.resume, self.extra = workers, resume, extra
+        self.workers, self.on_workers = workers, on_workers  # see prunes_on_workers
+        self.resume, self.extra = resume, extra
         self.compressor, self.level = compressor, compress_level
         self.dense_bytes = tensor_bytes(state_dict)
         self.rows: list[dict] = []
@@ -187,7 +188,6 @@ class Sweep:
 
     def run(self, points: list[GridPoint], show_progress: bool) -> list[dict]:
         self.show_progress, self.total = show_progress, len(points)
-        on_workers = prunes_on_workers(self.device, self.workers)
         in_flight = max(1, self.workers)
         pending: deque = deque()
         with ThreadPoolExecutor(in_flight) as pool, \
@@ -202,7 +202,7 @@ class Sweep:
                     continue
                 zip_path = self.dump_dir / point.zip_relpath()
                 zip_path.parent.mkdir(parents=True, exist_ok=True)
-                if on_workers:
+                if self.on_workers:
                     while len(pending) >= in_flight:
                         self._finish(*pending.popleft(), bar)
                     future = pool.submit(self.prune_and_store, point, zip_path)
@@ -277,10 +277,10 @@ def run_record(args, model_path: str, device: torch.device, workers: int) -> dic
 
 
 @contextmanager
-def step_threads(device: torch.device, workers: int):
-    """On a CPU, workers prune side by side: give each step an equal share of torch's threads."""
+def step_threads(on_workers: bool, workers: int):
+    """When workers prune side by side, give each step an equal share of torch's threads."""
     threads = torch.get_num_threads()
-    if device.type == "cpu" and workers > 1:
+    if on_workers and workers > 1:
         torch.set_num_threads(max(1, threads // workers))
     try:
         yield
@@ -312,8 +312,9 @@ def run(args, ctx: DistContext) -> int:
               f"{block_label((1, 1))}'s (|x| and x*x rank alike); --keep-l2-1x1 runs it")
     state_dict, read_table = hold_model(mapped, model_path, workers)
     del mapped  # with it goes the map of the file
-    with step_threads(device, workers):
-        sweep = Sweep(state_dict, read_table, device, dump_dir, out_dir, workers,
+    on_workers = prunes_on_workers(device, workers)
+    with step_threads(on_workers, workers):
+        sweep = Sweep(state_dict, read_table, device, dump_dir, out_dir, workers, on_workers,
                       args.compressor, args.compress_level,
                       ResumeState(csv_path, ctx.rank, args.overwrite),
                       run_record(args, model_path, device, workers))
