@@ -1,32 +1,33 @@
-"""Forward-pass variants of a DLRM and a timing harness that measures them properly.
+"""Forward-pass variants of a DLRM and the harness that times them.
 
-Variants: "without_torch_sparse" (the dense DLRM) and "with_torch_sparse" (the seed's: the
-interaction output turned into a COO tensor and multiplied by the first top-layer weight with
-torch.mm). Timing goes through torch.utils.benchmark (warm-up, blocked runs, median and IQR)
-with a clock that synchronises the device before every reading, so asynchronous GPU work is
-counted where it runs. Stage timings split a forward into its parts to show where time goes.
+Variants are code paths chosen by name, never a flag set on a shared model:
+"without_torch_sparse" is the dense DLRM; "with_torch_sparse" is the seed's, which turns the
+interaction output into a COO tensor and multiplies it by the first top-layer weight with
+torch.mm. The stage breakdown calls the very functions the whole forward calls.
+
+Timing is torch.utils.benchmark's: its Timer (its default timer synchronises the accelerator
+before every reading), blocked_autorange and Measurement (median, IQR). What it lacks is kept
+here: a warm-up long enough to price a slow statement, a floor on the number of runs so that
+every figure has a spread, and a steady CPU allocator.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import time
-from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import torch
 from torch.utils import benchmark
+from torch.utils.benchmark.utils.timer import timer as synchronising_timer
 
-from criteo_data import Batch
-from dlrm_model import DLRMNet
+from dlrm_sparsity.criteo.data import Batch
+from dlrm_sparsity.model import DLRMNet
 
 DENSE, SPARSE = "without_torch_sparse", "with_torch_sparse"
 VARIANTS = (DENSE, SPARSE)
 AGREEMENT_TOLERANCE = 1e-5
 MIN_RUNS = 3
-
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 
@@ -37,89 +38,45 @@ def steady_cpu_allocator() -> bool:
     A 16384-sample forward allocates tensors of tens of MB. glibc's dynamic mmap threshold
     serves them either from reused heap memory or from new, page-faulting mappings, switching
     between the two unpredictably: the same forward then takes 22 or 36 ms on a 2-core machine.
-    A fixed threshold (and no trimming) makes every run pay the same, lower cost. At 64 MiB it
-    keeps a batch's activations on the heap while embedding tables larger than that are still
-    mapped on their own and given back to the system when freed.
+    A fixed threshold makes every run pay the same, lower cost. At 64 MiB it keeps a batch's
+    activations on the heap while embedding tables larger than that are still mapped on their
+    own and given back to the system when freed. The trim threshold stays glibc's, so freed
+    heap memory is still returned (see benchmarks/bench_timing_stability.py).
     """
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name)
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 64 * 2**20) and
-                    libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 64 * 2**20))
     except (OSError, AttributeError, TypeError):
         return False  # not glibc: nothing to set
 
 
-@dataclass
-class Measurement:
-    """One timed statement: per-run mean times and their summary, in seconds."""
-
-    label: str
-    times_s: list[float]
-    median_s: float
-    iqr_s: float
-    mean_s: float
-    number_per_run: int
-
-    @property
-    def n_runs(self) -> int:
-        return len(self.times_s)
+def sparse_top(model: DLRMNet, r_coo: torch.Tensor) -> torch.Tensor:
+    """The seed's top MLP on a COO input: torch.mm with the first weight, then the rest."""
+    first = model.top_l[0]
+    return model.top_l[1:](torch.mm(r_coo, first.weight.t()) + first.bias)  # (B, 1)
 
 
-def synced_clock(device: torch.device, sync: Callable[[], None] | None = None,
-                 clock: Callable[[], float] = time.perf_counter) -> Callable[[], float]:
-    """A clock that waits for the device to finish queued work before it is read."""
-    if sync is None:
-        sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
-
-    def read() -> float:
-        if sync is not None:
-            sync()
-        return clock()
-    return read
+def top(model: DLRMNet, r: torch.Tensor, variant: str) -> torch.Tensor:
+    if variant == SPARSE:
+        return sparse_top(model, r.to_sparse_coo())
+    return model.top_l(r)
 
 
-def measure(fn: Callable[[], object], label: str, device: torch.device, threads: int,
-            min_run_time: float, clock: Callable[[], float] | None = None,
-            min_runs: int = MIN_RUNS, warmup_s: float = 0.1) -> Measurement:
-    """Warm up, then time fn in blocks (blocked_autorange) for at least min_runs runs.
-
-    The warm-up (at least two calls: allocator growth, lazy init, kernel choice) also gives
-    the per-call time, which stretches min_run_time so that slow statements still get
-    min_runs runs and so a median and a spread.
-    """
-    clock = clock or synced_clock(device)
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, label=label,
-                            num_threads=threads, timer=clock)
-    with torch.inference_mode():
-        start, calls = clock(), 0
-        while calls < 2 or (clock() - start < warmup_s and calls < 100):
-            fn()
-            calls += 1
-        per_call = (clock() - start) / calls
-        m = timer.blocked_autorange(min_run_time=max(min_run_time, min_runs * per_call))
-        times = list(m.times)
-        while len(times) < min_runs:  # fast statements: a few long blocks; add blocks
-            times.append(timer.timeit(m.number_per_run).mean)
-    q1, median, q3 = np.percentile(times, [25, 50, 75])
-    return Measurement(label, times, float(median), float(q3 - q1), float(np.mean(times)),
-                       m.number_per_run)
+def forward(model: DLRMNet, batch: Batch, variant: str) -> torch.Tensor:
+    x = model.bottom(batch.dense)
+    ly = model.embed(batch.offsets, batch.indices)
+    return top(model, model.interact(x, ly), variant)
 
 
 def forward_fn(model: DLRMNet, batch: Batch, variant: str) -> Callable[[], torch.Tensor]:
-    def run() -> torch.Tensor:
-        model.use_torch_sparse = variant == SPARSE
-        return model(batch.dense, batch.offsets, batch.indices)
-    return run
+    return lambda: forward(model, batch, variant)
 
 
 @torch.inference_mode()
 def check_agreement(model: DLRMNet, batch: Batch) -> float:
-    """Max |dense - sparse| over the batch's outputs."""
-    dense = forward_fn(model, batch, DENSE)()
-    sparse = forward_fn(model, batch, SPARSE)()
-    model.use_torch_sparse = False
-    return float((dense - sparse).abs().max())
+    """Max |dense - torch.sparse| over the batch's outputs."""
+    return float((forward(model, batch, DENSE) - forward(model, batch, SPARSE)).abs().max())
 
 
 @torch.inference_mode()
@@ -136,14 +93,43 @@ def stage_fns(model: DLRMNet, batch: Batch) -> dict[str, dict[str, Callable[[], 
     ly = model.embed(batch.offsets, batch.indices)
     r = model.interact(x, ly)
     r_coo = r.to_sparse_coo()
-    first, rest = model.top_l[0], model.top_l[1:]
     shared = {
         "bottom_mlp": lambda: model.bottom(batch.dense),
         "embedding": lambda: model.embed(batch.offsets, batch.indices),
         "interaction": lambda: model.interact(x, ly),
     }
     return {
-        DENSE: {**shared, "top_mlp": lambda: model.top_l(r)},
+        DENSE: {**shared, "top_mlp": lambda: top(model, r, DENSE)},
         SPARSE: {**shared, "to_sparse_coo": lambda: r.to_sparse_coo(),
-                 "top_mlp": lambda: rest(torch.mm(r_coo, first.weight.t()) + first.bias)},
+                 "top_mlp": lambda: sparse_top(model, r_coo)},
     }
+
+
+def measure(fn: Callable[[], object], label: str, threads: int, min_run_time: float,
+            timer: Callable[[], float] = synchronising_timer, min_runs: int = MIN_RUNS,
+            warmup_s: float = 0.1) -> benchmark.Measurement:
+    """Warm up, then time fn in blocks (blocked_autorange), at least min_runs blocks.
+
+    The warm-up (at least two calls: allocator growth, lazy init, kernel choice) also prices
+    one call, which stretches min_run_time so that slow statements still get min_runs runs
+    and so a median and a spread.
+    """
+    t = benchmark.Timer(stmt="fn()", globals={"fn": fn}, label=label, num_threads=threads,
+                        timer=timer)
+    with torch.inference_mode():
+        start, calls = timer(), 0
+        while calls < 2 or (timer() - start < warmup_s and calls < 100):
+            fn()
+            calls += 1
+        per_call = (timer() - start) / calls
+        m = t.blocked_autorange(min_run_time=max(min_run_time, min_runs * per_call))
+        raw = list(m.raw_times)
+        while len(raw) < min_runs:  # fast statements: a few long blocks; add blocks
+            raw += t.timeit(m.number_per_run).raw_times
+    return benchmark.Measurement(m.number_per_run, raw, m.task_spec, m.metadata)
+
+
+def timing_columns(m: benchmark.Measurement) -> dict:
+    """A Measurement as CSV columns (seconds per call)."""
+    return {"time_median_s": m.median, "time_iqr_s": m.iqr, "time_mean_s": m.mean,
+            "n_runs": len(m.times), "number_per_run": m.number_per_run}

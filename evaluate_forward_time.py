@@ -13,33 +13,44 @@ With no arguments it runs on the demo (running the disk-savings step first if ne
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pandas as pd
 import torch
-from tqdm import tqdm
 
-from checkpoint_io import load_dlrm_state_dict
-from cli_common import (add_data_args, add_metadata_arg, add_run_args, log_progress, make_parser,
-                        positive_int, resolve_device, resolve_inputs, script_main)
-from criteo_data import Batch, check_ids_fit, load_split
-from distributed import DistContext
-from dlrm_forward_time import (AGREEMENT_TOLERANCE, VARIANTS, check_agreement,
-                               forward_fn, interaction_density, measure, stage_fns,
-                               steady_cpu_allocator)
-from dlrm_model import DLRMNet
-from errors import UserInputError
-from plotting import plot_forward_time
-from results_io import (KEY_COLUMNS, ResumeState, earlier_rows, environment, read_metadata,
-                        reusable, row_key, write_csv)
+import evaluate_disk_savings
+from dlrm_forward_time import (
+    AGREEMENT_TOLERANCE,
+    VARIANTS,
+    check_agreement,
+    forward_fn,
+    interaction_density,
+    measure,
+    stage_fns,
+    steady_cpu_allocator,
+    timing_columns,
+)
+from dlrm_sparsity.checkpoints import load_dlrm_state_dict
+from dlrm_sparsity.criteo.data import Batch, check_ids_fit, load_split, tensors_fingerprint
+from dlrm_sparsity.errors import UserInputError
+from dlrm_sparsity.inputs import metadata_item, resolve_inputs
+from dlrm_sparsity.model import DLRMNet
+from dlrm_sparsity.plots import plot_forward_time
+from dlrm_sparsity.runner.cli import (
+    add_data_args,
+    add_metadata_arg,
+    add_run_args,
+    make_parser,
+    positive_int,
+)
+from dlrm_sparsity.runner.outputs import KEY_COLUMNS, read_metadata
+from dlrm_sparsity.runner.session import Session
+from dlrm_sparsity.runner.sweep import Table
 from sparse_utils import zero_fraction
 
-TIMES_CSV = "dlrm_forward_time_info.csv"
-STAGES_CSV = "dlrm_forward_stage_times.csv"
-SEED_TIME_COLUMNS = KEY_COLUMNS + ["time_taken", "dlrm_type"]
-# an earlier timing is kept only if measured on the same checkpoint in the same conditions
-SAME = ("checkpoint", "checkpoint_sha256", "batch_size", "device", "num_threads", "min_run_time")
+TIMES = Table("dlrm_forward_time_info.csv", KEY_COLUMNS + [
+    "time_taken", "dlrm_type",  # the seed's; time_taken is the mean
+    "time_median_s", "time_iqr_s", "n_runs", "batch_size", "device", "num_threads",
+    "torch_version", "interaction_density", "embedding_density"])
+STAGES = Table("dlrm_forward_stage_times.csv", KEY_COLUMNS + ["dlrm_type", "stage"])
 
 
 def parse_args(argv=None):
@@ -62,155 +73,96 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def time_row(meta: dict, batch: Batch, args, device, with_stages: bool) -> tuple[list, list]:
-    """The two variant rows of one model, and its stage rows (if asked)."""
-    sd = load_dlrm_state_dict(meta["checkpoint"])
-    model = DLRMNet.from_state_dict(sd).to(device).eval()
-    check_ids_fit(batch.indices, model.config.table_sizes, meta["checkpoint"])
+def time_model(path: str, batch: Batch, threads: int, min_run_time: float,
+               with_stages: bool, config: str) -> tuple[list[dict], list[dict]]:
+    """The rows of one model: one per variant, and one per stage if asked."""
+    sd = load_dlrm_state_dict(path)
+    model = DLRMNet.from_state_dict(sd).to(batch.dense.device).eval()
+    check_ids_fit(batch.indices, model.config.table_sizes, path)
     diff = check_agreement(model, batch)
     if not diff <= AGREEMENT_TOLERANCE:
-        raise UserInputError(f"{meta['checkpoint']}: dense and torch.sparse outputs differ by "
-                             f"{diff:.3g} (> {AGREEMENT_TOLERANCE}); not timed")
+        raise UserInputError(f"{path}: dense and torch.sparse outputs differ by {diff:.3g} "
+                             f"(> {AGREEMENT_TOLERANCE}); not timed")
     common = {"interaction_density": interaction_density(model, batch),
               "embedding_density": 1.0 - zero_fraction(sd), "max_abs_diff": diff}
     rows, stages = [], []
     for variant in VARIANTS:
-        m = measure(forward_fn(model, batch, variant), variant, device, args.threads,
-                    args.min_run_time)
-        rows.append({"time_taken": m.mean_s, "dlrm_type": variant, "time_median_s": m.median_s,
-                     "time_iqr_s": m.iqr_s, "n_runs": m.n_runs,
-                     "number_per_run": m.number_per_run, **common})
-    if with_stages:
-        whole = {r["dlrm_type"]: r["time_median_s"] for r in rows}
-        for variant, fns in stage_fns(model, batch).items():
-            for stage, fn in fns.items():
-                m = measure(fn, stage, device, args.threads, args.min_run_time / 2)
-                stages.append({"dlrm_type": variant, "stage": stage,
-                               "time_median_s": m.median_s, "time_iqr_s": m.iqr_s,
-                               "n_runs": m.n_runs, "whole_forward_median_s": whole[variant]})
+        m = measure(forward_fn(model, batch, variant), variant, threads, min_run_time)
+        rows.append({"time_taken": m.mean, "dlrm_type": variant, **timing_columns(m), **common})
+    whole = {r["dlrm_type"]: r["time_median_s"] for r in rows}
+    for variant, fns in (stage_fns(model, batch) if with_stages else {}).items():
+        for stage, fn in fns.items():
+            m = measure(fn, stage, threads, min_run_time / 2)
+            stages.append({"dlrm_type": variant, "stage": stage, "config": config,
+                           **timing_columns(m), "whole_forward_median_s": whole[variant]})
     return rows, stages
 
 
-def previous_stage_rows(path: Path, overwrite: bool) -> dict[tuple, list[dict]]:
-    """Stage rows of an earlier run, by grid key."""
-    found: dict[tuple, list[dict]] = {}
-    for row in [] if overwrite else earlier_rows(path):
-        found.setdefault(row_key(row), []).append(row)
-    return found
-
-
-def sweep(metadata: list[dict], batch: Batch, args, device, stage_levels, resume: ResumeState,
-          old_stages: dict[tuple, list[dict]], extra: dict, show_progress: bool
-          ) -> tuple[list, list, int]:
-    rows, stages, skipped = [], [], 0
-    bar = tqdm(metadata, desc="timing", unit="model", disable=None if show_progress else True)
-    for done, meta in enumerate(bar, 1):
-        key = {c: meta[c] for c in KEY_COLUMNS}
-        base = {**key, "checkpoint": meta["path"], "checkpoint_sha256": meta.get("sha256"),
-                **extra}
-        old = [r for r in resume.previous_rows(row_key(meta)) if reusable(r, base, SAME)]
-        wants_stages = stage_levels is None or float(meta["sparsity_level"]) in stage_levels
-        kept_stages = [r for r in old_stages.get(row_key(meta), []) if reusable(r, base, SAME)]
-        if len(old) == len(VARIANTS) and (kept_stages or not wants_stages):
-            rows += old
-            stages += kept_stages if wants_stages else []
-            skipped += 1
-            continue
-        try:
-            timed, staged = time_row(meta, batch, args, device, wants_stages)
-        except (UserInputError, RuntimeError) as exc:
-            message = str(exc).strip().splitlines()[0]
-            tqdm.write(f"error: {message}", file=sys.stderr)
-            timed, staged = [{"dlrm_type": v, "error": message} for v in VARIANTS], []
-        for r in timed:
-            row = {**base, **r}
-            resume.record(row)
-            rows.append(row)
-        config = f"{meta['norm']} {meta['sparse_block_shape']}"
-        stages += [{**base, "config": config, **s} for s in staged]
-        times = ", ".join(f"{r['dlrm_type']} {r.get('time_median_s', float('nan')) * 1e3:.2f} ms"
-                          for r in timed)
-        log_progress(show_progress, bar, done, len(metadata), f"{meta['path']}: {times}")
-    return rows, stages, skipped
-
-
-def repeatability(model_meta: dict, batch: Batch, args, device) -> str:
-    """The first model's dense forward measured twice in this run: the timings' stability."""
-    model = DLRMNet.from_state_dict(load_dlrm_state_dict(model_meta["checkpoint"])).to(device)
-    fn = forward_fn(model, batch, VARIANTS[0])
-    first, again = (measure(fn, "repeat", device, args.threads, args.min_run_time).median_s
-                    for _ in range(2))
-    change = abs(again - first) / first
-    return (f"repeatability: {model_meta['path']} dense forward measured twice: medians "
-            f"{first * 1e3:.3f} ms and {again * 1e3:.3f} ms ({change:.1%} apart)")
-
-
-def summary(df: pd.DataFrame) -> str:
-    ok = df[df["time_median_s"].notna()] if "time_median_s" in df else df.iloc[0:0]
-    if ok.empty:
-        return "no model was timed"
-    table = ok.pivot_table(index="sparsity_level", columns=["norm", "sparse_block_shape",
-                                                             "dlrm_type"],
-                           values="time_median_s") * 1e3
-    ratio = (ok[ok.dlrm_type == VARIANTS[1]]["time_median_s"].median()
-             / ok[ok.dlrm_type == VARIANTS[0]]["time_median_s"].median())
+def summary(times: pd.DataFrame, stages: pd.DataFrame) -> str:
+    table = times.pivot_table(index="sparsity_level", values="time_median_s",
+                              columns=["norm", "sparse_block_shape", "dlrm_type"]) * 1e3
+    median = times.groupby("dlrm_type")["time_median_s"].median()
     return (table.to_string(float_format="{:.2f}".format) + "\n(median ms per forward)\n"
-            f"torch.sparse variant / dense: {ratio:.2f}x the time (median over models)")
+            f"torch.sparse variant / dense: {median[VARIANTS[1]] / median[VARIANTS[0]]:.2f}x "
+            "the time (median over models)")
 
 
-def run(args, ctx: DistContext) -> int:
-    torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    if ctx.enabled and device.type == "cpu" and ctx.is_main:
-        print("note: under torchrun on CPUs the ranks share this machine's cores, so their "
-              "timings disturb each other; time on CPUs with a single process")
-    steady = device.type == "cpu" and args.steady_malloc and steady_cpu_allocator()
-    out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    raw, processed, metadata_path = resolve_inputs(args, ctx)
-    metadata = read_metadata(metadata_path).to_dict("records")
-    test = load_split(processed, raw, "test", limit=args.batch_size).to(device)
-    batch = next(test.batches(args.batch_size))
-    stage_levels = (None if args.stage_levels == ["all"]
-                    else {float(x) for x in args.stage_levels})
-    extra = {"batch_size": len(batch.labels), **environment(device),
-             "min_run_time": args.min_run_time, "steady_malloc": steady, "command": args.command}
-    extra["num_threads"] = args.threads
-    resume = ResumeState(out_dir / TIMES_CSV, ctx.rank, args.overwrite)
-    old_stages = previous_stage_rows(out_dir / STAGES_CSV, args.overwrite)
-    rows, stages, skipped = sweep(ctx.shard(metadata), batch, args, device, stage_levels,
-                                  resume, old_stages, extra, ctx.is_main)
-    rows, stages = ctx.gather(rows), ctx.gather(stages)
-    skipped = sum(ctx.gather([skipped]))
-    failed = 0
-    if ctx.is_main:
-        order = {row_key(m): i for i, m in enumerate(metadata)}
-        rows.sort(key=lambda r: (order[row_key(r)], VARIANTS.index(r["dlrm_type"])))
-        df = write_csv(rows, out_dir / TIMES_CSV, SEED_TIME_COLUMNS + [
-            "time_median_s", "time_iqr_s", "n_runs", "batch_size", "device", "num_threads",
-            "torch_version", "interaction_density", "embedding_density"])
-        stage_df = write_csv(stages, out_dir / STAGES_CSV, KEY_COLUMNS + ["dlrm_type", "stage"])
-        ok = df[df["time_median_s"].notna()] if "time_median_s" in df else df.iloc[0:0]
-        if not ok.empty:
-            plot_forward_time(ok, stage_df, out_dir / "forward_time.png")
-        resume.log.remove()
-        failed = int(len(df) - len(ok)) // len(VARIANTS)
-        if skipped:
-            print(f"resumed: kept the timings of {skipped} model(s) of an earlier run")
-        print(summary(df))
-        if not ok.empty and not ctx.enabled:
-            first = ok.iloc[0].to_dict()
-            meta = next(m for m in metadata if row_key(m) == row_key(first))
-            print(repeatability(meta, batch, args, device))
-        print(f"wrote {out_dir / TIMES_CSV}, {out_dir / STAGES_CSV} and "
-              f"{out_dir / 'forward_time.png'} (batch {len(batch.labels)}, {device}, "
-              f"{args.threads} threads{f', {failed} failed' if failed else ''})")
-    ctx.barrier()
-    return 2 if failed else 0
+def repeatability(path: str, batch: Batch, threads: int, min_run_time: float) -> str:
+    """The first model's dense forward measured twice more: the timings' stability."""
+    model = DLRMNet.from_state_dict(load_dlrm_state_dict(path)).to(batch.dense.device).eval()
+    fn = forward_fn(model, batch, VARIANTS[0])
+    first, again = (measure(fn, "repeat", threads, min_run_time).median for _ in range(2))
+    return (f"repeatability: {path} dense forward measured twice: medians "
+            f"{first * 1e3:.3f} ms and {again * 1e3:.3f} ms "
+            f"({abs(again - first) / first:.1%} apart)")
 
 
 def main(argv=None) -> None:
-    script_main(parse_args, run, argv)
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    with Session(argv, args.output_dir, args.device, args.overwrite) as run:
+        if run.ctx.enabled and run.device.type == "cpu" and run.is_main:
+            print("note: under torchrun on CPUs the ranks share this machine's cores, so "
+                  "their timings disturb each other; time on CPUs with a single process")
+        steady = run.device.type == "cpu" and args.steady_malloc and steady_cpu_allocator()
+        inputs = resolve_inputs(args.raw_data_file, args.processed_data_file, args.metadata,
+                                run.output_dir, args.skip_bad_lines, run.ctx)
+        evaluate_disk_savings.ensure_metadata(inputs, run.output_dir, args.device)
+        metadata = read_metadata(inputs.metadata).to_dict("records")
+        test = load_split(inputs.processed, inputs.raw, "test", limit=args.batch_size)
+        batch = next(test.to(run.device).batches(args.batch_size))
+        stage_levels = (None if args.stage_levels == ["all"]
+                        else {float(x) for x in args.stage_levels})
+        env = run.environment()
+        shared = {"batch_size": len(batch.labels), "min_run_time": args.min_run_time,
+                  "steady_malloc": steady, **env, "num_threads": args.threads}
+        measured_in = {k: v for k, v in shared.items() if k != "command"}
+        data = tensors_fingerprint(batch.dense, batch.indices, batch.labels)
+
+        def staged(meta) -> bool:
+            return stage_levels is None or float(meta["sparsity_level"]) in stage_levels
+
+        items = [metadata_item(m, {**measured_in, "data": data}, **shared) for m in metadata]
+
+        def compute(item):
+            meta = item.payload
+            return time_model(meta["checkpoint"], batch, args.threads, args.min_run_time,
+                              staged(meta), f"{meta['norm']} {meta['sparse_block_shape']}")
+
+        def describe(item, rows):
+            return f"{item.fields['checkpoint']}: " + ", ".join(
+                f"{r['dlrm_type']} {r['time_median_s'] * 1e3:.2f} ms" for r in rows)
+
+        result = run.sweep(items, compute, tables=[TIMES, STAGES], label="timing",
+                           describe=describe,  # a model timed without stages lacks them
+                           still_valid=lambda item, old: bool(old[1]) or not staged(item.payload))
+        result.tables[1] = [r for r in result.tables[1] if staged(r)]  # the levels asked for
+        run.finish(result, [TIMES, STAGES], plot=(plot_forward_time, "forward_time.png"),
+                   summary=summary)
+        timed = [r for r in result.tables[0] if "time_median_s" in r]
+        if run.is_main and timed and not run.ctx.enabled:
+            first = next(m for m in metadata if m["path"] == timed[0]["checkpoint"])
+            print(repeatability(first["checkpoint"], batch, args.threads, args.min_run_time))
 
 
 if __name__ == "__main__":

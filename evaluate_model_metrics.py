@@ -12,29 +12,31 @@ With no arguments it runs on the demo (running the disk-savings step first if ne
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
-from checkpoint_io import load_dlrm_state_dict
-from cli_common import (add_data_args, add_metadata_arg, add_run_args, log_progress, make_parser,
-                        positive_int, resolve_device, resolve_inputs, script_main)
-from criteo_data import CriteoSplit, load_split
-from distributed import DistContext
-from dlrm_model import DLRMNet
-from errors import UserInputError
-from evaluation import quality_metrics, score_split
-from plotting import plot_quality
-from results_io import (KEY_COLUMNS, ResumeState, environment, read_metadata, reusable,
-                        row_key, write_csv)
+import evaluate_disk_savings
+from dlrm_sparsity.checkpoints import load_dlrm_state_dict
+from dlrm_sparsity.criteo.data import CriteoSplit, load_split
+from dlrm_sparsity.evaluation import quality_metrics, score_split
+from dlrm_sparsity.inputs import metadata_item, resolve_inputs
+from dlrm_sparsity.model import DLRMNet
+from dlrm_sparsity.plots import plot_quality
+from dlrm_sparsity.runner.cli import (
+    add_data_args,
+    add_metadata_arg,
+    add_run_args,
+    make_parser,
+    positive_int,
+)
+from dlrm_sparsity.runner.outputs import KEY_COLUMNS, read_metadata
+from dlrm_sparsity.runner.session import Session
+from dlrm_sparsity.runner.sweep import Table
 
-METRICS_CSV = "sparse_model_metrics.csv"
-SEED_METRIC_COLUMNS = KEY_COLUMNS + ["precision", "recall", "f1", "roc_auc", "accuracy",
-                                     "log_loss"]
+METRICS = Table("sparse_model_metrics.csv", KEY_COLUMNS + [
+    "precision", "recall", "f1", "roc_auc", "accuracy", "log_loss",  # the seed's
+    "average_precision", "n_samples", "accuracy_drop", "auc_drop"])
 AUC_DROP_BUDGETS = (0.005, 0.01)
 
 
@@ -50,8 +52,8 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def score_checkpoint(path: str, test: CriteoSplit, labels: np.ndarray, batch_size: int,
-                     device: torch.device) -> dict:
+def score(path: str, test: CriteoSplit, labels: np.ndarray, batch_size: int,
+          device: torch.device) -> dict:
     model = DLRMNet.from_state_dict(load_dlrm_state_dict(path)).to(device)
     test.check_fits(model.config.table_sizes, path)
     return quality_metrics(labels, score_split(model, test, batch_size))
@@ -85,72 +87,36 @@ def highest_levels_within(df: pd.DataFrame) -> list[str]:
     return lines
 
 
-def evaluate_rows(rows: list[dict], test: CriteoSplit, args, device, resume: ResumeState,
-                  extra: dict, show_progress: bool) -> tuple[list[dict], int]:
-    labels = test.labels.cpu().numpy()
-    out, skipped = [], 0
-    bar = tqdm(rows, desc="scoring", unit="model", disable=None if show_progress else True)
-    for meta in bar:
-        base = {c: meta[c] for c in KEY_COLUMNS}
-        base.update(checkpoint=meta["path"], checkpoint_sha256=meta.get("sha256"),
-                    n_samples=len(test), batch_size=args.batch_size, limit=args.limit)
-        old = resume.lookup(row_key(meta))
-        if reusable(old, base, ("checkpoint_sha256", "n_samples", "checkpoint")):
-            out.append(old)
-            skipped += 1
-            continue
-        try:
-            metrics = score_checkpoint(meta["checkpoint"], test, labels, args.batch_size, device)
-            row = {**base, **metrics, **extra}
-        except UserInputError as exc:
-            tqdm.write(f"error: {exc}", file=sys.stderr)
-            row = {**base, "error": str(exc), **extra}
-        resume.record(row)
-        out.append(row)
-        log_progress(show_progress, bar, len(out), len(rows),
-                     f"{meta['path']}: AUC {row.get('roc_auc', 'error')}")
-    return out, skipped
-
-
-def run(args, ctx: DistContext) -> int:
-    device = resolve_device(args.device)
-    out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    raw, processed, metadata_path = resolve_inputs(args, ctx)
-    metadata = read_metadata(metadata_path)
-    test = load_split(processed, raw, "test", args.limit).to(device)
-    csv_path = out_dir / METRICS_CSV
-    resume = ResumeState(csv_path, ctx.rank, args.overwrite)
-    extra = {**environment(device), "command": args.command}
-    mine = ctx.shard(metadata.to_dict("records"))
-    rows, skipped = evaluate_rows(mine, test, args, device, resume, extra, ctx.is_main)
-    rows, skipped = ctx.gather(rows), sum(ctx.gather([skipped]))
-    failed = 0
-    if ctx.is_main:
-        order = {row_key(r): i for i, r in enumerate(metadata.to_dict("records"))}
-        rows.sort(key=lambda r: order[row_key(r)])
-        df = add_drops(pd.DataFrame(rows))
-        df = write_csv(df.to_dict("records"), csv_path, SEED_METRIC_COLUMNS +
-                       ["average_precision", "n_samples", "accuracy_drop", "auc_drop"])
-        good = df[df["accuracy"].notna()] if "accuracy" in df else df.iloc[0:0]
-        if not good.empty:
-            plot_quality(good, out_dir / "accuracy.png")
-        resume.log.remove()
-        failed = len(df) - len(good)
-        if skipped:
-            print(f"resumed: kept {skipped} scored model(s) of an earlier run")
-        if not good.empty:
-            print(good.pivot_table(index="sparsity_level", columns=["norm", "sparse_block_shape"],
-                                   values="roc_auc").to_string(float_format="{:.4f}".format))
-            print("\n".join(highest_levels_within(df)))
-        print(f"wrote {csv_path} ({len(good)} models scored on {len(test)} test samples"
-              f"{f', {failed} failed' if failed else ''})")
-    ctx.barrier()
-    return 2 if failed else 0
+def summary(df: pd.DataFrame) -> str:
+    table = df.pivot_table(index="sparsity_level", columns=["norm", "sparse_block_shape"],
+                           values="roc_auc")
+    return "\n".join([table.to_string(float_format="{:.4f}".format), "(ROC AUC)",
+                      *highest_levels_within(df)])
 
 
 def main(argv=None) -> None:
-    script_main(parse_args, run, argv)
+    args = parse_args(argv)
+    with Session(argv, args.output_dir, args.device, args.overwrite) as run:
+        inputs = resolve_inputs(args.raw_data_file, args.processed_data_file, args.metadata,
+                                run.output_dir, args.skip_bad_lines, run.ctx)
+        evaluate_disk_savings.ensure_metadata(inputs, run.output_dir, args.device)
+        metadata = read_metadata(inputs.metadata).to_dict("records")
+        test = load_split(inputs.processed, inputs.raw, "test", args.limit)
+        data = {"data": test.fingerprint(), "split": "test", "batch_size": args.batch_size,
+                "device": run.device.type}
+        test = test.to(run.device)
+        labels = test.labels.cpu().numpy()
+        items = [metadata_item(m, data, n_samples=len(test), batch_size=args.batch_size,
+                               limit=args.limit, **run.environment()) for m in metadata]
+
+        def compute(item):
+            return score(item.payload["checkpoint"], test, labels, args.batch_size, run.device)
+
+        result = run.sweep(items, compute, tables=[METRICS], label="scoring",
+                           describe=lambda item, rows: f"{item.fields['checkpoint']}: "
+                                                       f"AUC {rows[0]['roc_auc']:.4f}")
+        run.finish(result, [METRICS], derive=add_drops, plot=(plot_quality, "accuracy.png"),
+                   summary=summary)
 
 
 if __name__ == "__main__":

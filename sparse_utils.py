@@ -16,8 +16,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 from torch.ao.pruning._experimental.data_sparsifier import DataNormSparsifier
 
-from dlrm_model import embedding_names
-from errors import UserInputError
+from dlrm_sparsity.errors import UserInputError
+from dlrm_sparsity.model import embedding_names
 
 SEED_LEVELS = tuple([i / 10 for i in range(10)] + [round(0.9 + i / 100, 2) for i in range(1, 10)]
                     + [1.0])

@@ -23,14 +23,20 @@ import zipfile
 from pathlib import Path
 
 import torch
-from bench_common import Phase, gib, measured
 from torch.ao.pruning._experimental.data_sparsifier import DataNormSparsifier
 
 import evaluate_disk_savings
-from checkpoint_io import COMPRESSORS, load_state_dict
-from dlrm_model import DLRMNet
-from distributed import DistContext
-from sparse_utils import SEED_LEVELS, GridPoint
+from bench_common import Phase, gib, measured
+from dlrm_sparsity.checkpoints import COMPRESSORS, load_state_dict
+from dlrm_sparsity.model import DLRMNet
+from sparse_utils import (
+    SEED_LEVELS,
+    GridPoint,
+    build_grid,
+    parse_block_shape,
+    parse_level,
+    parse_norm,
+)
 
 
 def seed_procedure(model: DLRMNet, points: list[GridPoint], dump: Path) -> dict:
@@ -62,13 +68,11 @@ def same_embeddings(a: dict, b: dict) -> bool:
 
 def run_ours(model_path: str, grid: list[str], out: Path, compressor: str,
              workers: int | None) -> Phase:
-    args = evaluate_disk_savings.parse_args(
-        ["--model-path", model_path, "--output-dir", str(out), "--device", "cpu",
-         "--compressor", compressor, *grid]
-        + (["--workers", str(workers)] if workers is not None else []))
-    args.command = "benchmark"
     with measured(f"ours, {compressor}") as phase:
-        evaluate_disk_savings.run(args, DistContext())
+        evaluate_disk_savings.main(
+            ["--model-path", model_path, "--output-dir", str(out), "--device", "cpu",
+             "--compressor", compressor, *grid]
+            + (["--workers", str(workers)] if workers is not None else []))
     return phase
 
 
@@ -85,12 +89,13 @@ def main() -> None:
                         "zlib deflates as the seed did)")
     args = p.parse_args()
     if args.model_path is None:
-        from demo import ensure_demo
+        from dlrm_sparsity.demo import ensure_demo
         args.model_path = str(ensure_demo().model)
     grid = ["--sparsity-levels", *args.sparsity_levels, "--norms", *args.norms,
             "--block-shapes", *args.block_shapes]
-    points, _ = evaluate_disk_savings.grid_from_args(
-        evaluate_disk_savings.parse_args(grid))
+    points, _ = build_grid([parse_level(x) for x in args.sparsity_levels],
+                           [parse_norm(x) for x in args.norms],
+                           [parse_block_shape(x) for x in args.block_shapes])
     threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory(dir=".") as tmp:
         tmp = Path(tmp)

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_common import gib, measured
 
-from criteo_data import day_sizes
-from dlrm_model import DLRMConfig, DLRMNet
-from synthetic_criteo import KAGGLE_CARDINALITIES
-from train_dlrm import save_dlrm_checkpoint
+from bench_common import gib, measured
+from dlrm_sparsity.criteo.data import day_sizes
+from dlrm_sparsity.criteo.synthetic import KAGGLE_CARDINALITIES
+from dlrm_sparsity.model import DLRMConfig, DLRMNet
+from dlrm_sparsity.training import save_dlrm_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 KAGGLE = DLRMConfig(KAGGLE_CARDINALITIES, 16, (13, 512, 256, 64, 16), (367, 512, 256, 1))

@@ -21,14 +21,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from bench_common import measured
 
 import evaluate_disk_savings
 import evaluate_model_metrics
-from distributed import DistContext
-from dlrm_model import DLRMNet
-from evaluation import quality_metrics
-from results_io import read_metadata
+from bench_common import measured
+from dlrm_sparsity.evaluation import quality_metrics
+from dlrm_sparsity.model import DLRMNet
+from dlrm_sparsity.runner.outputs import read_metadata
 
 SEED_WORKERS = 7
 SEED_BATCH = 16384
@@ -56,7 +55,7 @@ class SeedTestSet(torch.utils.data.Dataset):
 
 def seed_collate(items):
     """dlrm's collate_wrapper_criteo_offset."""
-    x_int, x_cat, y = (np.stack(col) for col in zip(*items))
+    x_int, x_cat, y = (np.stack(col) for col in zip(*items, strict=True))
     dense = torch.log(torch.tensor(x_int, dtype=torch.float) + 1)
     cat = torch.tensor(x_cat, dtype=torch.long)
     offsets = torch.stack([torch.arange(cat.shape[0]) for _ in range(cat.shape[1])])
@@ -68,8 +67,8 @@ def seed_procedure(metadata: pd.DataFrame, processed: str, raw: str) -> list[dic
     for zip_path in metadata["checkpoint"]:
         folder = Path(zip_path).parent
         with zipfile.ZipFile(zip_path) as zf:
-            name = zf.namelist()[0]
             zf.extractall(folder)
+        name = f"{Path(zip_path).stem}.ckpt"  # what the seed's script loads after extracting
         state = torch.load(folder / name, map_location="cpu", weights_only=True)
         model = DLRMNet.from_state_dict(state).eval()
         loader = torch.utils.data.DataLoader(SeedTestSet(processed, raw), batch_size=SEED_BATCH,
@@ -91,20 +90,16 @@ def main() -> None:
     p.add_argument("--sparsity-levels", nargs="+", default=None,
                    help="a smaller grid (default: the seed's)")
     args = p.parse_args()
-    from demo import ensure_demo
+    from dlrm_sparsity.demo import ensure_demo
     demo = ensure_demo()
     with tempfile.TemporaryDirectory(dir=".") as tmp:
         grid = ["--sparsity-levels", *args.sparsity_levels] if args.sparsity_levels else []
-        disk = evaluate_disk_savings.parse_args(["--output-dir", tmp, "--device", "cpu", *grid])
-        disk.command = "benchmark"
-        evaluate_disk_savings.run(disk, DistContext())
+        evaluate_disk_savings.main(["--output-dir", tmp, "--device", "cpu", *grid])
         metadata = read_metadata(Path(tmp) / "sparse_model_metadata.csv")
-        ours_args = evaluate_model_metrics.parse_args(["--output-dir", tmp, "--device", "cpu"])
-        ours_args.command = "benchmark"
         with measured("seed") as seed_phase:
             seed_rows = seed_procedure(metadata, str(demo.processed), str(demo.raw))
         with measured("ours") as ours_phase:
-            evaluate_model_metrics.run(ours_args, DistContext())
+            evaluate_model_metrics.main(["--output-dir", tmp, "--device", "cpu"])
         ours = pd.read_csv(Path(tmp) / "sparse_model_metrics.csv")
     keys = ["precision", "recall", "f1", "roc_auc", "accuracy", "log_loss"]
     worst = max(abs(ours[k][i] - row["exact"][k]) for i, row in enumerate(seed_rows)

@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_common import gib, measured
 
-from criteo_preprocess import preprocess_raw
-from synthetic_criteo import write_synthetic_raw
+from bench_common import gib, measured
+from dlrm_sparsity.criteo.preprocess import preprocess_raw
+from dlrm_sparsity.criteo.synthetic import write_synthetic_raw
 
 
 def per_line_loop(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -57,7 +57,7 @@ def main() -> None:
             report = preprocess_raw(raw, tmp / "processed.npz", show_progress=False)
         head = tmp / "head.txt"
         with open(raw, "rb") as src, open(head, "wb") as dst:
-            for _, line in zip(range(args.loop_lines), src):
+            for _, line in zip(range(args.loop_lines), src, strict=False):
                 dst.write(line)
         start = time.perf_counter()
         ours = preprocess_raw(head, tmp / "head.npz", show_progress=False)

@@ -1,9 +1,11 @@
-"""How stable are CPU forward timings, with and without the fixed mmap threshold?
+"""How stable are CPU forward timings, and what do they cost in memory, per allocator setting?
 
 The same dense forward of the demo model (first test batch, 16384 samples) is measured 8 times
-in a row, once in a process that keeps glibc's dynamic mmap threshold and once in one that
-fixes it as evaluate_forward_time.py does (steady_cpu_allocator). Each process prints its
-medians; the spread is (max - min) / min. Two processes because the setting cannot be undone.
+in a row in three processes: one keeps glibc's dynamic mmap threshold; one fixes it as
+evaluate_forward_time.py does (steady_cpu_allocator: a 64 MiB threshold, glibc's trimming
+kept); one also turns trimming off, as an earlier version did. Each prints its medians, their
+spread ((max - min) / min) and its peak RSS. Separate processes because a setting cannot be
+undone.
 
     python benchmarks/bench_timing_stability.py
 """
@@ -11,46 +13,55 @@ medians; the spread is (max - min) / min. Two processes because the setting cann
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
+import resource
 import subprocess
 import sys
 
 import torch
+
 from bench_common import REPO_ROOT
 
 REPEATS = 8
+MODES = {"default": "glibc default", "steady": "fixed threshold",
+         "no-trim": "fixed threshold, no trimming (earlier)"}
 
 
-def child(steady: bool, min_run_time: float) -> None:
-    from checkpoint_io import load_dlrm_state_dict
-    from criteo_data import load_split
-    from demo import ensure_demo
+def child(mode: str, min_run_time: float) -> None:
     from dlrm_forward_time import DENSE, forward_fn, measure, steady_cpu_allocator
-    from dlrm_model import DLRMNet
+    from dlrm_sparsity.checkpoints import load_dlrm_state_dict
+    from dlrm_sparsity.criteo.data import load_split
+    from dlrm_sparsity.demo import ensure_demo
+    from dlrm_sparsity.model import DLRMNet
 
-    took = steady and steady_cpu_allocator()
+    if mode != "default":
+        assert steady_cpu_allocator()
+    if mode == "no-trim":
+        assert ctypes.CDLL(ctypes.util.find_library("c")).mallopt(-1, 2**31 - 1)  # M_TRIM
     paths = ensure_demo()
     batch = next(load_split(paths.processed, paths.raw, "test", limit=16384).batches(16384))
     model = DLRMNet.from_state_dict(load_dlrm_state_dict(paths.model)).eval()
     fn = forward_fn(model, batch, DENSE)
-    medians = [measure(fn, "dense", torch.device("cpu"), torch.get_num_threads(),
-                       min_run_time).median_s * 1e3 for _ in range(REPEATS)]
+    medians = [measure(fn, "dense", torch.get_num_threads(), min_run_time).median * 1e3
+               for _ in range(REPEATS)]
     spread = (max(medians) - min(medians)) / min(medians)
-    label = "fixed threshold" if took else "glibc default  "
-    print(f"{label}: medians {' '.join(f'{m:.1f}' for m in medians)} ms, "
-          f"spread {spread:.0%}", flush=True)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    print(f"{MODES[mode]:>40}: medians {' '.join(f'{m:.1f}' for m in medians)} ms, "
+          f"spread {spread:.0%}, peak RSS {peak:.0f} MiB", flush=True)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--min-run-time", type=float, default=0.2)
-    p.add_argument("--child", choices=["steady", "default"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=list(MODES), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        child(args.child == "steady", args.min_run_time)
+        child(args.child, args.min_run_time)
         return
     print(f"{REPEATS} medians of the demo's dense forward, {torch.get_num_threads()} threads")
-    for mode in ("default", "steady"):
+    for mode in MODES:
         subprocess.run([sys.executable, __file__, "--child", mode, "--min-run-time",
                         str(args.min_run_time)], check=True, cwd=REPO_ROOT)
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from dlrm_model import DLRMConfig, DLRMNet
+from dlrm_sparsity.model import DLRMConfig, DLRMNet
 
 
 def tiny_config(tables=(7, 5, 9), dim=4) -> DLRMConfig:
@@ -61,9 +61,9 @@ def run_script(module, argv) -> int:
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory):
     """Raw file -> processed file -> a briefly trained DLRM, all tiny, shared by the tests."""
-    from criteo_preprocess import preprocess_raw
-    from synthetic_criteo import write_synthetic_raw
-    from train_dlrm import train_and_save
+    from dlrm_sparsity.criteo.preprocess import preprocess_raw
+    from dlrm_sparsity.criteo.synthetic import write_synthetic_raw
+    from dlrm_sparsity.training import train_and_save
 
     root = tmp_path_factory.mktemp("pipeline")
     raw = write_synthetic_raw(root / "train.txt", 4000, seed=3, max_cardinality=60,

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import random_raw_rows, run_script, tiny_config, write_raw_lines
-from dlrm_model import DLRMNet
+from dlrm_sparsity.model import DLRMNet
 
 REPO = Path(__file__).resolve().parent.parent
 DISK, METRICS, FORWARD = "evaluate_disk_savings.py", "evaluate_model_metrics.py", \
@@ -123,6 +123,12 @@ CASES = [
      lambda w: ["--model-path", str(w["model"]), "--output-dir",
                 str(make(w, "text.ckpt") / "out")], "cannot create the output folder",
      "text.ckpt/out"),
+    ("unwritable output folder (quality)", METRICS,
+     lambda w: metrics_args(w, **{"--output-dir": make(w, "text.ckpt") / "out"}),
+     "cannot create the output folder", "text.ckpt/out"),
+    ("unwritable output folder (timing)", FORWARD,
+     lambda w: metrics_args(w, **{"--output-dir": make(w, "text.ckpt") / "out"}),
+     "cannot create the output folder", "text.ckpt/out"),
     ("missing metadata CSV", METRICS,
      lambda w: metrics_args(w, **{"--sparse-model-metadata": w["bad"] / "none.csv"}),
      "metadata CSV not found", "none.csv"),

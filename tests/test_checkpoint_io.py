@@ -1,3 +1,4 @@
+import pickle
 import zipfile
 import zlib
 
@@ -6,9 +7,17 @@ import pytest
 import torch
 from zlib_ng import zlib_ng
 
-from checkpoint_io import (ZIP_MEMBER, CheckpointTables, compressor_label, is_torch_archive,
-                           load_state_dict, save_state_dict_zip, sha256_of_file)
-from errors import CheckpointError
+from dlrm_sparsity.checkpoints import (
+    CheckpointTables,
+    compressor_label,
+    copy_zip_renamed,
+    is_torch_archive,
+    load_state_dict,
+    member_name,
+    save_state_dict_zip,
+    sha256_of_file,
+)
+from dlrm_sparsity.errors import CheckpointError
 
 
 def dlrm_layout(model):
@@ -28,7 +37,7 @@ def assert_same(sd, model):
 def test_dlrm_checkpoint_with_numpy_scalars_round_trips(tmp_path, tiny_model):
     path = tmp_path / "criteo.ckpt"
     torch.save(dlrm_layout(tiny_model), path)
-    with pytest.raises(Exception):  # why the allow-list exists
+    with pytest.raises(pickle.UnpicklingError, match="numpy"):  # why the allow-list exists
         torch.load(path, weights_only=True)
     assert_same(load_state_dict(path), tiny_model)
 
@@ -74,7 +83,8 @@ def test_unsafe_pickle_is_refused_naming_the_global(tmp_path, capsys):
     (lambda p: _zip_with(p, {"a.txt": b"x", "b.txt": b"y"}), "no single checkpoint"),
     (lambda p: _zip_with(p, {"notes.txt": b"just text"}), "not a readable PyTorch checkpoint"),
     (lambda p: torch.save({"epoch": 3}, p), "no state dict inside"),
-    (lambda p: torch.save({"state_dict": {"w": torch.zeros(1), "a": 1}}, p), "entry 'a' is not a tensor"),
+    (lambda p: torch.save({"state_dict": {"w": torch.zeros(1), "a": 1}}, p),
+     "entry 'a' is not a tensor"),
 ])
 def test_bad_checkpoints_get_one_clear_error(tmp_path, make, message):
     path = tmp_path / "model.zip"
@@ -95,7 +105,7 @@ def test_truncated_zip_is_reported(tmp_path, tiny_model):
 
 def test_failed_save_leaves_nothing_under_the_final_name(tmp_path):
     path = tmp_path / "model.zip"
-    with pytest.raises(Exception):
+    with pytest.raises((AttributeError, pickle.PicklingError), match="pickle"):
         save_state_dict_zip({"bad": lambda: 0}, path)
     assert list(tmp_path.iterdir()) == []
 
@@ -153,8 +163,8 @@ def test_each_compressor_deflates_the_torch_save_bytes_into_a_standard_zip(tmp_p
         assert save_state_dict_zip(sd, path, compressor=compressor) == path.stat().st_size
         with zipfile.ZipFile(path) as zf:  # the standard library reads either
             assert zf.testzip() is None  # every CRC checks out
-            written[compressor] = zf.getinfo(ZIP_MEMBER).compress_size
-            payload = zf.read(ZIP_MEMBER)
+            written[compressor] = zf.getinfo(member_name(path)).compress_size
+            payload = zf.read(member_name(path))
         assert torch.equal(load_state_dict(path)["emb_l.0.weight"], sd["emb_l.0.weight"])
     by_zlib, by_zlib_ng = _deflated_size(zlib, payload), _deflated_size(zlib_ng, payload)
     assert abs(by_zlib - by_zlib_ng) > 100  # the two deflates tell apart on this input
@@ -166,3 +176,29 @@ def test_each_compressor_deflates_the_torch_save_bytes_into_a_standard_zip(tmp_p
     with pytest.raises(ValueError, match="unknown compressor"):
         save_state_dict_zip(sd, tmp_path / "x.zip", compressor="zstd")
     assert not (tmp_path / "x.zip").exists()
+
+
+def test_zip_member_is_named_as_the_seed_loads_it(tmp_path, tiny_model):
+    """The seed's metrics script extracts a zip's member, then loads <zip stem>.ckpt."""
+    path = tmp_path / "criteo_model_norm=L1_sl=0.5.zip"
+    save_state_dict_zip(tiny_model.state_dict(), path)
+    with zipfile.ZipFile(path) as zf:
+        assert zf.namelist() == ["criteo_model_norm=L1_sl=0.5.ckpt"]
+        zf.extractall(tmp_path / "seed")
+    extracted = torch.load(tmp_path / "seed" / f"{path.stem}.ckpt", weights_only=True)
+    assert_same(extracted, tiny_model)
+
+
+def test_a_copied_zip_is_renamed_without_deflating_again(tmp_path, tiny_model):
+    first = tmp_path / "L1" / "criteo_model_norm=L1_sl=0.zip"
+    first.parent.mkdir()
+    save_state_dict_zip(tiny_model.state_dict(), first)
+    copy = tmp_path / "criteo_model_norm=L2_sl=0.zip"
+    assert copy_zip_renamed(first, copy) == first.stat().st_size
+    with zipfile.ZipFile(copy) as zf, zipfile.ZipFile(first) as zf_first:
+        assert zf.namelist() == ["criteo_model_norm=L2_sl=0.ckpt"]
+        assert zf.testzip() is None  # the CRC covers the data, not the name
+        assert zf.infolist()[0].CRC == zf_first.infolist()[0].CRC
+    assert_same(load_state_dict(copy), tiny_model)
+    with pytest.raises(ValueError, match="cannot be renamed in place"):
+        copy_zip_renamed(first, tmp_path / "a_longer_name.zip")

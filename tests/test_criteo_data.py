@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from criteo_data import day_sizes, load_split, split_bounds
-from errors import DataError
+from dlrm_sparsity.criteo.data import day_sizes, load_split, split_bounds
+from dlrm_sparsity.errors import DataError
 
 
 def write_dlrm_style(tmp_path, n, seed=0):

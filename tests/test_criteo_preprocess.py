@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 
 from conftest import random_raw_rows, write_raw_lines
-from criteo_data import day_count_path, fea_count_path, load_split
-from criteo_preprocess import preprocess_raw
-from errors import DataError
+from dlrm_sparsity.criteo.data import day_count_path, fea_count_path, load_split
+from dlrm_sparsity.criteo.preprocess import preprocess_raw
+from dlrm_sparsity.errors import DataError
 
 
 def naive_dlrm_processing(rows):
@@ -59,7 +59,9 @@ def test_test_split_is_first_half_of_last_day_in_file_order(tmp_path):
     preprocess_raw(tmp_path / "train.txt", tmp_path / "p.npz", show_progress=False)
     test = load_split(tmp_path / "p.npz", tmp_path / "train.txt", "test")
     val = load_split(tmp_path / "p.npz", tmp_path / "train.txt", "val")
-    line_of = lambda split: np.expm1(split.dense[:, 0].double().numpy()).round().tolist()
+    def line_of(split):
+        return np.expm1(split.dense[:, 0].double().numpy()).round().tolist()
+
     assert line_of(test) == [26.0, 27.0] and line_of(val) == [28.0, 29.0]
 
 

@@ -7,7 +7,7 @@ import evaluate_disk_savings
 import evaluate_forward_time
 import evaluate_model_metrics
 from conftest import run_script
-from demo import ensure_demo
+from dlrm_sparsity.demo import ensure_demo
 
 
 @pytest.fixture(scope="module")

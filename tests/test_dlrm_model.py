@@ -2,8 +2,10 @@ import pytest
 import torch
 
 from conftest import random_batch, tiny_config
-from dlrm_model import DLRMConfig, DLRMNet, embedding_names
-from errors import CheckpointError
+from dlrm_forward_time import DENSE, SPARSE, forward
+from dlrm_sparsity.criteo.data import Batch
+from dlrm_sparsity.errors import CheckpointError
+from dlrm_sparsity.model import DLRMConfig, DLRMNet, embedding_names
 
 
 def reference_forward(sd, dense, indices):
@@ -61,10 +63,11 @@ def test_forward_matches_reference_written_with_loops(tiny_model):
 
 def test_torch_sparse_variant_gives_the_same_output(tiny_model):
     dense, offsets, indices = random_batch(tiny_model.config, 64, seed=3)
+    batch = Batch(dense, offsets, indices, torch.zeros(64))
     with torch.no_grad():
         dense_out = tiny_model(dense, offsets, indices)
-        tiny_model.use_torch_sparse = True
-        sparse_out = tiny_model(dense, offsets, indices)
+        sparse_out = forward(tiny_model, batch, SPARSE)
+    assert torch.equal(forward(tiny_model, batch, DENSE), dense_out)
     assert (dense_out - sparse_out).abs().max() <= 1e-6
 
 

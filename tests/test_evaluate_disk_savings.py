@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import evaluate_disk_savings
-from checkpoint_io import load_state_dict, save_state_dict_zip, sha256_of_file
 from conftest import run_script
-from results_io import METADATA_COLUMNS, read_metadata
+from dlrm_sparsity.checkpoints import load_state_dict, save_state_dict_zip, sha256_of_file
+from dlrm_sparsity.runner.outputs import METADATA_COLUMNS, read_metadata
 from sparse_utils import GridPoint, sparsify_embeddings
 
 GRID = ["--sparsity-levels", "0.0", "0.5", "1.0", "--norms", "L1", "L2",
@@ -83,7 +83,7 @@ def test_rerun_resumes_and_redoes_a_damaged_zip(run, tiny_pipeline, capsys):
                                               "--output-dir", out, "--device", "cpu",
                                               "--workers", "2", *GRID])
     assert code == 0
-    assert "kept 8 finished point(s)" in capsys.readouterr().out
+    assert "kept 8 finished item(s)" in capsys.readouterr().out
     again = pd.read_csv(out / "sparse_model_metadata.csv")
     assert list(again["sha256"]) == list(df["sha256"])  # deterministic zips
     assert not list(out.glob(".*progress*"))
@@ -136,16 +136,17 @@ def test_large_model_path_reads_tables_from_the_file_and_writes_the_same_zips(
     pruned at a time: the same bytes out as two workers pruning side by side in memory."""
     _, out, df = run
     mapped = load_state_dict(tiny_pipeline["model"], mmap=True)
-    held, read_table = evaluate_disk_savings.hold_model(mapped, tiny_pipeline["model"], 0)
-    assert read_table is None  # small model: held in memory
+    held = evaluate_disk_savings.hold_model(mapped, tiny_pipeline["model"], 0)
+    assert held.read_table is None  # small model: held in memory
     monkeypatch.setattr(evaluate_disk_savings, "LARGE_MODEL_BYTES", 0)
-    held, read_table = evaluate_disk_savings.hold_model(mapped, tiny_pipeline["model"], 0)
-    assert {v.device.type for k, v in held.items() if "emb_l" in k} == {"meta"}
-    assert {v.device.type for k, v in held.items() if "emb_l" not in k} == {"cpu"}
-    assert evaluate_disk_savings.hold_model(mapped, tiny_pipeline["model"], 1)[1] is None
+    held = evaluate_disk_savings.hold_model(mapped, tiny_pipeline["model"], 0)
+    tables = held.state_dict
+    assert {v.device.type for k, v in tables.items() if "emb_l" in k} == {"meta"}
+    assert {v.device.type for k, v in tables.items() if "emb_l" not in k} == {"cpu"}
+    assert evaluate_disk_savings.hold_model(mapped, tiny_pipeline["model"], 1).read_table is None
     zipped = tmp_path / "model.zip"  # a zip cannot be mapped: held in memory
     save_state_dict_zip(mapped, zipped)
-    assert evaluate_disk_savings.hold_model(load_state_dict(zipped), zipped, 0)[1] is None
+    assert evaluate_disk_savings.hold_model(load_state_dict(zipped), zipped, 0).read_table is None
     args = ["--model-path", tiny_pipeline["model"], "--output-dir", tmp_path, "--device", "cpu",
             "--workers", "0", *GRID]
     assert run_script(evaluate_disk_savings, args) == 0
@@ -167,5 +168,29 @@ def test_pruning_on_the_calling_thread_as_on_a_gpu_writes_the_same_zips(
     assert calls == [("cpu", 2)]
     here = pd.read_csv(tmp_path / "sparse_model_metadata.csv")
     assert list(here["sha256"]) == list(df["sha256"])
-    # level 0.0 prunes nothing in any config: the same zip for all three
-    assert here[here.sparsity_level == 0.0]["sha256"].nunique() == 1
+    # level 0.0 prunes nothing in any config: one zip made, copied for the two others
+    level0 = here[here.sparsity_level == 0.0]
+    assert level0["copied_from"].isna().sum() == 1 and level0["step_time_sec"].notna().sum() == 1
+    crcs = {zipfile.ZipFile(tmp_path / p).infolist()[0].CRC for p in level0["path"]}
+    assert len(crcs) == 1
+
+
+def test_a_point_whose_zip_cannot_be_written_is_an_error_row_and_the_rest_finish(
+        tiny_pipeline, tmp_path, capsys):
+    blocked = (tmp_path / "sparsified_models" / "L1" / "config_1x4" /
+               "criteo_model_norm=L1_sl=0.5.zip")
+    blocked.mkdir(parents=True)  # a folder where the zip must go: the rename fails
+    args = ["--model-path", tiny_pipeline["model"], "--output-dir", tmp_path, "--device", "cpu",
+            "--workers", "2", *GRID]
+    assert run_script(evaluate_disk_savings, args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "IsADirectoryError" in err[0]
+    df = pd.read_csv(tmp_path / "sparse_model_metadata.csv")
+    failed = df[df["error"].notna()]
+    assert len(df) == 9 and len(failed) == 1
+    assert failed.iloc[0][["norm", "sparse_block_shape", "sparsity_level"]].tolist() == \
+        ["L1", "(1, 4)", 0.5]
+    assert df[df["error"].isna()]["sha256"].notna().all()
+    blocked.rmdir()
+    assert run_script(evaluate_disk_savings, args) == 0  # a rerun redoes only that point
+    assert "kept 8 finished item(s)" in capsys.readouterr().out  # 4 pruned, 4 copied

@@ -1,29 +1,33 @@
+import timeit
+
 import pandas as pd
 import pytest
 import torch
 
 import evaluate_disk_savings
 import evaluate_forward_time
-from checkpoint_io import load_state_dict
 from conftest import run_script
-from criteo_data import load_split
-from dlrm_forward_time import (DENSE, SPARSE, check_agreement, forward_fn, measure,
-                               stage_fns, synced_clock)
-from dlrm_model import DLRMNet
+from dlrm_forward_time import DENSE, SPARSE, check_agreement, forward_fn, measure, stage_fns
+from dlrm_sparsity.checkpoints import load_state_dict
+from dlrm_sparsity.criteo.data import load_split
+from dlrm_sparsity.model import DLRMNet
 
 CPU = torch.device("cpu")
 
 
-def test_clock_synchronises_the_device_before_every_reading():
-    calls = []  # every fn() "takes" 1 ms of the fake clock
-    clock = synced_clock(torch.device("cuda"), sync=lambda: calls.append("sync"),
-                         clock=lambda: (calls.append("clock"), calls.count("fn") * 1e-3)[1])
-    m = measure(lambda: calls.append("fn"), "fake", CPU, threads=1, min_run_time=0.05,
-                clock=clock)
+def test_the_default_timer_synchronises_the_device_before_every_reading(monkeypatch):
+    """measure() reads only torch.utils.benchmark's default timer, which waits for the
+    accelerator: here a fake one, and a fake clock on which every fn() takes 1 ms."""
+    calls = []
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    monkeypatch.setattr(torch.accelerator, "synchronize", lambda *a: calls.append("sync"))
+    monkeypatch.setattr(timeit, "default_timer",
+                        lambda: (calls.append("clock"), calls.count("fn") * 1e-3)[1])
+    m = measure(lambda: calls.append("fn"), "fake", threads=1, min_run_time=0.05)
     reads = [i for i, c in enumerate(calls) if c == "clock"]
     assert reads and all(calls[i - 1] == "sync" for i in reads)
-    assert calls.count("fn") > 2 and m.n_runs >= 3
-    assert m.median_s == pytest.approx(1e-3)
+    assert calls.count("fn") > 2 and len(m.times) >= 3
+    assert m.median == pytest.approx(1e-3)
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +47,8 @@ def test_dense_and_sparse_variants_agree(model_and_batch):
 def test_stage_times_are_positive_and_add_up_to_about_the_whole(model_and_batch):
     model, batch = model_and_batch
     for variant, fns in stage_fns(model, batch).items():
-        whole = measure(forward_fn(model, batch, variant), variant, CPU, 1, 0.05).median_s
-        stages = [measure(fn, name, CPU, 1, 0.05).median_s for name, fn in fns.items()]
+        whole = measure(forward_fn(model, batch, variant), variant, 1, 0.05).median
+        stages = [measure(fn, name, 1, 0.05).median for name, fn in fns.items()]
         assert all(s > 0 for s in stages)
         assert 0.3 * whole < sum(stages) < 3 * whole, (variant, stages, whole)
     assert set(stage_fns(model, batch)[SPARSE]) == {"bottom_mlp", "embedding", "interaction",
@@ -99,9 +103,9 @@ def test_rerun_keeps_timings_and_stage_breakdowns(tiny_pipeline, metadata, capsy
     first = pd.read_csv(metadata / "dlrm_forward_time_info.csv")
     capsys.readouterr()
     assert run_script(evaluate_forward_time, args) == 0
-    assert "kept the timings of 2 model(s)" in capsys.readouterr().out
+    assert "kept 2 finished item(s)" in capsys.readouterr().out
     pd.testing.assert_frame_equal(pd.read_csv(metadata / "dlrm_forward_time_info.csv"), first)
     stages = pd.read_csv(metadata / "dlrm_forward_stage_times.csv")
     assert set(stages["sparsity_level"]) == {0.5} and len(stages) == 9  # 4 + 5 stages, kept
     assert run_script(evaluate_forward_time, [*args, "--stage-levels", "0.0"]) == 0
-    assert "kept the timings of 1 model(s)" in capsys.readouterr().out  # 0.0 needs its stages
+    assert "kept 1 finished item(s)" in capsys.readouterr().out  # 0.0 needs its stages

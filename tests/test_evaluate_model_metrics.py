@@ -1,3 +1,5 @@
+import shutil
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -5,12 +7,12 @@ import torch
 
 import evaluate_disk_savings
 import evaluate_model_metrics
-from checkpoint_io import load_state_dict
 from conftest import run_script
-from criteo_data import load_split
-from dlrm_model import DLRMNet
+from dlrm_sparsity.checkpoints import load_state_dict
+from dlrm_sparsity.criteo.data import load_split
+from dlrm_sparsity.evaluation import quality_metrics, score_split
+from dlrm_sparsity.model import DLRMNet
 from evaluate_model_metrics import add_drops, highest_levels_within
-from evaluation import quality_metrics, score_split
 
 
 def test_metrics_equal_independent_formulas_on_a_fixed_score_vector():
@@ -119,7 +121,51 @@ def test_rerun_keeps_scored_rows_unless_overwrite(tiny_pipeline, metadata, capsy
     first = pd.read_csv(metadata / "sparse_model_metrics.csv")
     capsys.readouterr()
     assert run_script(evaluate_model_metrics, args) == 0
-    assert "resumed: kept 2 scored model(s)" in capsys.readouterr().out
+    assert "resumed: kept 2 finished item(s)" in capsys.readouterr().out
     pd.testing.assert_frame_equal(pd.read_csv(metadata / "sparse_model_metrics.csv"), first)
     assert run_script(evaluate_model_metrics, [*args, "--overwrite"]) == 0
     assert "resumed" not in capsys.readouterr().out
+
+
+def test_a_rerun_on_a_changed_test_file_of_the_same_size_rescores(tiny_pipeline, metadata,
+                                                                    tmp_path, capsys):
+    """The test split's samples are part of what a row depends on, not only their count."""
+    changed = tmp_path / "processed.npz"
+    with np.load(tiny_pipeline["processed"]) as f:
+        arrays = {k: f[k] for k in f.files}
+    arrays["y"] = 1 - arrays["y"]  # same shape, other labels
+    np.savez(changed, **arrays)
+    raw = tmp_path / "train.txt"
+    shutil.copy(tiny_pipeline["raw"].parent / "train_day_count.npz", tmp_path)
+    args = ["--device", "cpu", "--output-dir", metadata, "--batch-size", "64"]
+    assert run_script(evaluate_model_metrics, [*data_args(tiny_pipeline), *args]) == 0
+    before = pd.read_csv(metadata / "sparse_model_metrics.csv")
+    capsys.readouterr()
+    assert run_script(evaluate_model_metrics, ["--raw-data-file", raw,
+                                               "--processed-data-file", changed, *args]) == 0
+    assert "resumed" not in capsys.readouterr().out
+    after = pd.read_csv(metadata / "sparse_model_metrics.csv")
+    assert (after["n_samples"] == before["n_samples"]).all()
+    assert (after["roc_auc"] - (1 - before["roc_auc"])).abs().max() < 1e-9  # flipped labels
+
+
+def test_seed_metadata_without_sha256_rescores_regenerated_checkpoints(tiny_pipeline, metadata,
+                                                                       tmp_path, capsys):
+    """The seed's CSV (absolute paths, whole MB, no sha256): the files' own hashes decide."""
+    meta = pd.read_csv(metadata / "sparse_model_metadata.csv")
+    zips = [shutil.copy(metadata / p, tmp_path / f"m{i}.zip") for i, p in enumerate(meta["path"])]
+    seed = meta[["norm", "sparse_block_shape", "sparsity_level", "step_time_sec"]].copy()
+    seed["zip_file_size"] = meta["zip_file_size"].astype(int)
+    seed["path"] = zips
+    seed.to_csv(tmp_path / "seed.csv", index=False)
+    args = [*data_args(tiny_pipeline), "--output-dir", tmp_path, "--sparse_model_metadata",
+            tmp_path / "seed.csv"]
+    assert run_script(evaluate_model_metrics, args) == 0
+    first = pd.read_csv(tmp_path / "sparse_model_metrics.csv")
+    capsys.readouterr()
+    shutil.copy(zips[1], zips[0])  # level 0.0's checkpoint regenerated with other weights
+    assert run_script(evaluate_model_metrics, args) == 0
+    assert "resumed: kept 1 finished item(s)" in capsys.readouterr().out
+    again = pd.read_csv(tmp_path / "sparse_model_metrics.csv")
+    assert again["roc_auc"][0] == pytest.approx(first["roc_auc"][1])
+    assert again["checkpoint_sha256"][0] == again["checkpoint_sha256"][1]

@@ -5,10 +5,18 @@ import torch
 from torch.ao.pruning._experimental.data_sparsifier import DataNormSparsifier
 
 from conftest import tiny_config
-from dlrm_model import DLRMNet
-from errors import UserInputError
-from sparse_utils import (SEED_LEVELS, GridPoint, build_grid, parse_block_shape, parse_level,
-                          parse_norm, sparsify_embeddings, zero_fraction)
+from dlrm_sparsity.errors import UserInputError
+from dlrm_sparsity.model import DLRMNet
+from sparse_utils import (
+    SEED_LEVELS,
+    GridPoint,
+    build_grid,
+    parse_block_shape,
+    parse_level,
+    parse_norm,
+    sparsify_embeddings,
+    zero_fraction,
+)
 
 CPU = torch.device("cpu")
 

@@ -1,6 +1,6 @@
 import numpy as np
 
-from synthetic_criteo import write_synthetic_raw
+from dlrm_sparsity.criteo.synthetic import write_synthetic_raw
 
 
 def test_same_seed_same_bytes_and_kaggle_format(tmp_path):
@@ -32,6 +32,6 @@ def test_cardinality_cap_and_skew(tmp_path):
 
 
 def test_hex8_matches_pythons_formatting():
-    from synthetic_criteo import hex8
+    from dlrm_sparsity.criteo.synthetic import hex8
     values = np.array([0, 1, 0x7FFFFFFF, 0x80000000, 0xDEADBEEF, 0xFFFFFFFF], dtype=np.int64)
     assert hex8(values).tolist() == [f"{v:08x}" for v in values]

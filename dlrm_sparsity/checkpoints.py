@@ -13,6 +13,7 @@ import io
 import os
 import pickle
 import re
+import shutil
 import zipfile
 import zlib
 from pathlib import Path
@@ -22,11 +23,10 @@ import numpy as np
 import torch
 from zlib_ng import zlib_ng
 
-from atomic_io import atomic_path
-from dlrm_model import DLRMConfig
-from errors import CheckpointError
+from dlrm_sparsity.errors import CheckpointError
+from dlrm_sparsity.model import DLRMConfig
+from dlrm_sparsity.runner.atomic import atomic_path
 
-ZIP_MEMBER = "state_dict.pt"
 COMPRESSORS = ("zlib-ng", "zlib")
 _TORCH_ZIP_MARKER = "data.pkl"  # every torch.save zip archive has <prefix>/data.pkl
 
@@ -181,6 +181,42 @@ def compressor_label(compressor: str) -> str:
     raise ValueError(f"unknown compressor {compressor!r}: expected one of {COMPRESSORS}")
 
 
+def member_name(zip_path: str | os.PathLike) -> str:
+    """The seed's name for the checkpoint inside a zip: its metrics script extracts the member
+    and loads `<zip stem>.ckpt`, so it reads our zips too."""
+    return f"{Path(zip_path).stem}.ckpt"
+
+
+def copy_zip_renamed(source: str | os.PathLike, zip_path: str | os.PathLike) -> int:
+    """Copy a one-member zip of save_state_dict_zip to zip_path, its member renamed to match,
+    without deflating again; returns the new zip's size.
+
+    zipfile can neither rename a member nor write one without compressing it. The grid points
+    that share weights (level 0 or 1 of every config) have names of the same length (they
+    differ in the norm or the folder), so the name's bytes are overwritten in place, in the
+    local header (30 bytes in) and in the central directory entry (46 bytes in).
+    """
+    zip_path = Path(zip_path)
+    new = member_name(zip_path).encode()
+    with zipfile.ZipFile(source) as zf:
+        (info,) = zf.infolist()
+        places = (info.header_offset + 30, zf.start_dir + 46)
+    old = info.filename.encode()
+    if len(old) != len(new):
+        raise ValueError(f"{source}: member {info.filename!r} cannot be renamed in place to "
+                         f"{new.decode()!r}")
+    with atomic_path(zip_path) as tmp:
+        shutil.copyfile(source, tmp)
+        with open(tmp, "r+b") as f:
+            for at in places:
+                f.seek(at)
+                if f.read(len(old)) != old:
+                    raise ValueError(f"{source}: unexpected zip layout")
+                f.seek(at)
+                f.write(new)
+    return zip_path.stat().st_size
+
+
 def save_state_dict_zip(state_dict: Mapping[str, torch.Tensor], zip_path: str | os.PathLike,
                         compresslevel: int = 6, compressor: str = "zlib-ng") -> int:
     """Stream torch.save(state_dict) into a deflated zip member; return the zip's size in bytes.
@@ -193,9 +229,9 @@ def save_state_dict_zip(state_dict: Mapping[str, torch.Tensor], zip_path: str | 
     """
     label = compressor_label(compressor)  # an unknown name fails before anything is written
     zip_path = Path(zip_path)
-    # A fixed member name and timestamp make the zip a function of the weights alone: equal
-    # weights give byte-identical files (and sha256s), across grid points and across runs.
-    member = zipfile.ZipInfo(ZIP_MEMBER, date_time=(1980, 1, 1, 0, 0, 0))
+    # A fixed timestamp makes the zip a function of the weights and its name alone: a rerun
+    # writes byte-identical files (and sha256s).
+    member = zipfile.ZipInfo(member_name(zip_path), date_time=(1980, 1, 1, 0, 0, 0))
     member.compress_type = zipfile.ZIP_DEFLATED
     # the level must sit on the ZipInfo (renamed compress_level in Python 3.13)
     setattr(member, "compress_level" if hasattr(member, "compress_level") else "_compresslevel",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -22,19 +22,30 @@ def atomic_path(final_path: str | os.PathLike) -> Iterator[Path]:
     A crash or an exception leaves nothing under the final name (and removes the temporary).
     """
     final_path = Path(final_path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final_path.name}.", suffix=".tmp",
-                               dir=final_path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
+    tmp = _create_temporary(final_path)
     try:
-        yield Path(tmp)
+        yield tmp
         os.replace(tmp, final_path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def _create_temporary(final_path: Path) -> Path:
+    """An empty new file beside final_path, with the permissions any new file gets.
+
+    Created with mode 0o666 so that the kernel applies the process umask itself: reading the
+    umask (os.umask(0) then os.umask(old)) is not thread-safe, and a thread that interleaves
+    there leaves the umask at 0 for the whole process.
+    """
+    for _ in range(100):
+        tmp = final_path.parent / f".{final_path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{final_path}: could not create a temporary file beside it")
 
 
 def remove_stale_temporaries(folder: str | os.PathLike, recursive: bool = False) -> int:
@@ -79,7 +90,7 @@ class ProgressLog:
         return rows
 
     def append(self, row: dict) -> None:
-        line = (json.dumps(row, default=str) + "\n").encode("utf-8")
+        line = (json.dumps(row, default=_plain) + "\n").encode("utf-8")
         with open(self.path, "ab+") as f:
             if f.tell() > 0:
                 f.seek(-1, os.SEEK_END)
@@ -92,3 +103,8 @@ class ProgressLog:
     def remove(self) -> None:
         for path in self._all_logs():
             path.unlink(missing_ok=True)
+
+
+def _plain(value):
+    """numpy scalars as the Python numbers they hold; anything else as text."""
+    return value.item() if hasattr(value, "item") else str(value)

@@ -6,8 +6,8 @@ import numpy as np
 import torch
 from sklearn import metrics
 
-from criteo_data import CriteoSplit
-from dlrm_model import DLRMNet
+from dlrm_sparsity.criteo.data import CriteoSplit
+from dlrm_sparsity.model import DLRMNet
 
 THRESHOLD = 0.5  # the seed's: a sample is predicted a click when p > 0.5
 

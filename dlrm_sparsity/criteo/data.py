@@ -11,6 +11,7 @@ validation split is the rest of that day; training is every earlier day.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import zipfile
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from errors import DataError
+from dlrm_sparsity.errors import DataError
 
 NUM_DENSE_FEATURES = 13
 NUM_SPARSE_FEATURES = 26
@@ -150,8 +151,22 @@ class CriteoSplit:
             yield Batch(self.dense[start:stop], offsets, self.sparse_t[:, start:stop],
                         self.labels[start:stop])
 
+    def fingerprint(self) -> str:
+        """What a rerun must see unchanged to keep its results: the split's very samples."""
+        return tensors_fingerprint(self.dense, self.sparse_t, self.labels)
+
     def check_fits(self, table_sizes: tuple[int, ...], origin: str) -> None:
         check_ids_fit(self.sparse_t, table_sizes, origin)
+
+
+def tensors_fingerprint(*tensors: torch.Tensor) -> str:
+    """sha256 of the tensors' shapes and bytes (read on the CPU), shortened."""
+    digest = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        digest.update(t.view(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()[:16]
 
 
 def check_ids_fit(ids_t: torch.Tensor, table_sizes: tuple[int, ...], origin: str) -> None:
@@ -162,7 +177,8 @@ def check_ids_fit(ids_t: torch.Tensor, table_sizes: tuple[int, ...], origin: str
                         f"the data has {ids_t.shape[0]} categorical features")
     if ids_t.shape[1] == 0:
         return
-    for k, (rows, top) in enumerate(zip(table_sizes, ids_t.max(dim=1).values.tolist())):
+    largest = ids_t.max(dim=1).values.tolist()
+    for k, (rows, top) in enumerate(zip(table_sizes, largest, strict=True)):
         if top >= rows:
             raise DataError(f"{origin}: table {k} (C{k + 1}) has {rows} rows but the "
                             f"data holds id {top}")

@@ -1,22 +1,23 @@
 """The built-in demo: synthetic Criteo-like data and a small DLRM trained on it, made once.
 
-Everything lives in `.demo/` beside this file (git-ignored). A file lock makes concurrent
+Everything lives in `.demo/` at the repository root (git-ignored). A file lock makes concurrent
 runs (torchrun ranks, parallel tests) build it once and share it.
 """
 
 from __future__ import annotations
 
-import fcntl
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
-from criteo_preprocess import preprocess_raw
-from errors import DataError
+from filelock import FileLock
 
-DEMO_DIR = Path(__file__).resolve().parent / ".demo"
+from dlrm_sparsity.criteo.preprocess import preprocess_raw
+from dlrm_sparsity.criteo.synthetic import write_synthetic_raw
+from dlrm_sparsity.errors import DataError
+from dlrm_sparsity.training import train_and_save
+
+DEMO_DIR = Path(__file__).resolve().parent.parent / ".demo"
 DEMO_LINES = 500_000
 DEMO_SEED = 0
 DEMO_MAX_CARDINALITY = 20_000
@@ -35,17 +36,6 @@ def demo_paths(root: Path = DEMO_DIR) -> DemoPaths:
                      root / "dlrm_demo.ckpt")
 
 
-@contextmanager
-def _locked(root: Path) -> Iterator[None]:
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def ensure_processed(raw: str | Path, processed: str | Path, skip_bad_lines: bool = False) -> None:
     """Build dlrm's processed file from the raw file when it does not exist yet."""
     if Path(processed).exists():
@@ -61,11 +51,9 @@ def ensure_processed(raw: str | Path, processed: str | Path, skip_bad_lines: boo
 
 def ensure_demo(root: Path = DEMO_DIR, num_lines: int = DEMO_LINES) -> DemoPaths:
     """Generate the demo data and train the demo model unless they already exist."""
-    from synthetic_criteo import write_synthetic_raw
-    from train_dlrm import train_and_save
-
     paths = demo_paths(root)
-    with _locked(root):
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(root / ".lock"):  # every platform torch runs on, unlike fcntl
         if paths.model.exists() and paths.processed.exists():
             return paths
         t0 = time.time()

@@ -10,7 +10,7 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from atomic_io import atomic_path  # noqa: E402
+from dlrm_sparsity.runner.atomic import atomic_path  # noqa: E402
 
 
 def _config_lines(ax, df: pd.DataFrame, y: str, label_suffix: str = "", **style) -> None:

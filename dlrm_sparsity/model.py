@@ -17,7 +17,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from errors import CheckpointError
+from dlrm_sparsity.errors import CheckpointError
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ def _mlp_widths(state_dict, prefix: str) -> tuple[int, ...]:
     if not keys:
         raise CheckpointError(f"not a DLRM state dict: no '{prefix}.0.weight' key")
     widths = [int(state_dict[keys[0]].shape[1])]
-    for wkey, bkey in zip(keys[::2], keys[1::2]):
+    for wkey, bkey in zip(keys[::2], keys[1::2], strict=True):
         w, b = state_dict[wkey], state_dict[bkey]
         if w.dim() != 2 or w.shape[1] != widths[-1] or tuple(b.shape) != (w.shape[0],):
             raise CheckpointError(f"{wkey} has shape {tuple(w.shape)} and {bkey} "
@@ -109,7 +109,7 @@ def _mlp_widths(state_dict, prefix: str) -> tuple[int, ...]:
 def _make_mlp(widths: Sequence[int], final_sigmoid: bool) -> nn.Sequential:
     """Linear, act, Linear, act, ... so Linears sit at even indices, as in dlrm's create_mlp."""
     layers: list[nn.Module] = []
-    for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
+    for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
         linear = nn.Linear(n_in, n_out, bias=True)
         # dlrm's initialisation: Xavier-like normal weights, normal biases
         nn.init.normal_(linear.weight, 0.0, math.sqrt(2.0 / (n_in + n_out)))
@@ -120,7 +120,7 @@ def _make_mlp(widths: Sequence[int], final_sigmoid: bool) -> nn.Sequential:
 
 
 class DLRMNet(nn.Module):
-    """DLRM with dot interaction; set `use_torch_sparse` for the seed's torch.sparse variant.
+    """DLRM with dot interaction (the seed's torch.sparse variant is in dlrm_forward_time.py).
 
     Inputs of a batch of B samples and K tables:
         dense_x: (B, 13) float, log(1 + count) features
@@ -129,11 +129,9 @@ class DLRMNet(nn.Module):
     Output: (B, 1) click probabilities.
     """
 
-    def __init__(self, config: DLRMConfig, use_torch_sparse: bool = False,
-                 sparse_grad: bool = False):
+    def __init__(self, config: DLRMConfig, sparse_grad: bool = False):
         super().__init__()
         self.config = config
-        self.use_torch_sparse = use_torch_sparse
         self.emb_l = nn.ModuleList()
         for rows in config.table_sizes:
             bag = nn.EmbeddingBag(rows, config.embedding_dim, mode="sum", sparse=sparse_grad)
@@ -154,20 +152,19 @@ class DLRMNet(nn.Module):
         self.register_buffer("tril_j", torch.tensor(cols_j, dtype=torch.long), persistent=False)
 
     @classmethod
-    def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor],
-                        use_torch_sparse: bool = False) -> "DLRMNet":
+    def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor]) -> "DLRMNet":
         """A model that uses the state dict's tensors as its parameters (no copy).
 
         Built on the meta device first, so a Kaggle-sized model is never allocated and
         randomly initialised only to be overwritten.
         """
         with torch.device("meta"):
-            model = cls(DLRMConfig.from_state_dict(state_dict), use_torch_sparse)
+            model = cls(DLRMConfig.from_state_dict(state_dict))
         model.load_state_dict(state_dict, strict=True, assign=True)
         model._register_tril_indices()  # the index buffers were made on the meta device
         return model
 
-    # The four stages, separately callable so evaluate_forward_time can time each one.
+    # The stages, separately callable so that variants and stage timings can reuse them.
     def bottom(self, dense_x: torch.Tensor) -> torch.Tensor:
         return self.bot_l(dense_x)  # (B, d)
 
@@ -180,19 +177,11 @@ class DLRMNet(nn.Module):
         z = torch.bmm(t, t.transpose(1, 2))  # (B, F, F)
         return torch.cat([x, z[:, self.tril_i, self.tril_j]], dim=1)  # (B, d + F(F-1)/2)
 
-    def top(self, r: torch.Tensor) -> torch.Tensor:
-        if not self.use_torch_sparse:
-            return self.top_l(r)  # (B, 1)
-        # The seed's variant: COO input times the first top weight, then the other layers.
-        first = self.top_l[0]
-        h = torch.mm(r.to_sparse_coo(), first.weight.t()) + first.bias
-        return self.top_l[1:](h)
-
     def forward(self, dense_x: torch.Tensor, offsets: torch.Tensor,
                 indices: torch.Tensor) -> torch.Tensor:
         x = self.bottom(dense_x)
         ly = self.embed(offsets, indices)
-        return self.top(self.interact(x, ly))
+        return self.top_l(self.interact(x, ly))  # (B, 1)
 
 
 def embedding_names(state_dict: Mapping[str, torch.Tensor]) -> list[str]:

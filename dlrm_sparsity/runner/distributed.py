@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable, Sequence, TypeVar
+from typing import Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -24,6 +24,7 @@ class DistContext:
     world_size: int = 1
     local_rank: int = 0
     _objects_group: object = None
+    _owns_group: bool = False  # False when an enclosing session made the process group
 
     @property
     def enabled(self) -> bool:
@@ -38,40 +39,39 @@ class DistContext:
         return list(items[self.rank::self.world_size])
 
     def gather(self, rows: list) -> list:
-        """All ranks' rows on rank 0 (an empty list elsewhere)."""
+        """All ranks' rows, in rank order, on every rank."""
         if not self.enabled:
             return rows
-        parts = [None] * self.world_size if self.is_main else None
-        dist.gather_object(rows, parts, dst=0, group=self._objects_group)
-        return [r for part in parts for r in part] if self.is_main else []
+        parts: list = [None] * self.world_size
+        dist.all_gather_object(parts, rows, group=self._objects_group)
+        return [r for part in parts for r in part]
 
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier(group=self._objects_group)
 
     def close(self) -> None:
-        if self.enabled and dist.is_initialized():
+        if self._owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
+_GROUPS: dict[str, object] = {}  # the gloo group for result rows, made once per process
+
+
 def init_distributed(device_name: str | None) -> DistContext:
+    """This process's place under torchrun (a no-op without it); joins an existing group."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistContext()
     use_cuda = device_name != "cpu" and torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo",
-                            timeout=timedelta(hours=2))
-    group = dist.new_group(backend="gloo") if use_cuda else dist.group.WORLD
-    return DistContext(dist.get_rank(), world_size, local_rank, group)
+    owns = not dist.is_initialized()
+    if owns:
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo",
+                                timeout=timedelta(hours=2))
+        _GROUPS["objects"] = (dist.new_group(backend="gloo") if use_cuda
+                              else dist.group.WORLD)
+    return DistContext(dist.get_rank(), world_size, local_rank, _GROUPS["objects"], owns)
 
-
-def run_distributed(body: Callable, args) -> int:
-    """Call body(args, ctx) inside a process group when under torchrun, and close it after."""
-    ctx = init_distributed(args.device)
-    try:
-        return body(args, ctx)
-    finally:
-        ctx.close()

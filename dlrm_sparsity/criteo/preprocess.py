@@ -19,10 +19,15 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
-from atomic_io import atomic_path
-from criteo_data import (NUM_DENSE_FEATURES, NUM_SPARSE_FEATURES, day_count_path, day_sizes,
-                         fea_count_path)
-from errors import DataError
+from dlrm_sparsity.criteo.data import (
+    NUM_DENSE_FEATURES,
+    NUM_SPARSE_FEATURES,
+    day_count_path,
+    day_sizes,
+    fea_count_path,
+)
+from dlrm_sparsity.errors import DataError
+from dlrm_sparsity.runner.atomic import atomic_path
 
 NUM_FIELDS = 1 + NUM_DENSE_FEATURES + NUM_SPARSE_FEATURES
 FIELD_NAMES = (["label"] + [f"I{i}" for i in range(1, NUM_DENSE_FEATURES + 1)]

@@ -1,0 +1,81 @@
+"""The scripts' command-line conventions: one parser style, and the flags they share."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dlrm_sparsity.device import DEVICES
+from dlrm_sparsity.errors import UserInputError
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's line breaks; states each default the help does not already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        flag = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+        if "default" in text or flag or default is None or default is argparse.SUPPRESS:
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, list) else default
+        return f"{text} (default: {shown})"
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Usage mistakes are one line on stderr and exit code 2, like every other user error."""
+
+    def error(self, message: str):
+        print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def make_parser(description: str) -> argparse.ArgumentParser:
+    return OneLineErrorParser(description=description, formatter_class=HelpFormatter,
+                              allow_abbrev=False)  # a typo must not pick a flag
+
+
+def add_data_args(p: argparse.ArgumentParser, demo_default: bool = True) -> None:
+    demo = " (default: the built-in demo's)" if demo_default else " (required)"
+    p.add_argument("--raw_data_file", "--raw-data-file", dest="raw_data_file", default=None,
+                   help="Criteo train.txt; its folder and stem locate dlrm's "
+                        "<stem>_day_count.npz" + demo)
+    p.add_argument("--processed_data_file", "--processed-data-file", dest="processed_data_file",
+                   default=None, help="dlrm's kaggleAdDisplayChallenge_processed.npz; built "
+                   "from the raw file if it does not exist" + demo)
+    p.add_argument("--skip-bad-lines", action="store_true",
+                   help="when building the processed file, drop malformed raw lines (and "
+                        "report how many) instead of stopping at the first")
+
+
+def add_run_args(p: argparse.ArgumentParser, output_help: str) -> None:
+    p.add_argument("--output-dir", default=".", help=output_help)
+    p.add_argument("--device", default=None, choices=DEVICES,
+                   help="where to run (default: cuda when available, else cpu; under "
+                        "torchrun each rank uses cuda:LOCAL_RANK)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo every row instead of resuming from an earlier run's outputs")
+
+
+def add_metadata_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sparse_model_metadata", "--sparse-model-metadata", dest="metadata",
+                   default=None, help="sparse_model_metadata.csv of evaluate_disk_savings.py "
+                   "(default: OUTPUT_DIR/sparse_model_metadata.csv; for the demo it is made "
+                   "if missing)")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def exit_for(exc: BaseException) -> None:
+    """A user's mistake or Ctrl-C as one line on stderr and its exit code (2 or 130)."""
+    if isinstance(exc, UserInputError):
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if isinstance(exc, KeyboardInterrupt):
+        print("interrupted: finished rows are kept; rerun to resume", file=sys.stderr)
+        raise SystemExit(130) from None

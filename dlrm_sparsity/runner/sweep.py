@@ -1,0 +1,204 @@
+"""The one loop every experiment runs: an experiment's function over items, and the rest.
+
+An experiment supplies items (grid points, metadata rows) and a function that computes the rows
+of one item. The sweep owns everything around it: reusing items finished by an earlier run
+(resume.py), turning any exception into an error row while the other items go on, the progress
+bar (or one log line per item where no bar is drawn), sharding and gathering under torchrun,
+and worker threads. `write_outputs` then writes the CSVs atomically, draws the plot and prints
+the summary, on rank 0 only.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import pandas as pd
+from tqdm import tqdm
+
+from dlrm_sparsity.errors import UserInputError
+from dlrm_sparsity.runner.distributed import DistContext
+from dlrm_sparsity.runner.outputs import write_csv
+from dlrm_sparsity.runner.resume import SIGNATURE, Resume, failed, key_of, signature_of
+
+
+@dataclass(frozen=True)
+class Table:
+    """A CSV that a sweep writes: its file name and the columns that come first."""
+
+    name: str
+    first_columns: Sequence[str] = ()
+
+
+@dataclass(frozen=True)
+class Item:
+    """One unit of work.
+
+    fields: the key columns and the columns every row of the item shares;
+    determinants: everything its rows depend on, hashed into the row's signature;
+    payload: what the experiment's function needs (a grid point, a metadata row).
+    """
+
+    fields: dict
+    determinants: dict
+    payload: Any = None
+
+    @property
+    def signature(self) -> str:
+        return signature_of(self.determinants)
+
+
+@dataclass
+class SweepResult:
+    tables: list[list[dict]]  # rows per table in item order; complete on rank 0 only
+    kept: int  # items reused from an earlier run
+    failed: int  # items whose function raised
+    resume: Resume = field(repr=False)
+
+
+@dataclass
+class _Outcome:
+    value: Any = None
+    error: str | None = None
+
+
+def error_message(exc: Exception) -> str:
+    """One line: a user error as it is (it names the file), anything else with its type."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return text if isinstance(exc, UserInputError) else f"{type(exc).__name__}: {text}"
+
+
+def _attempt(fn: Callable, *args) -> _Outcome:
+    try:
+        return _Outcome(fn(*args))
+    except Exception as exc:  # any failure of one item is that item's error row
+        return _Outcome(error=error_message(exc))
+
+
+def _as_tables(value, n_tables: int) -> list[list[dict]]:
+    """A function's result (a row, a list of rows, or a tuple of lists per table) as tables."""
+    if isinstance(value, dict):
+        value = [value]
+    tables = list(value) if isinstance(value, tuple) else [value]
+    return [list(t) for t in tables] + [[] for _ in range(n_tables - len(tables))]
+
+
+def _schedule(todo: list, compute: Callable, prepare: Callable | None, workers: int
+              ) -> Iterator[tuple[int, Item, _Outcome]]:
+    """Run prepare(item) on the calling thread and compute() on `workers` threads.
+
+    With 0 workers both run here, one item at a time. With workers, at most that many items
+    are in flight; results come back in item order.
+    """
+    prepare = prepare or (lambda item: item)
+    if workers == 0:
+        for index, item in todo:
+            job = _attempt(prepare, item)
+            yield index, item, job if job.error else _attempt(compute, job.value)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        pending: deque[tuple[int, Item, Future]] = deque()
+        for index, item in todo:
+            job = _attempt(prepare, item)
+            while len(pending) >= workers:
+                first = pending.popleft()
+                yield first[0], first[1], first[2].result()
+            if job.error:
+                future: Future = Future()
+                future.set_result(job)
+            else:
+                future = pool.submit(_attempt, compute, job.value)
+            pending.append((index, item, future))
+        while pending:
+            first = pending.popleft()
+            yield first[0], first[1], first[2].result()
+
+
+def run_sweep(ctx: DistContext, output_dir: Path, overwrite: bool, items: Sequence[Item],
+              compute: Callable, *, tables: Sequence[Table], key_columns: Sequence[str],
+              label: str, describe: Callable[[Item, list[dict]], str] | None = None,
+              still_valid: Callable[[Item, list[list[dict]]], bool] | None = None,
+              prepare: Callable | None = None, workers: int = 0) -> SweepResult:
+    """compute(prepare(item)) for this rank's share of the items; all ranks' rows on rank 0.
+
+    still_valid(item, tables) may refuse an earlier item's rows (per table) that the signature
+    cannot judge: a zip that has since been deleted, a stage breakdown now asked for.
+    """
+    resume = Resume([output_dir / t.name for t in tables], key_columns, ctx.rank, overwrite)
+    done: list[tuple[int, list[list[dict]]]] = []
+    todo, kept, n_failed = [], 0, 0
+    mine = ctx.shard(list(enumerate(items)))
+    for index, item in mine:
+        old = resume.lookup(key_of(item.fields, key_columns), item.signature)
+        if old is not None and (still_valid is None or still_valid(item, old)):
+            done.append((index, old))
+            kept += 1
+        else:
+            todo.append((index, item))
+    with tqdm(total=len(mine), initial=kept, desc=label, unit="item",
+              disable=None if ctx.is_main else True) as bar:
+        for finished, (index, item, outcome) in enumerate(
+                _schedule(todo, compute, prepare, workers), kept + 1):
+            signature = item.signature
+            if outcome.error is None:
+                rows = _as_tables(outcome.value, len(tables))
+                rows = [[{**item.fields, **r, SIGNATURE: signature} for r in t] for t in rows]
+            else:
+                tqdm.write(f"error: {outcome.error}", file=sys.stderr)
+                rows = _as_tables({**item.fields, "error": outcome.error, SIGNATURE: signature},
+                                  len(tables))
+                n_failed += 1
+            resume.record(key_of(item.fields, key_columns), signature, rows)
+            done.append((index, rows))
+            bar.update()
+            if ctx.is_main and bar.disable:  # a log file or a pipe: one line per item
+                text = (describe(item, rows[0]) if describe and outcome.error is None
+                        else outcome.error or "done")
+                print(f"[{finished}/{len(mine)}] {text}", flush=True)
+    gathered = sorted(ctx.gather(done), key=lambda pair: pair[0])
+    per_table = [[r for _, tables_ in gathered for r in tables_[t]] for t in range(len(tables))]
+    return SweepResult(per_table, sum(ctx.gather([kept])), sum(ctx.gather([n_failed])), resume)
+
+
+def ok_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows without an error."""
+    if "error" not in df.columns:
+        return df
+    return df[[not failed(r) for r in df.to_dict("records")]]
+
+
+def write_outputs(ctx: DistContext, output_dir: Path, result: SweepResult,
+                  tables: Sequence[Table], *, derive: Callable | None = None,
+                  plot: tuple[Callable, str] | None = None,
+                  summary: Callable[..., str] | None = None) -> int:
+    """Rank 0 writes the CSVs (derive(df) adds columns to the first), the plot and the summary.
+
+    Returns the exit code: 2 if any item failed, else 0.
+    """
+    if ctx.is_main:
+        frames = []
+        for t, (table, rows) in enumerate(zip(tables, result.tables, strict=True)):
+            df = pd.DataFrame(rows)
+            if t == 0 and derive is not None and not df.empty:
+                df = derive(df)
+            frames.append(write_csv(df.to_dict("records"), output_dir / table.name,
+                                    table.first_columns))
+        good = [ok_rows(f) for f in frames]
+        written = [str(output_dir / t.name) for t in tables]
+        if plot is not None and not good[0].empty:
+            plot[0](*good, output_dir / plot[1])
+            written.append(str(output_dir / plot[1]))
+        result.resume.close()
+        if result.kept:
+            print(f"resumed: kept {result.kept} finished item(s) of an earlier run "
+                  "(--overwrite redoes them)")
+        if summary is not None and not good[0].empty:
+            print(summary(*good))
+        failed_note = f"; {result.failed} failed (see the error column)" if result.failed else ""
+        print(f"wrote {', '.join(written)}{failed_note}")
+    ctx.barrier()
+    return 2 if result.failed else 0
