@@ -12,7 +12,6 @@ whose zip is present with the recorded sha256 are kept. Runs unchanged under tor
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,17 +20,14 @@ import torch
 
 from dlrm_sparsity.checkpoints import (
     COMPRESSORS,
-    CheckpointTables,
     compressor_label,
     copy_zip_renamed,
-    is_torch_archive,
     load_dlrm_state_dict,
     save_state_dict_zip,
     sha256_of_file,
 )
 from dlrm_sparsity.demo import ensure_demo
 from dlrm_sparsity.inputs import Inputs
-from dlrm_sparsity.model import embedding_names
 from dlrm_sparsity.plots import plot_disk_savings
 from dlrm_sparsity.runner.atomic import remove_stale_temporaries
 from dlrm_sparsity.runner.cli import add_run_args, make_parser
@@ -39,24 +35,29 @@ from dlrm_sparsity.runner.outputs import METADATA_COLUMNS, METADATA_CSV
 from dlrm_sparsity.runner.session import Session, ensure_writable
 from dlrm_sparsity.runner.sweep import Item, SweepResult, Table
 from sparse_utils import (
+    LARGE_MODEL_BYTES,
     SEED_BLOCK_SHAPES,
     SEED_LEVELS,
     SEED_NORMS,
     GridPoint,
+    Model,
     block_label,
     build_grid,
+    hold_model,
     make_zeros_positive,
     parse_block_shape,
     parse_level,
     parse_norm,
+    shared_weights,
     sparsify_embeddings,
+    step_threads,
     tensor_bytes,
+    torch_threads,
     zero_fraction,
 )
 
 METADATA = Table(METADATA_CSV, METADATA_COLUMNS)
 MB = 2**20  # the seed's MB
-LARGE_MODEL_BYTES = 2**30  # above this, memory comes before overlap
 
 
 def parse_args(argv=None):
@@ -97,15 +98,6 @@ def parse_args(argv=None):
                         "leaves for negative weights: the same model, but the sign bits no "
                         "longer cost disk (off by default, as the seed)")
     return p.parse_args(argv)
-
-
-@dataclass(frozen=True)
-class Model:
-    """The model a sweep prunes: its tensors, and a reader when its tables stay in the file."""
-
-    state_dict: dict
-    read_table: object = None  # name -> a fresh copy of that original table, or None
-    dense_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -154,59 +146,10 @@ def copy_point(point: GridPoint, first: dict, dense_bytes: int, settings: ZipSet
             **zip_columns(point, zip_path, size, dense_bytes, settings)}
 
 
-def shared_weights(points: list[GridPoint]) -> dict[GridPoint, GridPoint]:
-    """Points whose pruned weights equal an earlier point's, mapped to that point.
-
-    Level 0 prunes nothing and level 1 prunes everything, whatever the norm and block shape.
-    """
-    first: dict[float, GridPoint] = {}
-    copies = {}
-    for point in points:
-        if point.level in (0.0, 1.0):
-            copies.update({point: first[point.level]} if point.level in first else {})
-            first.setdefault(point.level, point)
-    return copies
-
-
-def hold_model(mapped: dict, model_path: str, workers: int) -> Model:
-    """What the sweep keeps in memory.
-
-    Workers need the original tables at hand, so they are read in. Without them, a large
-    model's tables stay in the checkpoint file and each grid point reads them one at a time:
-    the process then holds one pruned model and one table with the sparsifier's temporaries
-    (several times that table), not the model twice.
-    """
-    dense_bytes = tensor_bytes(mapped)
-    if not is_torch_archive(model_path):  # a zip or legacy file: already read into memory
-        return Model(mapped, None, dense_bytes)
-    if workers == 0 and dense_bytes > LARGE_MODEL_BYTES:
-        tables = set(embedding_names(mapped))
-        held = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") if k in tables
-                else v.clone() for k, v in mapped.items()}
-        return Model(held, CheckpointTables(model_path).read, dense_bytes)
-    return Model({k: v.clone() for k, v in mapped.items()}, None, dense_bytes)
-
-
 def prunes_on_workers(device: torch.device, workers: int) -> bool:
     """On a GPU with workers, the calling thread prunes (one step at a time on the device)
     and the workers only zip. On a CPU the workers take whole points."""
     return device.type != "cuda" or workers == 0
-
-
-def step_threads(on_workers: bool, workers: int) -> int:
-    """When workers prune side by side, each step gets an equal share of torch's threads."""
-    threads = torch.get_num_threads()
-    return max(1, threads // workers) if on_workers and workers > 1 else threads
-
-
-@contextmanager
-def torch_threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def summary(df: pd.DataFrame) -> str:
@@ -240,8 +183,9 @@ def main(argv=None) -> None:
         run.ctx.barrier()
         model_path = args.model_path or str(ensure_demo().model)
         mapped = load_dlrm_state_dict(model_path, mmap=True)  # nothing read yet
-        workers = (args.workers if args.workers is not None else
-                   0 if tensor_bytes(mapped) > LARGE_MODEL_BYTES else min(4, os.cpu_count() or 1))
+        large = tensor_bytes(mapped) > LARGE_MODEL_BYTES
+        workers = (args.workers if args.workers is not None
+                   else 0 if large else min(4, os.cpu_count() or 1))
         model = hold_model(mapped, model_path, workers)
         del mapped  # with it goes the map of the file
         settings = ZipSettings(dump_dir, run.output_dir, args.compressor, args.compress_level)

@@ -1,5 +1,8 @@
 """The sparsity grid, and pruning a DLRM's embedding tables with PyTorch's DataNormSparsifier.
 
+Also what a sweep over the grid needs to know about pruning: which points share their pruned
+weights, how the model to prune is held in memory, and each step's share of the threads.
+
 Every `emb_l.*.weight` is pruned at one (sparsity level, block shape, norm) grid point with the
 stock sparsifier: add the table, step once, squash the mask. Only embedding weights are cloned;
 the MLP tensors are shared with the source state dict, never copied.
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
@@ -16,6 +20,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 from torch.ao.pruning._experimental.data_sparsifier import DataNormSparsifier
 
+from dlrm_sparsity.checkpoints import CheckpointTables, is_torch_archive
 from dlrm_sparsity.errors import UserInputError
 from dlrm_sparsity.model import embedding_names
 
@@ -24,6 +29,7 @@ SEED_LEVELS = tuple([i / 10 for i in range(10)] + [round(0.9 + i / 100, 2) for i
 SEED_BLOCK_SHAPES = ((1, 1), (1, 4))
 SEED_NORMS = ("L1", "L2")
 NORMS = ("L1", "L2")
+LARGE_MODEL_BYTES = 2**30  # above this, memory comes before overlap
 
 
 @dataclass(frozen=True)
@@ -160,3 +166,61 @@ def zero_fraction(state_dict: Mapping[str, torch.Tensor]) -> float:
 
 def tensor_bytes(state_dict: Mapping[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in state_dict.values())
+
+
+def shared_weights(points: list[GridPoint]) -> dict[GridPoint, GridPoint]:
+    """Points whose pruned weights equal an earlier point's, mapped to that point.
+
+    Level 0 prunes nothing and level 1 prunes everything, whatever the norm and block shape.
+    """
+    first: dict[float, GridPoint] = {}
+    copies = {}
+    for point in points:
+        if point.level in (0.0, 1.0):
+            copies.update({point: first[point.level]} if point.level in first else {})
+            first.setdefault(point.level, point)
+    return copies
+
+
+@dataclass(frozen=True)
+class Model:
+    """The model a sweep prunes: its tensors, and a reader when its tables stay in the file."""
+
+    state_dict: dict
+    read_table: object = None  # name -> a fresh copy of that original table, or None
+    dense_bytes: int = 0
+
+
+def hold_model(mapped: dict, model_path: str, workers: int) -> Model:
+    """What the sweep keeps in memory.
+
+    Workers need the original tables at hand, so they are read in. Without them, a large
+    model's tables stay in the checkpoint file and each grid point reads them one at a time:
+    the process then holds one pruned model and one table with the sparsifier's temporaries
+    (several times that table), not the model twice.
+    """
+    dense_bytes = tensor_bytes(mapped)
+    if not is_torch_archive(model_path):  # a zip or legacy file: already read into memory
+        return Model(mapped, None, dense_bytes)
+    if workers == 0 and dense_bytes > LARGE_MODEL_BYTES:
+        tables = set(embedding_names(mapped))
+        held = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") if k in tables
+                else v.clone() for k, v in mapped.items()}
+        return Model(held, CheckpointTables(model_path).read, dense_bytes)
+    return Model({k: v.clone() for k, v in mapped.items()}, None, dense_bytes)
+
+
+def step_threads(on_workers: bool, workers: int) -> int:
+    """When workers prune side by side, each step gets an equal share of torch's threads."""
+    threads = torch.get_num_threads()
+    return max(1, threads // workers) if on_workers and workers > 1 else threads
+
+
+@contextmanager
+def torch_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import evaluate_disk_savings
+import sparse_utils
 from conftest import run_script
 from dlrm_sparsity.checkpoints import load_state_dict, save_state_dict_zip, sha256_of_file
 from dlrm_sparsity.runner.outputs import METADATA_COLUMNS, read_metadata
@@ -136,17 +137,17 @@ def test_large_model_path_reads_tables_from_the_file_and_writes_the_same_zips(
     pruned at a time: the same bytes out as two workers pruning side by side in memory."""
     _, out, df = run
     mapped = load_state_dict(tiny_pipeline["model"], mmap=True)
-    held = evaluate_disk_savings.hold_model(mapped, tiny_pipeline["model"], 0)
+    held = sparse_utils.hold_model(mapped, tiny_pipeline["model"], 0)
     assert held.read_table is None  # small model: held in memory
-    monkeypatch.setattr(evaluate_disk_savings, "LARGE_MODEL_BYTES", 0)
-    held = evaluate_disk_savings.hold_model(mapped, tiny_pipeline["model"], 0)
+    monkeypatch.setattr(sparse_utils, "LARGE_MODEL_BYTES", 0)
+    held = sparse_utils.hold_model(mapped, tiny_pipeline["model"], 0)
     tables = held.state_dict
     assert {v.device.type for k, v in tables.items() if "emb_l" in k} == {"meta"}
     assert {v.device.type for k, v in tables.items() if "emb_l" not in k} == {"cpu"}
-    assert evaluate_disk_savings.hold_model(mapped, tiny_pipeline["model"], 1).read_table is None
+    assert sparse_utils.hold_model(mapped, tiny_pipeline["model"], 1).read_table is None
     zipped = tmp_path / "model.zip"  # a zip cannot be mapped: held in memory
     save_state_dict_zip(mapped, zipped)
-    assert evaluate_disk_savings.hold_model(load_state_dict(zipped), zipped, 0).read_table is None
+    assert sparse_utils.hold_model(load_state_dict(zipped), zipped, 0).read_table is None
     args = ["--model-path", tiny_pipeline["model"], "--output-dir", tmp_path, "--device", "cpu",
             "--workers", "0", *GRID]
     assert run_script(evaluate_disk_savings, args) == 0
