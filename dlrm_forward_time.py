@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch.utils import benchmark
@@ -38,15 +38,17 @@ def steady_cpu_allocator() -> bool:
     A 16384-sample forward allocates tensors of tens of MB. glibc's dynamic mmap threshold
     serves them either from reused heap memory or from new, page-faulting mappings, switching
     between the two unpredictably: the same forward then takes 22 or 36 ms on a 2-core machine.
-    A fixed threshold makes every run pay the same, lower cost. At 64 MiB it keeps a batch's
+    A fixed threshold, and no trimming of the heap's top, make every run pay the same, lower
+    cost; both are needed (benchmarks/bench_timing_stability.py: 2% spread with both, 80% with
+    the threshold alone, at the same peak RSS). At 64 MiB the threshold keeps a batch's
     activations on the heap while embedding tables larger than that are still mapped on their
-    own and given back to the system when freed. The trim threshold stays glibc's, so freed
-    heap memory is still returned (see benchmarks/bench_timing_stability.py).
+    own and given back to the system when freed.
     """
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name)
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 64 * 2**20))
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 64 * 2**20) and
+                    libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
     except (OSError, AttributeError, TypeError):
         return False  # not glibc: nothing to set
 
@@ -86,42 +88,44 @@ def interaction_density(model: DLRMNet, batch: Batch) -> float:
     return float((r != 0).float().mean())
 
 
-@torch.inference_mode()
-def stage_fns(model: DLRMNet, batch: Batch) -> dict[str, dict[str, Callable[[], object]]]:
-    """Per variant, one callable per stage, each fed the real output of the stage before."""
-    x = model.bottom(batch.dense)
-    ly = model.embed(batch.offsets, batch.indices)
-    r = model.interact(x, ly)
-    r_coo = r.to_sparse_coo()
-    shared = {
-        "bottom_mlp": lambda: model.bottom(batch.dense),
-        "embedding": lambda: model.embed(batch.offsets, batch.indices),
-        "interaction": lambda: model.interact(x, ly),
-    }
-    return {
-        DENSE: {**shared, "top_mlp": lambda: top(model, r, DENSE)},
-        SPARSE: {**shared, "to_sparse_coo": lambda: r.to_sparse_coo(),
-                 "top_mlp": lambda: sparse_top(model, r_coo)},
-    }
+def stage_fns(model: DLRMNet, batch: Batch) -> Iterator[tuple[str, str, Callable[[], object]]]:
+    """(variant, stage, callable) for every stage, each fed the real output of the stage
+    before. A generator: each input is made only when its stage comes up, so that the COO copy
+    of R (about 120 MB at level 0 for 16384 x 367) is not held while the others are timed."""
+    with torch.inference_mode():
+        x = model.bottom(batch.dense)
+        ly = model.embed(batch.offsets, batch.indices)
+        r = model.interact(x, ly)
+    for variant in VARIANTS:
+        yield variant, "bottom_mlp", lambda: model.bottom(batch.dense)
+        yield variant, "embedding", lambda: model.embed(batch.offsets, batch.indices)
+        yield variant, "interaction", lambda: model.interact(x, ly)
+        if variant == DENSE:
+            yield variant, "top_mlp", lambda: top(model, r, DENSE)
+            continue
+        yield variant, "to_sparse_coo", lambda: r.to_sparse_coo()
+        with torch.inference_mode():
+            r_coo = r.to_sparse_coo()
+        yield variant, "top_mlp", lambda r_coo=r_coo: sparse_top(model, r_coo)
 
 
 def measure(fn: Callable[[], object], label: str, threads: int, min_run_time: float,
             timer: Callable[[], float] = synchronising_timer, min_runs: int = MIN_RUNS,
-            warmup_s: float = 0.1) -> benchmark.Measurement:
+            warmup_s: float = 0.1, called: int = 0) -> benchmark.Measurement:
     """Warm up, then time fn in blocks (blocked_autorange), at least min_runs blocks.
 
-    The warm-up (at least two calls: allocator growth, lazy init, kernel choice) also prices
-    one call, which stretches min_run_time so that slow statements still get min_runs runs
-    and so a median and a spread.
+    The warm-up (at least two calls, counting `called` that the caller already made: allocator
+    growth, lazy init, kernel choice) also prices one call, which stretches min_run_time so
+    that slow statements still get min_runs runs and so a median and a spread.
     """
     t = benchmark.Timer(stmt="fn()", globals={"fn": fn}, label=label, num_threads=threads,
                         timer=timer)
     with torch.inference_mode():
         start, calls = timer(), 0
-        while calls < 2 or (timer() - start < warmup_s and calls < 100):
+        while calls + called < 2 or (timer() - start < warmup_s and calls < 100):
             fn()
             calls += 1
-        per_call = (timer() - start) / calls
+        per_call = (timer() - start) / max(calls, 1)
         m = t.blocked_autorange(min_run_time=max(min_run_time, min_runs * per_call))
         raw = list(m.raw_times)
         while len(raw) < min_runs:  # fast statements: a few long blocks; add blocks
@@ -133,3 +137,65 @@ def timing_columns(m: benchmark.Measurement) -> dict:
     """A Measurement as CSV columns (seconds per call)."""
     return {"time_median_s": m.median, "time_iqr_s": m.iqr, "time_mean_s": m.mean,
             "n_runs": len(m.times), "number_per_run": m.number_per_run}
+
+
+# Experiment 5: the interaction output z masked column by column (activation sparsity).
+MASKED, MASKED_SPARSE, COMPACT = "dense", "torch_sparse", "compact"
+MASKED_VARIANTS = (MASKED, MASKED_SPARSE, COMPACT)
+
+
+class CompactForward:
+    """The model with the masked columns of z physically removed.
+
+    The interaction multiplies only the vectors that some kept pair involves (one bmm over
+    them, the full one when every vector is involved) and keeps only the kept dot products and
+    the kept columns of the bottom MLP's output; top_l.0 keeps only the matching columns of its
+    weight. So the forward is a smaller dense computation: the variant that can beat the masked
+    dense one.
+    """
+
+    def __init__(self, model: DLRMNet, mask: torch.Tensor):
+        kept = mask.nonzero().view(-1)  # ascending: z's own column order
+        dim = model.config.embedding_dim
+        self.model = model
+        self.kept = kept
+        self.kept_x = kept[kept < dim]
+        pairs = kept[kept >= dim] - dim
+        self.pair_i, self.pair_j = model.tril_i[pairs], model.tril_j[pairs]
+        self.vectors = torch.unique(torch.cat([self.pair_i, self.pair_j]))  # sorted
+        position = torch.full((model.config.num_features,), -1, device=kept.device)
+        position[self.vectors] = torch.arange(len(self.vectors), device=kept.device)
+        self.all_vectors = len(self.vectors) == model.config.num_features
+        self.rows, self.cols = position[self.pair_i], position[self.pair_j]
+        self.weight_t = model.top_l[0].weight[:, kept].t().contiguous()  # (K, out)
+        self.bias = model.top_l[0].bias
+
+    def interact(self, x: torch.Tensor, ly: list[torch.Tensor]) -> torch.Tensor:
+        batch, dim = x.shape
+        t = torch.cat([x, *ly], dim=1).view(batch, -1, dim)  # (B, F, d)
+        if not self.all_vectors:
+            t = t[:, self.vectors]  # (B, U, d): the vectors some kept pair involves
+        products = torch.bmm(t, t.transpose(1, 2))  # (B, U, U)
+        dots = products[:, self.rows, self.cols]  # (B, kept pairs)
+        return torch.cat([x[:, self.kept_x], dots], dim=1)  # (B, K) = z[:, kept]
+
+    def __call__(self, batch: Batch) -> torch.Tensor:
+        x = self.model.bottom(batch.dense)
+        z = self.interact(x, self.model.embed(batch.offsets, batch.indices))
+        return self.model.top_l[1:](torch.addmm(self.bias, z, self.weight_t))  # (B, 1)
+
+
+def masked_forward_fn(model: DLRMNet, batch: Batch, mask: torch.Tensor, variant: str,
+                      compact: CompactForward | None = None) -> Callable[[], torch.Tensor]:
+    """A forward with z's masked columns zeroed: by multiplication (what the sparsifier does),
+    then dense or the seed's torch.sparse top; or with those columns removed (compact)."""
+    if variant == COMPACT:
+        compact = compact or CompactForward(model, mask)
+        return lambda: compact(batch)
+    top_variant = SPARSE if variant == MASKED_SPARSE else DENSE
+
+    def run() -> torch.Tensor:
+        x = model.bottom(batch.dense)
+        z = model.interact(x, model.embed(batch.offsets, batch.indices)) * mask
+        return top(model, z, top_variant)
+    return run

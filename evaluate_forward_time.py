@@ -90,11 +90,10 @@ def time_model(path: str, batch: Batch, threads: int, min_run_time: float,
         m = measure(forward_fn(model, batch, variant), variant, threads, min_run_time)
         rows.append({"time_taken": m.mean, "dlrm_type": variant, **timing_columns(m), **common})
     whole = {r["dlrm_type"]: r["time_median_s"] for r in rows}
-    for variant, fns in (stage_fns(model, batch) if with_stages else {}).items():
-        for stage, fn in fns.items():
-            m = measure(fn, stage, threads, min_run_time / 2)
-            stages.append({"dlrm_type": variant, "stage": stage, "config": config,
-                           **timing_columns(m), "whole_forward_median_s": whole[variant]})
+    for variant, stage, fn in stage_fns(model, batch) if with_stages else ():
+        m = measure(fn, stage, threads, min_run_time / 2)
+        stages.append({"dlrm_type": variant, "stage": stage, "config": config,
+                       **timing_columns(m), "whole_forward_median_s": whole[variant]})
     return rows, stages
 
 

@@ -23,10 +23,10 @@ import zipfile
 from pathlib import Path
 
 import torch
+from bench_common import Phase, gib, measured
 from torch.ao.pruning._experimental.data_sparsifier import DataNormSparsifier
 
 import evaluate_disk_savings
-from bench_common import Phase, gib, measured
 from dlrm_sparsity.checkpoints import COMPRESSORS, load_state_dict
 from dlrm_sparsity.model import DLRMNet
 from sparse_utils import (

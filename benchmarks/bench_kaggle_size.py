@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from bench_common import gib, measured
+
 from dlrm_sparsity.criteo.data import day_sizes
 from dlrm_sparsity.criteo.synthetic import KAGGLE_CARDINALITIES
 from dlrm_sparsity.model import DLRMConfig, DLRMNet

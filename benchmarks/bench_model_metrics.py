@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from bench_common import measured
 
 import evaluate_disk_savings
 import evaluate_model_metrics
-from bench_common import measured
 from dlrm_sparsity.evaluation import quality_metrics
 from dlrm_sparsity.model import DLRMNet
 from dlrm_sparsity.runner.outputs import read_metadata

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from bench_common import gib, measured
+
 from dlrm_sparsity.criteo.preprocess import preprocess_raw
 from dlrm_sparsity.criteo.synthetic import write_synthetic_raw
 

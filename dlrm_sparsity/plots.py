@@ -84,3 +84,36 @@ def _plot_stages(ax, stages: pd.DataFrame) -> None:
     ax.set(ylabel="median time (ms)", title=f"Where the time goes ({first['config'].iloc[0]})")
     ax.tick_params(axis="x", labelsize=7)
     ax.legend(fontsize=7)
+
+
+def plot_activation_sparsity(df: pd.DataFrame, path: str | os.PathLike) -> None:
+    """AUC against the activation level per model; forward time per variant, and where the
+    compact variant's speed-up over dense passes 1."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+    models = df.groupby(["norm", "sparse_block_shape", "sparsity_level"], sort=True)
+    for (norm, block, emb), part in models:
+        label = "dense model" if emb == 0.0 else f"{norm} {block}, embeddings {emb:g}"
+        one = part[part["variant"] == "dense"].sort_values("activation_level")
+        axes[0].plot(one["activation_level"], one["roc_auc"], marker="o", markersize=3,
+                     label=label)
+    axes[0].set(xlabel="activation sparsity level (columns of z masked)", ylabel="ROC AUC",
+                title="Quality with the interaction output masked")
+    axes[0].legend(fontsize=7)
+    first = df[df["sparsity_level"] == df["sparsity_level"].min()]
+    for variant, style in (("dense", "-"), ("torch_sparse", "--"), ("compact", "-.")):
+        part = first[first["variant"] == variant].sort_values("activation_level")
+        axes[1].plot(part["activation_level"], part["time_median_s"] * 1e3, style, marker="o",
+                     markersize=3, label=variant)
+    compact = first[first["variant"] == "compact"].sort_values("activation_level")
+    faster = compact[compact["speedup_vs_dense"] > 1.0]
+    if not faster.empty:
+        level = faster["activation_level"].iloc[0]
+        axes[1].axvline(level, color="grey", linewidth=0.8)
+        axes[1].annotate(f"compact faster from {level:g}", (level, 0), xytext=(4, 4),
+                         textcoords="offset points", fontsize=7)
+    axes[1].set(xlabel="activation sparsity level", ylabel="forward time, median (ms)",
+                title="Forward time of the masked model (least pruned)", yscale="log")
+    axes[1].legend(fontsize=7)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    _save(fig, path)
