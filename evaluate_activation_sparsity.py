@@ -44,6 +44,7 @@ from dlrm_sparsity.evaluation import quality_metrics, score_split
 from dlrm_sparsity.inputs import metadata_item, resolve_inputs
 from dlrm_sparsity.model import DLRMNet
 from dlrm_sparsity.plots import plot_activation_sparsity
+from dlrm_sparsity.report import refresh_report
 from dlrm_sparsity.runner.cli import (
     add_data_args,
     add_metadata_arg,
@@ -270,6 +271,7 @@ def main(argv=None) -> None:
                            label="activation levels", describe=describe)
         run.finish(result, [ACTIVATION], derive=add_drops,
                    plot=(plot_activation_sparsity, "activation_sparsity.png"), summary=summary)
+        refresh_report(run.output_dir, args.report, run.is_main)
 
 
 if __name__ == "__main__":

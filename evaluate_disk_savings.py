@@ -29,6 +29,7 @@ from dlrm_sparsity.checkpoints import (
 from dlrm_sparsity.demo import ensure_demo
 from dlrm_sparsity.inputs import Inputs
 from dlrm_sparsity.plots import plot_disk_savings
+from dlrm_sparsity.report import refresh_report
 from dlrm_sparsity.runner.atomic import remove_stale_temporaries
 from dlrm_sparsity.runner.cli import add_run_args, make_parser
 from dlrm_sparsity.runner.outputs import METADATA_COLUMNS, METADATA_CSV
@@ -195,7 +196,8 @@ def main(argv=None) -> None:
         determinants = {"model_sha256": sha256_of_file(model_path), **zip_setup,
                         "dump_dir": os.path.relpath(dump_dir, run.output_dir)}
         threads = step_threads(on_workers, workers)
-        fields = {"model_path": os.path.abspath(model_path), **zip_setup, **run.environment(),
+        fields = {"model_path": os.path.abspath(model_path),
+                  "model_sha256": determinants["model_sha256"], **zip_setup, **run.environment(),
                   "num_threads": threads, "workers": workers}
 
         def item(point: GridPoint) -> Item:
@@ -238,6 +240,7 @@ def main(argv=None) -> None:
                              pruned.failed + copied.failed, pruned.resume)
         run.finish(result, [METADATA], plot=(plot_disk_savings, "disk_savings.png"),
                    summary=summary)
+        refresh_report(run.output_dir, args.report, run.is_main)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from dlrm_sparsity.errors import UserInputError
 from dlrm_sparsity.inputs import metadata_item, resolve_inputs
 from dlrm_sparsity.model import DLRMNet
 from dlrm_sparsity.plots import plot_forward_time
+from dlrm_sparsity.report import refresh_report
 from dlrm_sparsity.runner.cli import (
     add_data_args,
     add_metadata_arg,
@@ -158,6 +159,7 @@ def main(argv=None) -> None:
         result.tables[1] = [r for r in result.tables[1] if staged(r)]  # the levels asked for
         run.finish(result, [TIMES, STAGES], plot=(plot_forward_time, "forward_time.png"),
                    summary=summary)
+        refresh_report(run.output_dir, args.report, run.is_main)
         timed = [r for r in result.tables[0] if "time_median_s" in r]
         if run.is_main and timed and not run.ctx.enabled:
             first = next(m for m in metadata if m["path"] == timed[0]["checkpoint"])

@@ -23,6 +23,7 @@ from dlrm_sparsity.evaluation import quality_metrics, score_split
 from dlrm_sparsity.inputs import metadata_item, resolve_inputs
 from dlrm_sparsity.model import DLRMNet
 from dlrm_sparsity.plots import plot_quality
+from dlrm_sparsity.report import refresh_report
 from dlrm_sparsity.runner.cli import (
     add_data_args,
     add_metadata_arg,
@@ -107,7 +108,8 @@ def main(argv=None) -> None:
         test = test.to(run.device)
         labels = test.labels.cpu().numpy()
         items = [metadata_item(m, data, n_samples=len(test), batch_size=args.batch_size,
-                               limit=args.limit, **run.environment()) for m in metadata]
+                               limit=args.limit, processed_data_file=inputs.processed,
+                               **run.environment()) for m in metadata]
 
         def compute(item):
             return score(item.payload["checkpoint"], test, labels, args.batch_size, run.device)
@@ -117,6 +119,7 @@ def main(argv=None) -> None:
                                                        f"AUC {rows[0]['roc_auc']:.4f}")
         run.finish(result, [METRICS], derive=add_drops, plot=(plot_quality, "accuracy.png"),
                    summary=summary)
+        refresh_report(run.output_dir, args.report, run.is_main)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The seed's real size: a random DLRM with Kaggle's table sizes, through all three experiments.
+"""The seed's real size: a random DLRM with Kaggle's table sizes, through the experiments.
 
 Builds a DLRM with dlrm's Kaggle configuration (26 tables, 33.8 M rows of width 16, 2.16 GB of
 float32; bottom 13-512-256-64-16, top 367-512-256-1), saves it in dlrm's checkpoint layout,
@@ -61,7 +61,8 @@ sparsifier.squash_mask()
 
 # what --experiments names, and how the report labels it
 LABELS = {"disk": "disk savings", "floor": "stock, 1 table", "metrics": "model metrics",
-          "forward": "forward time"}
+          "forward": "forward time", "memory": "memory savings",
+          "activation": "activation sparsity"}
 
 
 def run_child(args: list[str]) -> tuple[float, int]:
@@ -106,6 +107,9 @@ def main() -> None:
             "floor": ["-c", STOCK_ON_ONE_TABLE, str(max(KAGGLE.table_sizes))],
             "metrics": ["evaluate_model_metrics.py", *data],
             "forward": ["evaluate_forward_time.py", *data, "--stage-levels", "0.0", "1.0"],
+            "memory": ["evaluate_memory_savings.py", *data, "--forward-levels", "1.0"],
+            "activation": ["evaluate_activation_sparsity.py", *data, "--embedding-levels",
+                           "--levels", "0.0", "0.5", "0.9", "0.99"],
         }
         results = {LABELS[e]: run_child(steps[e]) for e in args.experiments}
     print(f"\nKaggle-sized DLRM: {sum(KAGGLE.table_sizes):,} rows, embeddings "

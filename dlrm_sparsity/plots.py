@@ -20,6 +20,16 @@ def _config_lines(ax, df: pd.DataFrame, y: str, label_suffix: str = "", **style)
                 label=f"{norm} {block}{label_suffix}", **style)
 
 
+def pareto_front(df: pd.DataFrame, cost: str, gain: str = "roc_auc") -> pd.DataFrame:
+    """The points no other point beats on both: lower cost and higher gain."""
+    best, keep = -float("inf"), []
+    for index, row in df.sort_values([cost, gain], ascending=[True, False]).iterrows():
+        if row[gain] > best:
+            keep.append(index)
+            best = row[gain]
+    return df.loc[keep]
+
+
 def _save(fig, path: str | os.PathLike) -> None:
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -113,6 +123,72 @@ def plot_activation_sparsity(df: pd.DataFrame, path: str | os.PathLike) -> None:
                          textcoords="offset points", fontsize=7)
     axes[1].set(xlabel="activation sparsity level", ylabel="forward time, median (ms)",
                 title="Forward time of the masked model (least pruned)", yscale="log")
+    axes[1].legend(fontsize=7)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def plot_tradeoffs(scored: pd.DataFrame, front: pd.DataFrame, activation: pd.DataFrame | None,
+                   path: str | os.PathLike) -> None:
+    """ROC AUC against the zipped size per config, the Pareto front marked; and, when the
+    activation experiment ran, against the compact forward's time."""
+    panels = 2 if activation is not None else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5.6 * panels, 4.4), squeeze=False)
+    ax = axes[0][0]
+    for (norm, block), part in scored.groupby(["norm", "sparse_block_shape"], sort=True):
+        ax.scatter(part["zip_file_size"], part["roc_auc"], s=14, label=f"{norm} {block}")
+    front = front.sort_values("zip_file_size")
+    ax.plot(front["zip_file_size"], front["roc_auc"], color="black", linewidth=0.8,
+            label="Pareto front")
+    ax.set(xlabel="zipped checkpoint (MB)", ylabel="ROC AUC", title="Quality against disk")
+    ax.legend(fontsize=7)
+    if activation is not None:
+        ax = axes[0][1]
+        compact = activation[activation["variant"] == "compact"]
+        for (norm, block, emb), part in compact.groupby(["norm", "sparse_block_shape",
+                                                         "sparsity_level"], sort=True):
+            label = "dense model" if emb == 0.0 else f"{norm} {block}, embeddings {emb:g}"
+            ax.scatter(part["time_median_s"] * 1e3, part["roc_auc"], s=14, label=label)
+        ax.set(xlabel="compact forward, median (ms)", ylabel="ROC AUC",
+               title="Quality against forward time (activation sparsity)")
+        ax.legend(fontsize=7)
+    for row in axes:
+        for a in row:
+            a.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def plot_memory_savings(df: pd.DataFrame, path: str | os.PathLike) -> None:
+    """Bytes held against the sparsity level, one line per format and config; and ROC AUC
+    against bytes held for every (model, format), the Pareto front drawn."""
+    fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.6))
+    styles = ["-", "--", ":", "-."]
+    colours = {f: f"C{i}" for i, f in enumerate(dict.fromkeys(df["format"]))}
+    configs = list(df.groupby(["norm", "sparse_block_shape"], sort=True).groups)
+    for (fmt, norm, block), part in df.groupby(["format", "norm", "sparse_block_shape"],
+                                               sort=False):
+        part = part.sort_values("sparsity_level")
+        style = styles[configs.index((norm, block)) % len(styles)]
+        axes[0].plot(part["sparsity_level"], part["bytes_ratio"], style, color=colours[fmt],
+                     marker="o", markersize=2,
+                     label=fmt if (norm, block) == configs[0] else None)
+    axes[0].axhline(1.0, color="grey", linewidth=0.8)
+    axes[0].set(xlabel="sparsity level", ylabel="bytes held / dense float32 tables",
+                title="Memory of the embedding tables per format\n(line style: "
+                      + ", ".join(f"{styles[i % 4]} {n} {b}" for i, (n, b) in
+                                  enumerate(configs)) + ")", yscale="log")
+    axes[0].legend(fontsize=7, ncol=2)
+    scored = df.dropna(subset=["roc_auc"])
+    for fmt, part in scored.groupby("format", sort=False):
+        axes[1].scatter(part["bytes"] / 2**20, part["roc_auc"], s=10, color=colours[fmt],
+                        label=fmt)
+    if not scored.empty:
+        front = pareto_front(scored, "bytes")
+        axes[1].plot(front["bytes"] / 2**20, front["roc_auc"], color="black", linewidth=0.8,
+                     label="Pareto front")
+    axes[1].set(xlabel="embedding tables held (MiB)", ylabel="ROC AUC", xscale="log",
+                title="Quality against memory, every (model, format)")
     axes[1].legend(fontsize=7)
     for ax in axes:
         ax.grid(alpha=0.3)

@@ -55,6 +55,8 @@ def add_run_args(p: argparse.ArgumentParser, output_help: str) -> None:
                         "torchrun each rank uses cuda:LOCAL_RANK)")
     p.add_argument("--overwrite", action="store_true",
                    help="redo every row instead of resuming from an earlier run's outputs")
+    p.add_argument("--no-report", dest="report", action="store_false",
+                   help="do not refresh OUTPUT_DIR/report.md at the end (make_report.py)")
 
 
 def add_metadata_arg(p: argparse.ArgumentParser) -> None:

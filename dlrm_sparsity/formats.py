@@ -1,0 +1,215 @@
+"""Embedding tables in memory, in every format that can hold a pruned table.
+
+Each format is a small class built from one float32 table (rows, dim). `lookup(indices,
+offsets)` returns the (bags, dim) sums that nn.EmbeddingBag(mode="sum") gives for the same
+dlrm-style indices and offsets (empty bags included), and `nbytes` counts every tensor the
+format keeps: values, indices, offsets, remap tables, scales and biases.
+
+The quantized formats use FBGEMM's inference kernels (IntNBitTableBatchedEmbeddingBagsCodegen,
+what torchrec serves tables with): row-wise INT8 or INT4 with a half-precision scale and bias
+per row, and for pruned rows an index remap (a pruned id maps to -1, which adds nothing).
+FBGEMM is optional (package fbgemm-gpu-cpu on a CPU, fbgemm-gpu on CUDA); without it those
+formats are unavailable and the experiment says so.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import warnings
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+
+def _bag_of_each_id(offsets: torch.Tensor, n_ids: int) -> torch.Tensor:
+    """For every id, the bag it belongs to (offsets are each bag's first id)."""
+    ends = torch.cat([offsets[1:], offsets.new_tensor([n_ids])])
+    return torch.repeat_interleave(torch.arange(len(offsets), device=offsets.device),
+                                   ends - offsets)
+
+
+def _ends(offsets: torch.Tensor, n_ids: int) -> torch.Tensor:
+    """dlrm's offsets (one per bag) with the end appended, as CSR rows and FBGEMM take them."""
+    return torch.cat([offsets, offsets.new_tensor([n_ids])])
+
+
+class Dense:
+    """The float32 table as the other experiments hold it: the baseline."""
+
+    name: ClassVar[str] = "dense"
+    lossy: ClassVar[bool] = False
+
+    def __init__(self, table: torch.Tensor):
+        self.table = table
+        self.nbytes = table.nbytes
+
+    def lookup(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return F.embedding_bag(indices, self.table, offsets, mode="sum")
+
+
+def _quiet_sparse(fn, *args):
+    """torch.sparse layouts warn that they are beta at every use; that is known here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Ss]parse.*beta", category=UserWarning)
+        return fn(*args)
+
+
+class Coo:
+    """torch.sparse COO (its indices can only be int64): rows gathered with index_select,
+    then summed per bag."""
+
+    name: ClassVar[str] = "coo"
+    lossy: ClassVar[bool] = False
+
+    def __init__(self, table: torch.Tensor):
+        self.coo = _quiet_sparse(lambda t: t.to_sparse_coo().coalesce(), table)
+        self.nbytes = self.coo.indices().nbytes + self.coo.values().nbytes
+
+    def lookup(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        rows = _quiet_sparse(lambda: self.coo.index_select(0, indices).to_dense())
+        out = rows.new_zeros(len(offsets), rows.shape[1])
+        return out.index_add_(0, _bag_of_each_id(offsets, len(indices)), rows)
+
+
+def _csr_as(csr: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """A CSR tensor of torch's own making, its indices cast to dtype. Its invariants hold by
+    construction, so torch is told not to check them (it warns when left to decide)."""
+    return torch.sparse_csr_tensor(csr.crow_indices().to(dtype), csr.col_indices().to(dtype),
+                                   csr.values(), shape, check_invariants=False)
+
+
+class Csr:
+    """torch.sparse CSR with int32 indices: a one-hot CSR of the bags (bags x rows, duplicates
+    summed) times the table with torch.sparse.mm (CSR has no index_select)."""
+
+    name: ClassVar[str] = "csr"
+    lossy: ClassVar[bool] = False
+    index_dtype: ClassVar[torch.dtype] = torch.int32
+
+    def __init__(self, table: torch.Tensor):
+        csr = _quiet_sparse(lambda t: t.to_sparse_csr(), table)
+        self.csr = _csr_as(csr, tuple(table.shape), self.index_dtype)
+        self.nbytes = sum(t.nbytes for t in (self.csr.crow_indices(), self.csr.col_indices(),
+                                             self.csr.values()))
+
+    def lookup(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        bags, rows = len(offsets), self.csr.shape[0]
+        pairs = torch.stack([_bag_of_each_id(offsets, len(indices)), indices])
+        ones = torch.ones(len(indices), dtype=self.csr.dtype, device=indices.device)
+
+        def run():
+            # the ids were checked to fit the table before any lookup (check_ids_fit)
+            one_hot = torch.sparse_coo_tensor(pairs, ones, (bags, rows),
+                                              check_invariants=False).coalesce()
+            one_hot = _csr_as(one_hot.to_sparse_csr(), (bags, rows), self.index_dtype)
+            return torch.sparse.mm(one_hot, self.csr).to_dense()
+        return _quiet_sparse(run)
+
+
+class Csr64(Csr):
+    """CSR with torch's default int64 indices: twice the index bytes of int32."""
+
+    name, index_dtype = "csr_int64", torch.int64
+
+
+def kept_rows(table: torch.Tensor) -> torch.Tensor:
+    """Rows with any non-zero value (-0.0 counts as zero)."""
+    return (table != 0).any(dim=1).nonzero().view(-1)
+
+
+class RowPruned:
+    """All-zero rows removed; an int32 remap sends each id to its compact row, and every
+    pruned id to one zero row at the end; then a dense lookup on the compact table."""
+
+    name: ClassVar[str] = "row_pruned"
+    lossy: ClassVar[bool] = False
+
+    def __init__(self, table: torch.Tensor):
+        kept = kept_rows(table)
+        self.compact = torch.cat([table[kept], table.new_zeros(1, table.shape[1])])
+        self.remap = torch.full((table.shape[0],), len(kept), dtype=torch.int32,
+                                device=table.device)
+        self.remap[kept] = torch.arange(len(kept), dtype=torch.int32, device=table.device)
+        self.nbytes = self.compact.nbytes + self.remap.nbytes
+
+    def lookup(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return F.embedding_bag(self.remap[indices], self.compact, offsets.int(), mode="sum")
+
+
+def fbgemm_available(device: torch.device | None = None) -> bool:
+    """FBGEMM is installed, in a build with kernels for the device (CUDA needs fbgemm-gpu,
+    not fbgemm-gpu-cpu)."""
+    if importlib.util.find_spec("fbgemm_gpu") is None:
+        return False
+    if device is None or device.type != "cuda":
+        return True
+    try:
+        importlib.metadata.distribution("fbgemm-gpu")
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+class Quantized:
+    """Row-wise INT8 or INT4 in FBGEMM's inference table (scale and bias in half precision
+    per row); with prune_rows, only the non-zero rows, behind FBGEMM's index remap."""
+
+    name: ClassVar[str] = "int8"
+    lossy: ClassVar[bool] = True
+    bits: ClassVar[int] = 8
+    prune_rows: ClassVar[bool] = False
+
+    def __init__(self, table: torch.Tensor):
+        from fbgemm_gpu.split_embedding_configs import SparseType
+        from fbgemm_gpu.split_table_batched_embeddings_ops_common import (
+            EmbeddingLocation,
+            PoolingMode,
+        )
+        from fbgemm_gpu.split_table_batched_embeddings_ops_inference import (
+            IntNBitTableBatchedEmbeddingBagsCodegen,
+        )
+
+        rows = kept_rows(table) if self.prune_rows else None
+        stored = table[rows] if self.prune_rows else table
+        cuda = table.device.type == "cuda"
+        self.op = IntNBitTableBatchedEmbeddingBagsCodegen(
+            [("table", stored.shape[0], stored.shape[1],
+              SparseType.INT8 if self.bits == 8 else SparseType.INT4,
+              EmbeddingLocation.DEVICE if cuda else EmbeddingLocation.HOST)],
+            device=table.device, pooling_mode=PoolingMode.SUM, output_dtype=SparseType.FP32)
+        self.op.initialize_weights()
+        fused = torch.ops.fbgemm.FloatToFusedNBitRowwiseQuantizedSBHalf(stored.float(),
+                                                                        self.bits)
+        data, scale_bias = self.op.split_embedding_weights()[0]
+        data.copy_(fused[:, :-4])  # the fused rows end with the half scale and bias
+        scale_bias.copy_(fused[:, -4:])
+        kept_bytes = (self.op.weights_dev if cuda else self.op.weights_host).nbytes
+        if self.prune_rows:
+            remap = torch.full((table.shape[0],), -1, dtype=torch.int32, device=table.device)
+            remap[rows] = torch.arange(len(rows), dtype=torch.int32, device=table.device)
+            self.op.set_index_remappings_array([remap])
+            kept_bytes += (self.op.index_remappings_array.nbytes
+                           + self.op.index_remappings_array_offsets.nbytes)
+        self.nbytes = kept_bytes
+
+    def lookup(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return self.op(indices.int(), _ends(offsets, len(indices)).int())
+
+
+class Int8(Quantized):
+    name = "int8"
+
+
+class Int4(Quantized):
+    name, bits = "int4", 4
+
+
+class RowPrunedInt8(Quantized):
+    name, prune_rows = "row_pruned_int8", True
+
+
+FORMATS = {cls.name: cls for cls in (Dense, Coo, Csr, Csr64, RowPruned, Int8, Int4,
+                                     RowPrunedInt8)}
+NEEDS_FBGEMM = {name for name, cls in FORMATS.items() if issubclass(cls, Quantized)}

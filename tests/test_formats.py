@@ -1,0 +1,93 @@
+"""Every storage format's lookup against nn.EmbeddingBag(mode="sum"), and its byte count."""
+
+import pytest
+import torch
+
+from dlrm_sparsity.formats import (
+    FORMATS,
+    NEEDS_FBGEMM,
+    Coo,
+    Csr,
+    Csr64,
+    Dense,
+    RowPruned,
+    fbgemm_available,
+    kept_rows,
+)
+
+ROWS, DIM = 50, 8
+needs_fbgemm = pytest.mark.skipif(not fbgemm_available(), reason="needs fbgemm-gpu(-cpu)")
+
+
+def pruned_table(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    table = torch.randn(ROWS, DIM, generator=g)
+    table[torch.rand(ROWS, DIM, generator=g) < 0.6] = 0.0  # scattered zeros
+    table[::3] = 0.0  # whole rows pruned
+    table[7] = -0.0 * table[7].abs()  # a row of -0.0 (what the stock sparsifier leaves)
+    table[ROWS - 1] = torch.randn(DIM, generator=g)  # the last row is kept
+    return table
+
+
+def bags():
+    """Bags with repeated ids, empty bags, and the last row."""
+    indices = torch.tensor([0, 5, 5, ROWS - 1, 3, 7, 2, 2, 2, ROWS - 1, 10])
+    offsets = torch.tensor([0, 3, 3, 5, 5, 9, 11])  # bags 1, 3 and 6 are empty
+    return indices, offsets
+
+
+def reference(table):
+    indices, offsets = bags()
+    bag = torch.nn.EmbeddingBag(ROWS, DIM, mode="sum", _weight=table)
+    return bag(indices, offsets).detach()
+
+
+@pytest.mark.parametrize("cls", [Dense, Coo, Csr, Csr64, RowPruned], ids=lambda c: c.name)
+def test_lossless_lookups_equal_the_embedding_bag(cls):
+    table = pruned_table()
+    fmt = cls(table)
+    torch.testing.assert_close(fmt.lookup(*bags()), reference(table), rtol=0, atol=1e-6)
+
+
+def test_byte_counts_are_the_kept_tensors_sizes():
+    table = pruned_table()
+    nnz = int((table != 0).sum())
+    kept = len(kept_rows(table))
+    assert Dense(table).nbytes == ROWS * DIM * 4
+    assert Coo(table).nbytes == nnz * (2 * 8 + 4)  # int64 (row, col) and a float32 value
+    assert Csr(table).nbytes == (ROWS + 1) * 4 + nnz * (4 + 4)  # int32 crow, col; values
+    assert Csr64(table).nbytes == (ROWS + 1) * 8 + nnz * (8 + 4)
+    assert RowPruned(table).nbytes == (kept + 1) * DIM * 4 + ROWS * 4  # + zero row, remap
+
+
+def test_row_pruning_maps_every_pruned_row_to_zero_and_keeps_the_others():
+    table = pruned_table()
+    fmt = RowPruned(table)
+    zero_rows = [r for r in range(ROWS) if not (table[r] != 0).any()]
+    assert 7 in zero_rows and 0 in zero_rows and ROWS - 1 not in zero_rows
+    for r in range(ROWS):
+        row = fmt.compact[fmt.remap[r]]
+        assert torch.equal(row, torch.zeros(DIM)) if r in zero_rows else torch.equal(row, table[r])
+    assert len(fmt.compact) == ROWS - len(zero_rows) + 1
+
+
+@needs_fbgemm
+@pytest.mark.parametrize("name, bits", [("int8", 8), ("int4", 4), ("row_pruned_int8", 8)])
+def test_quantized_lookups_are_within_their_quantization_error(name, bits):
+    table = pruned_table()
+    fmt = FORMATS[name](table)
+    got, want = fmt.lookup(*bags()), reference(table)
+    indices, offsets = bags()
+    # row-wise: at most half a step (range / (2^bits - 1)) per value, per id in the bag
+    step = (table.max(1).values - table.min(1).values) / (2**bits - 1)
+    bound = torch.zeros(len(offsets))
+    bound.index_add_(0, torch.repeat_interleave(torch.arange(len(offsets)),
+                     torch.diff(torch.cat([offsets, torch.tensor([len(indices)])]))),
+                     step[indices] / 2 + 1e-3)  # + half precision of scale and bias
+    assert ((got - want).abs() <= bound[:, None]).all()
+    if name == "row_pruned_int8":
+        assert fmt.nbytes < FORMATS["int8"](table).nbytes
+
+
+def test_formats_needing_fbgemm_are_named():
+    assert NEEDS_FBGEMM == {"int8", "int4", "row_pruned_int8"}

@@ -1,0 +1,138 @@
+"""The report, built from small hand-made CSVs: the chosen points, the sentences, the links."""
+
+import re
+from pathlib import Path
+
+import markdown
+import pandas as pd
+import pytest
+
+import make_report
+from conftest import run_script
+from dlrm_sparsity.report import pareto_front, write_report
+
+LEVELS = [0.0, 0.5, 0.9, 1.0]
+CONFIGS = [("L1", "(1, 1)"), ("L1", "(1, 4)")]
+AUC = {("L1", "(1, 1)"): [0.80, 0.799, 0.793, 0.70], ("L1", "(1, 4)"): [0.80, 0.796, 0.78, 0.70]}
+ZIP_MB = {("L1", "(1, 1)"): [10.0, 6.0, 2.2, 0.8], ("L1", "(1, 4)"): [10.0, 5.8, 2.0, 0.8]}
+
+
+def keys():
+    return [{"norm": n, "sparse_block_shape": b, "sparsity_level": lv}
+            for n, b in CONFIGS for lv in LEVELS]
+
+
+def write_disk(folder: Path, error_at=None):
+    rows = []
+    for k in keys():
+        i = LEVELS.index(k["sparsity_level"])
+        mb = ZIP_MB[(k["norm"], k["sparse_block_shape"])][i]
+        row = {**k, "step_time_sec": 0.1, "zip_file_size": mb, "path": "x.zip",
+               "zip_file_size_bytes": int(mb * 2**20), "dense_size_bytes": 11 * 2**20,
+               "model_path": str(folder / "model.ckpt"), "model_sha256": "ab12",
+               "device": "cpu:x86_64", "torch_version": "2.13.0", "command": "disk"}
+        if error_at == k["sparsity_level"]:
+            row = {**k, "error": "OSError: disk full", "command": "disk"}
+        rows.append(row)
+    pd.DataFrame(rows).to_csv(folder / "sparse_model_metadata.csv", index=False)
+    (folder / "disk_savings.png").write_bytes(b"\x89PNG")
+
+
+def write_quality(folder: Path, all_failed=False):
+    rows = []
+    for k in keys():
+        auc = AUC[(k["norm"], k["sparse_block_shape"])][LEVELS.index(k["sparsity_level"])]
+        rows.append({**k, "roc_auc": auc, "accuracy": auc, "auc_drop": 0.80 - auc,
+                     "n_samples": 1000, "processed_data_file": str(folder / "p.npz"),
+                     "command": "metrics"} if not all_failed
+                    else {**k, "error": "gone.zip: checkpoint file not found"})
+    pd.DataFrame(rows).to_csv(folder / "sparse_model_metrics.csv", index=False)
+    (folder / "accuracy.png").write_bytes(b"\x89PNG")
+
+
+def write_forward(folder: Path):
+    rows = []
+    for k in keys():
+        lv = k["sparsity_level"]
+        for kind, ms in (("without_torch_sparse", 20.0 - lv), ("with_torch_sparse",
+                                                               220.0 - 190 * lv)):
+            rows.append({**k, "dlrm_type": kind, "time_median_s": ms / 1e3, "batch_size": 16384})
+    pd.DataFrame(rows).to_csv(folder / "dlrm_forward_time_info.csv", index=False)
+
+
+def images_of(report: Path) -> list[str]:
+    html = markdown.markdown(report.read_text())
+    return re.findall(r'<img alt="[^"]*" src="([^"]+)"', html)
+
+
+def test_full_report_chooses_the_points_and_says_it_in_sentences(tmp_path):
+    write_disk(tmp_path)
+    write_quality(tmp_path)
+    write_forward(tmp_path)
+    report = write_report(tmp_path)
+    text = report.read_text()
+    # within 0.005: level 0.9 of L1 (1, 1) drops 0.007, so 0.5 is the highest
+    assert "- L1 (1, 1): up to level 0.5 (AUC 0.7990, zip 6.00 MB)" in text
+    assert "- L1 (1, 4): up to level 0.5 (AUC 0.7960, zip 5.80 MB)" in text
+    assert "- smallest zip: L1 (1, 4) at level 0.5, 5.80 MB, AUC 0.7960" in text
+    # within 0.01: L1 (1, 1) reaches 0.9; the smallest zip is then L1 (1, 1) at 0.9
+    assert "- L1 (1, 1): up to level 0.9 (AUC 0.7930, zip 2.20 MB)" in text
+    assert "- smallest zip: L1 (1, 1) at level 0.9, 2.20 MB, AUC 0.7930" in text
+    assert "- fastest forward: L1 (1, 1) at level 0.9, 19.10 ms" in text
+    assert ("L1 (1, 1): the torch.sparse variant is slower than dense at every level, from "
+            "11.0x the time at level 0 to 1.6x at level 1.")  # 220 / 20 ms; 30 / 19 ms in text
+    assert "L1 (1, 4) at level 0.9 zips to 2.00 MB, 5.5x less than the 11.00 MB" in text
+    assert "- **Model**: `model.ckpt` (sha256 ab12)" in text  # relative: no machine path
+    assert "experiment 4 (memory savings) has not run" in text
+    assert "- activation: no rows in `activation_sparsity.csv`" in text
+    linked = images_of(report)
+    assert {"report_tradeoffs.png", "disk_savings.png", "accuracy.png"} <= set(linked)
+    assert all((tmp_path / src).is_file() for src in linked)
+
+
+def test_a_report_elsewhere_copies_its_images_and_links_them_relatively(tmp_path):
+    write_disk(tmp_path)
+    write_quality(tmp_path)
+    report = write_report(tmp_path, report_dir=tmp_path / "docs" / "report")
+    assert all((report.parent / src).is_file() for src in images_of(report))
+    assert "`../../model.ckpt`" in report.read_text()
+
+
+def test_only_the_disk_experiment_still_renders_and_names_what_is_missing(tmp_path):
+    write_disk(tmp_path)
+    text = write_report(tmp_path).read_text()
+    assert "The quality experiment has not run" in text
+    assert "## Disk savings" in text and "## Trade-offs" not in text
+    for name in ("quality", "forward", "memory", "activation"):
+        assert f"- {name}: no rows in" in text
+    markdown.markdown(text)
+
+
+def test_error_rows_in_every_experiment_are_listed(tmp_path):
+    write_disk(tmp_path, error_at=0.5)
+    write_quality(tmp_path, all_failed=True)
+    text = write_report(tmp_path).read_text()
+    assert "## Rows that failed" in text
+    assert "(norm L1, sparse_block_shape (1, 1), sparsity_level 0.5): OSError: disk full" in text
+    assert text.count("gone.zip: checkpoint file not found") == 8
+    assert "- quality: no rows in `sparse_model_metrics.csv`" in text
+
+
+def test_pareto_front_keeps_the_points_nothing_beats():
+    df = pd.DataFrame({"zip_file_size": [1, 2, 3, 4, 2.5], "roc_auc": [0.7, 0.75, 0.74, 0.8,
+                                                                       0.76]})
+    assert pareto_front(df, "zip_file_size").index.tolist() == [0, 1, 4, 3]
+
+
+def test_script_without_csvs_is_one_line_and_exit_2(tmp_path, capsys):
+    assert run_script(make_report, ["--output-dir", tmp_path]) == 2
+    assert "no experiment CSVs found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("budgets", [["0.005"], ["0.001", "0.02"]])
+def test_script_writes_one_answer_per_budget(tmp_path, budgets):
+    write_disk(tmp_path)
+    write_quality(tmp_path)
+    assert run_script(make_report, ["--output-dir", tmp_path, "--auc-budgets", *budgets]) == 0
+    text = (tmp_path / "report.md").read_text()
+    assert text.count("**AUC drop at most") == len(budgets)
