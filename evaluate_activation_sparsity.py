@@ -40,7 +40,7 @@ from dlrm_forward_time import (
 from dlrm_sparsity.checkpoints import load_dlrm_state_dict
 from dlrm_sparsity.criteo.data import Batch, CriteoSplit, load_split, tensors_fingerprint
 from dlrm_sparsity.errors import UserInputError
-from dlrm_sparsity.evaluation import quality_metrics, score_split
+from dlrm_sparsity.evaluation import AUC_DROP_BUDGETS, quality_metrics, score_split
 from dlrm_sparsity.inputs import metadata_item, resolve_inputs
 from dlrm_sparsity.model import DLRMNet
 from dlrm_sparsity.plots import plot_activation_sparsity
@@ -49,6 +49,7 @@ from dlrm_sparsity.runner.cli import (
     add_data_args,
     add_metadata_arg,
     add_run_args,
+    add_timing_args,
     make_parser,
     positive_int,
 )
@@ -61,7 +62,6 @@ KEYS = KEY_COLUMNS + ["activation_level"]
 ACTIVATION = Table("activation_sparsity.csv", KEYS + [
     "variant", "roc_auc", "accuracy", "log_loss", "auc_drop", "time_median_s", "time_iqr_s",
     "speedup_vs_dense", "z_density", "kept_columns"])
-AUC_DROP_BUDGETS = (0.005, 0.01)
 
 
 def parse_args(argv=None):
@@ -78,13 +78,8 @@ def parse_args(argv=None):
                    help="training batches the sparsifier aggregates |z| over")
     p.add_argument("--calibration-batch-size", type=positive_int, default=2048,
                    help="samples per calibration batch")
-    p.add_argument("--batch-size", type=positive_int, default=16384,
-                   help="the timed batch (the first test batch) and the scoring batch")
-    p.add_argument("--threads", type=positive_int, default=torch.get_num_threads(),
-                   help="CPU threads for torch (default: torch's)")
-    p.add_argument("--min-run-time", type=float, default=0.1,
-                   help="seconds of timed runs per measurement, after a warm-up; half of "
-                        "experiment 3's default, so that 80 models x levels fit in minutes")
+    add_timing_args(p, min_run_time=0.1, why="; half of experiment 3's default, so that the "
+                    "80 (model, level) items fit in minutes")
     return p.parse_args(argv)
 
 

@@ -39,8 +39,8 @@ from dlrm_sparsity.runner.cli import (
     add_data_args,
     add_metadata_arg,
     add_run_args,
+    add_timing_args,
     make_parser,
-    positive_int,
 )
 from dlrm_sparsity.runner.outputs import KEY_COLUMNS, read_metadata
 from dlrm_sparsity.runner.session import Session
@@ -59,12 +59,7 @@ def parse_args(argv=None):
     add_data_args(p)
     add_metadata_arg(p)
     add_run_args(p, "folder for the two CSVs and forward_time.png")
-    p.add_argument("--batch-size", type=positive_int, default=16384,
-                   help="samples in the timed batch (the first test batch, as the seed)")
-    p.add_argument("--threads", type=positive_int, default=torch.get_num_threads(),
-                   help="CPU threads for torch, recorded in the CSV (default: torch's)")
-    p.add_argument("--min-run-time", type=float, default=0.2,
-                   help="seconds of timed runs per measurement, after a warm-up")
+    add_timing_args(p, min_run_time=0.2)
     p.add_argument("--no-steady-malloc", dest="steady_malloc", action="store_false",
                    help="keep glibc's dynamic mmap threshold, which makes CPU timings of "
                         "large batches jump between two modes (see dlrm_forward_time.py)")

@@ -24,7 +24,7 @@ from dlrm_forward_time import AGREEMENT_TOLERANCE, measure, steady_cpu_allocator
 from dlrm_sparsity.checkpoints import load_dlrm_state_dict
 from dlrm_sparsity.criteo.data import Batch, CriteoSplit, load_split, tensors_fingerprint
 from dlrm_sparsity.errors import UserInputError
-from dlrm_sparsity.evaluation import quality_metrics, score_split
+from dlrm_sparsity.evaluation import AUC_DROP_BUDGETS, quality_metrics, score_split
 from dlrm_sparsity.formats import FORMATS, NEEDS_FBGEMM, fbgemm_available
 from dlrm_sparsity.inputs import metadata_item, resolve_inputs
 from dlrm_sparsity.model import DLRMNet
@@ -34,8 +34,8 @@ from dlrm_sparsity.runner.cli import (
     add_data_args,
     add_metadata_arg,
     add_run_args,
+    add_timing_args,
     make_parser,
-    positive_int,
 )
 from dlrm_sparsity.runner.outputs import KEY_COLUMNS, read_metadata
 from dlrm_sparsity.runner.session import Session
@@ -45,7 +45,6 @@ MEMORY = Table("sparse_model_memory.csv", KEY_COLUMNS + [
     "format", "bytes", "bytes_ratio", "lookup_median_s", "lookup_iqr_s", "forward_median_s",
     "forward_iqr_s", "max_abs_diff", "roc_auc", "quality_source", "auc_drop_vs_dense",
     "auc_drop_vs_level0"])
-AUC_DROP_BUDGETS = (0.005, 0.01)
 
 
 def parse_args(argv=None):
@@ -56,14 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--formats", nargs="+", default=list(FORMATS), metavar="FORMAT",
                    help=f"storage formats, of {', '.join(FORMATS)} (default: all; those "
                         "needing FBGEMM are skipped with a notice when it is not installed)")
-    p.add_argument("--batch-size", type=positive_int, default=16384,
-                   help="the timed batch (the first test batch) and the scoring batch")
-    p.add_argument("--threads", type=positive_int, default=torch.get_num_threads(),
-                   help="CPU threads for torch (default: torch's)")
-    p.add_argument("--min-run-time", type=float, default=0.02,
-                   help="seconds of timed runs per measurement, after a warm-up; a tenth of "
-                        "experiment 3's (still at least 3 runs each), so that 60 models x 8 "
-                        "formats fit in minutes")
+    add_timing_args(p, min_run_time=0.02, why="; a tenth of experiment 3's (still at least 3 "
+                    "runs each), so that 60 models x 8 formats fit in minutes")
     p.add_argument("--forward-levels", nargs="+", default=["0.0", "0.5", "0.9", "1.0"],
                    metavar="LEVEL", help="levels whose whole forward is timed in every format "
                    "('all' for every row)")

@@ -19,7 +19,7 @@ import torch
 import evaluate_disk_savings
 from dlrm_sparsity.checkpoints import load_dlrm_state_dict
 from dlrm_sparsity.criteo.data import CriteoSplit, load_split
-from dlrm_sparsity.evaluation import quality_metrics, score_split
+from dlrm_sparsity.evaluation import AUC_DROP_BUDGETS, quality_metrics, score_split
 from dlrm_sparsity.inputs import metadata_item, resolve_inputs
 from dlrm_sparsity.model import DLRMNet
 from dlrm_sparsity.plots import plot_quality
@@ -38,7 +38,6 @@ from dlrm_sparsity.runner.sweep import Table
 METRICS = Table("sparse_model_metrics.csv", KEY_COLUMNS + [
     "precision", "recall", "f1", "roc_auc", "accuracy", "log_loss",  # the seed's
     "average_precision", "n_samples", "accuracy_drop", "auc_drop"])
-AUC_DROP_BUDGETS = (0.005, 0.01)
 
 
 def parse_args(argv=None):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 
+from dlrm_sparsity.evaluation import AUC_DROP_BUDGETS
 from dlrm_sparsity.report import write_report
 from dlrm_sparsity.runner.cli import make_parser
 
@@ -19,7 +20,7 @@ def parse_args(argv=None):
     p.add_argument("--output-dir", default=".", help="folder holding the experiments' CSVs")
     p.add_argument("--report-dir", default=None,
                    help="where report.md and its images go (default: OUTPUT_DIR)")
-    p.add_argument("--auc-budgets", nargs="+", type=float, default=[0.005, 0.01],
+    p.add_argument("--auc-budgets", nargs="+", type=float, default=list(AUC_DROP_BUDGETS),
                    metavar="DROP", help="AUC drops the answer is given for")
     return p.parse_args(argv)
 

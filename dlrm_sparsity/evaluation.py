@@ -10,6 +10,7 @@ from dlrm_sparsity.criteo.data import CriteoSplit
 from dlrm_sparsity.model import DLRMNet
 
 THRESHOLD = 0.5  # the seed's: a sample is predicted a click when p > 0.5
+AUC_DROP_BUDGETS = (0.005, 0.01)  # the drops every summary and the report answer for
 
 
 @torch.inference_mode()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from dlrm_sparsity.evaluation import AUC_DROP_BUDGETS
 from dlrm_sparsity.plots import pareto_front, plot_tradeoffs
 from dlrm_sparsity.runner.atomic import atomic_path
 from dlrm_sparsity.runner.sweep import ok_rows
@@ -364,7 +365,7 @@ def build(results: Results, budgets: tuple[float, ...], report_dir: Path) -> str
     return "\n".join(parts)
 
 
-def write_report(folder: str | os.PathLike, budgets: tuple[float, ...] = (0.005, 0.01),
+def write_report(folder: str | os.PathLike, budgets: tuple[float, ...] = AUC_DROP_BUDGETS,
                  report_dir: str | os.PathLike | None = None) -> Path | None:
     """report.md (and its figures) for the CSVs in folder; None when there are none."""
     folder = Path(folder)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import torch
+
 from dlrm_sparsity.device import DEVICES
 from dlrm_sparsity.errors import UserInputError
 
@@ -64,6 +66,17 @@ def add_metadata_arg(p: argparse.ArgumentParser) -> None:
                    default=None, help="sparse_model_metadata.csv of evaluate_disk_savings.py "
                    "(default: OUTPUT_DIR/sparse_model_metadata.csv; for the demo it is made "
                    "if missing)")
+
+
+def add_timing_args(p: argparse.ArgumentParser, min_run_time: float, why: str = "") -> None:
+    """The flags of the experiments that time forward passes with experiment 3's harness."""
+    p.add_argument("--batch-size", type=positive_int, default=16384,
+                   help="samples in the timed batch (the first test batch, as the seed), and "
+                        "per scoring pass")
+    p.add_argument("--threads", type=positive_int, default=torch.get_num_threads(),
+                   help="CPU threads for torch, recorded in the CSV (default: torch's)")
+    p.add_argument("--min-run-time", type=float, default=min_run_time,
+                   help="seconds of timed runs per measurement, after a warm-up" + why)
 
 
 def positive_int(text: str) -> int:
