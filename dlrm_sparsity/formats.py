@@ -68,7 +68,10 @@ class Coo:
         self.nbytes = self.coo.indices().nbytes + self.coo.values().nbytes
 
     def lookup(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        rows = _quiet_sparse(lambda: self.coo.index_select(0, indices).to_dense())
+        # Never in inference mode: on tables of about 100,000 rows and more, index_select on a
+        # COO tensor updates a tensor in place that inference mode made (torch 2.13 raises).
+        with torch.inference_mode(False), torch.no_grad():
+            rows = _quiet_sparse(lambda: self.coo.index_select(0, indices).to_dense())
         out = rows.new_zeros(len(offsets), rows.shape[1])
         return out.index_add_(0, _bag_of_each_id(offsets, len(indices)), rows)
 

@@ -91,3 +91,15 @@ def test_quantized_lookups_are_within_their_quantization_error(name, bits):
 
 def test_formats_needing_fbgemm_are_named():
     assert NEEDS_FBGEMM == {"int8", "int4", "row_pruned_int8"}
+
+
+def test_a_large_coo_table_serves_lookups_in_and_out_of_inference_mode():
+    """index_select caches inside a COO tensor of 100,000 rows or so (not 20,000)."""
+    table = torch.randn(100_000, 16, generator=torch.Generator().manual_seed(0))
+    table[torch.rand(100_000, 16, generator=torch.Generator().manual_seed(1)) < 0.9] = 0
+    ids, offsets = torch.randint(0, 100_000, (4096,)), torch.arange(4096)
+    fmt = Coo(table)
+    with torch.inference_mode():
+        inside = fmt.lookup(ids, offsets)
+    torch.testing.assert_close(fmt.lookup(ids, offsets), inside)
+    torch.testing.assert_close(inside, Dense(table).lookup(ids, offsets))
