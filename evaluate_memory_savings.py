@@ -52,9 +52,10 @@ def parse_args(argv=None):
     add_data_args(p)
     add_metadata_arg(p)
     add_run_args(p, "folder for sparse_model_memory.csv and memory_savings.png")
-    p.add_argument("--formats", nargs="+", default=list(FORMATS), metavar="FORMAT",
+    p.add_argument("--formats", nargs="+", default=None, metavar="FORMAT",
                    help=f"storage formats, of {', '.join(FORMATS)} (default: all; those "
-                        "needing FBGEMM are skipped with a notice when it is not installed)")
+                        "needing FBGEMM are then skipped with a notice when it is not "
+                        "installed, while naming one is an error)")
     add_timing_args(p, min_run_time=0.02, why="; a tenth of experiment 3's (still at least 3 "
                     "runs each), so that 60 models x 8 formats fit in minutes")
     p.add_argument("--forward-levels", nargs="+", default=["0.0", "0.5", "0.9", "1.0"],
@@ -63,12 +64,17 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def chosen_formats(names: list[str], device: torch.device) -> list[str]:
+def chosen_formats(asked: list[str] | None, device: torch.device) -> list[str]:
+    names = asked or list(FORMATS)
     unknown = [n for n in names if n not in FORMATS]
     if unknown:
         raise UserInputError(f"--formats: unknown format {unknown[0]!r}; expected some of "
                              f"{', '.join(FORMATS)}")
-    if not fbgemm_available(device) and NEEDS_FBGEMM & set(names):
+    missing = [n for n in names if n in NEEDS_FBGEMM] if not fbgemm_available(device) else []
+    if asked and missing:
+        raise UserInputError(f"--formats {missing[0]}: needs FBGEMM, which is not installed "
+                             f"for {device.type} (fbgemm-gpu-cpu on a CPU, fbgemm-gpu on CUDA)")
+    if missing:
         print(f"note: {', '.join(n for n in names if n in NEEDS_FBGEMM)} skipped: FBGEMM is "
               f"not installed for {device.type} (fbgemm-gpu-cpu on a CPU, fbgemm-gpu, of the "
               "release that matches torch, on CUDA)")

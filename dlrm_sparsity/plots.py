@@ -129,11 +129,11 @@ def plot_activation_sparsity(df: pd.DataFrame, path: str | os.PathLike) -> None:
     _save(fig, path)
 
 
-def plot_tradeoffs(scored: pd.DataFrame, front: pd.DataFrame, activation: pd.DataFrame | None,
-                   path: str | os.PathLike) -> None:
-    """ROC AUC against the zipped size per config, the Pareto front marked; and, when the
-    activation experiment ran, against the compact forward's time."""
-    panels = 2 if activation is not None else 1
+def plot_tradeoffs(scored: pd.DataFrame, front: pd.DataFrame, memory: pd.DataFrame | None,
+                   activation: pd.DataFrame | None, path: str | os.PathLike) -> None:
+    """ROC AUC against the zipped size per config, the Pareto front marked; and, when those
+    experiments ran, against the bytes held in memory and the compact forward's time."""
+    panels = 1 + (memory is not None) + (activation is not None)
     fig, axes = plt.subplots(1, panels, figsize=(5.6 * panels, 4.4), squeeze=False)
     ax = axes[0][0]
     for (norm, block), part in scored.groupby(["norm", "sparse_block_shape"], sort=True):
@@ -143,8 +143,20 @@ def plot_tradeoffs(scored: pd.DataFrame, front: pd.DataFrame, activation: pd.Dat
             label="Pareto front")
     ax.set(xlabel="zipped checkpoint (MB)", ylabel="ROC AUC", title="Quality against disk")
     ax.legend(fontsize=7)
-    if activation is not None:
+    if memory is not None:
         ax = axes[0][1]
+        held = memory.dropna(subset=["roc_auc"])
+        for fmt, part in held.groupby("format", sort=False):
+            ax.scatter(part["bytes"] / 2**20, part["roc_auc"], s=10, label=fmt)
+        if not held.empty:
+            best = pareto_front(held, "bytes")
+            ax.plot(best["bytes"] / 2**20, best["roc_auc"], color="black", linewidth=0.8,
+                    label="Pareto front")
+        ax.set(xlabel="embedding tables held (MiB)", ylabel="ROC AUC", xscale="log",
+               title="Quality against memory")
+        ax.legend(fontsize=7)
+    if activation is not None:
+        ax = axes[0][-1]
         compact = activation[activation["variant"] == "compact"]
         for (norm, block, emb), part in compact.groupby(["norm", "sparse_block_shape",
                                                          "sparsity_level"], sort=True):

@@ -15,7 +15,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from dlrm_sparsity.checkpoints import load_dlrm_state_dict
+from dlrm_sparsity.errors import UserInputError
 from dlrm_sparsity.evaluation import AUC_DROP_BUDGETS
+from dlrm_sparsity.model import DLRMConfig
 from dlrm_sparsity.plots import pareto_front, plot_tradeoffs
 from dlrm_sparsity.runner.atomic import atomic_path
 from dlrm_sparsity.runner.sweep import ok_rows
@@ -276,6 +279,22 @@ def shown_path(path: str, report_dir: Path) -> str:
         return str(path)
 
 
+def architecture(model_path: str) -> list[str]:
+    """Table sizes and parameter count, read from the checkpoint's state dict (mapped, so a
+    large model is not read in); nothing when the file is not where the CSV says."""
+    if not Path(model_path).is_file():
+        return []
+    try:
+        sd = load_dlrm_state_dict(model_path, mmap=True)
+    except UserInputError:
+        return []
+    config = DLRMConfig.from_state_dict(sd)
+    sizes = ", ".join(f"{n:,}" for n in config.table_sizes)
+    return [f"- **Tables**: {len(config.table_sizes)} of width {config.embedding_dim} "
+            f"({sizes} rows); {sum(t.numel() for t in sd.values()):,} parameters; MLPs "
+            f"{'-'.join(map(str, config.bottom_mlp))} and {'-'.join(map(str, config.top_mlp))}"]
+
+
 def header(results: Results, report_dir: Path) -> list[str]:
     lines = [f"Made {datetime.datetime.now():%Y-%m-%d %H:%M} from the CSVs of "
              f"`{shown_path(str(results.folder), report_dir)}`.", ""]
@@ -287,6 +306,7 @@ def header(results: Results, report_dir: Path) -> list[str]:
         if "dense_size_bytes" in disk:
             lines.append(f"- **Model size**: {disk['dense_size_bytes'].iloc[0] / 2**20:.2f} MB "
                          "of tensors")
+        lines += architecture(str(disk["model_path"].iloc[0]))
     quality = results.rows.get("quality")
     if quality is not None and "n_samples" in quality:
         data = (shown_path(quality["processed_data_file"].iloc[0], report_dir)
@@ -331,10 +351,12 @@ def build(results: Results, budgets: tuple[float, ...], report_dir: Path) -> str
     scored = quality_with_size(results)
     if scored is not None and "zip_file_size" in scored and scored["zip_file_size"].notna().any():
         sized = scored.dropna(subset=["zip_file_size", "roc_auc"])
-        plot_tradeoffs(sized, pareto_front(sized, "zip_file_size"), results.ok("activation"),
-                       report_dir / "report_tradeoffs.png")
+        memory = results.ok("memory")
+        plot_tradeoffs(sized, pareto_front(sized, "zip_file_size"), memory,
+                       results.ok("activation"), report_dir / "report_tradeoffs.png")
         parts += ["## Trade-offs", "", "ROC AUC against the zipped size (the Pareto front "
                   "marked: no other point is both smaller and better)"
+                  + (", against the bytes held in memory" if memory is not None else "")
                   + (", and against the forward time with activation sparsity"
                      if results.ok("activation") is not None else "") + ".", "",
                   "![trade-offs](report_tradeoffs.png)", ""]

@@ -85,6 +85,11 @@ def test_without_fbgemm_its_formats_are_skipped_with_a_notice(run, tmp_path, mon
     _, out, args, _ = run
     args = [*args[:4], "--output-dir", tmp_path, *args[6:],
             "--sparse-model-metadata", out / "sparse_model_metadata.csv"]
-    assert run_script(mem, [*args, "--formats", "dense", "int8", "int4"]) == 0
-    assert "note: int8, int4 skipped: FBGEMM is not installed for cpu" in capsys.readouterr().out
-    assert set(pd.read_csv(tmp_path / "sparse_model_memory.csv")["format"]) == {"dense"}
+    assert run_script(mem, [*args, "--formats", "dense", "int8", "int4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: --formats int8: needs FBGEMM, which is not installed for cpu "
+                   "(fbgemm-gpu-cpu on a CPU, fbgemm-gpu on CUDA)")
+    assert run_script(mem, [*args, "--min-run-time", "0.001"]) == 0  # the default: skipped
+    assert ("note: int8, int4, row_pruned_int8 skipped: FBGEMM is not installed for cpu"
+            in capsys.readouterr().out)
+    assert "int8" not in set(pd.read_csv(tmp_path / "sparse_model_memory.csv")["format"])

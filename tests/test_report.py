@@ -6,9 +6,11 @@ from pathlib import Path
 import markdown
 import pandas as pd
 import pytest
+import torch
 
 import make_report
-from conftest import run_script
+from conftest import run_script, tiny_config
+from dlrm_sparsity.model import DLRMNet
 from dlrm_sparsity.report import pareto_front, write_report
 
 LEVELS = [0.0, 0.5, 0.9, 1.0]
@@ -66,6 +68,7 @@ def images_of(report: Path) -> list[str]:
 
 
 def test_full_report_chooses_the_points_and_says_it_in_sentences(tmp_path):
+    torch.save(DLRMNet(tiny_config()).state_dict(), tmp_path / "model.ckpt")
     write_disk(tmp_path)
     write_quality(tmp_path)
     write_forward(tmp_path)
@@ -83,6 +86,8 @@ def test_full_report_chooses_the_points_and_says_it_in_sentences(tmp_path):
             "11.0x the time at level 0 to 1.6x at level 1.")  # 220 / 20 ms; 30 / 19 ms in text
     assert "L1 (1, 4) at level 0.9 zips to 2.00 MB, 5.5x less than the 11.00 MB" in text
     assert "- **Model**: `model.ckpt` (sha256 ab12)" in text  # relative: no machine path
+    assert "- **Tables**: 3 of width 4 (7, 5, 9 rows); 305 parameters; MLPs 13-8-4 and 10-6-1" \
+        in text
     assert "experiment 4 (memory savings) has not run" in text
     assert "- activation: no rows in `activation_sparsity.csv`" in text
     linked = images_of(report)
