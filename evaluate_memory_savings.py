@@ -99,7 +99,12 @@ class FormatModel(nn.Module):
 
 def build(cls, tables: list[torch.Tensor], dense_bytes: int) -> tuple[list | None, int]:
     """The tables in one format, built one at a time, and their bytes; None instead of the
-    tables once they outgrow the dense ones (each is then counted and dropped)."""
+    tables when they outgrow the dense ones. Where a format's size follows from the table
+    alone (nbytes_of), an outgrowing format is never built: COO at level 0 is 5x the table."""
+    if hasattr(cls, "nbytes_of"):
+        total = sum(cls.nbytes_of(t) for t in tables)
+        if total > dense_bytes:
+            return None, total
     held: list | None = []
     total = 0
     for table in tables:

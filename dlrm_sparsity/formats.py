@@ -45,6 +45,10 @@ class Dense:
         self.table = table
         self.nbytes = table.nbytes
 
+    @staticmethod
+    def nbytes_of(table: torch.Tensor) -> int:
+        return table.nbytes
+
     def lookup(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         return F.embedding_bag(indices, self.table, offsets, mode="sum")
 
@@ -66,6 +70,11 @@ class Coo:
     def __init__(self, table: torch.Tensor):
         self.coo = _quiet_sparse(lambda t: t.to_sparse_coo().coalesce(), table)
         self.nbytes = self.coo.indices().nbytes + self.coo.values().nbytes
+
+    @staticmethod
+    def nbytes_of(table: torch.Tensor) -> int:
+        """What __init__ would keep, without building it: (2, nnz) int64 and nnz values."""
+        return int((table != 0).sum()) * (2 * 8 + table.element_size())
 
     def lookup(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         # Never in inference mode: on tables of about 100,000 rows and more, index_select on a
@@ -96,6 +105,14 @@ class Csr:
         self.csr = _csr_as(csr, tuple(table.shape), self.index_dtype)
         self.nbytes = sum(t.nbytes for t in (self.csr.crow_indices(), self.csr.col_indices(),
                                              self.csr.values()))
+
+    @classmethod
+    def nbytes_of(cls, table: torch.Tensor) -> int:
+        """What __init__ would keep, without building it: rows + 1 offsets, nnz columns and
+        nnz values."""
+        index = torch.empty((), dtype=cls.index_dtype).element_size()
+        nnz = int((table != 0).sum())
+        return (table.shape[0] + 1) * index + nnz * (index + table.element_size())
 
     def lookup(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         bags, rows = len(offsets), self.csr.shape[0]
@@ -136,6 +153,12 @@ class RowPruned:
                                 device=table.device)
         self.remap[kept] = torch.arange(len(kept), dtype=torch.int32, device=table.device)
         self.nbytes = self.compact.nbytes + self.remap.nbytes
+
+    @staticmethod
+    def nbytes_of(table: torch.Tensor) -> int:
+        """What __init__ would keep, without building it: kept rows and a zero row, the remap."""
+        rows = len(kept_rows(table)) + 1
+        return rows * table.shape[1] * table.element_size() + table.shape[0] * 4
 
     def lookup(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         return F.embedding_bag(self.remap[indices], self.compact, offsets.int(), mode="sum")

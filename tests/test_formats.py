@@ -58,6 +58,8 @@ def test_byte_counts_are_the_kept_tensors_sizes():
     assert Csr(table).nbytes == (ROWS + 1) * 4 + nnz * (4 + 4)  # int32 crow, col; values
     assert Csr64(table).nbytes == (ROWS + 1) * 8 + nnz * (8 + 4)
     assert RowPruned(table).nbytes == (kept + 1) * DIM * 4 + ROWS * 4  # + zero row, remap
+    for cls in (Dense, Coo, Csr, Csr64, RowPruned):  # known before building, as built
+        assert cls.nbytes_of(table) == cls(table).nbytes, cls.name
 
 
 def test_row_pruning_maps_every_pruned_row_to_zero_and_keeps_the_others():
