@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import evaluate_disk_savings
-from dlrm_forward_time import AGREEMENT_TOLERANCE, measure, steady_cpu_allocator
+from dlrm_forward_time import AGREEMENT_TOLERANCE, measure
 from dlrm_sparsity.checkpoints import load_dlrm_state_dict
 from dlrm_sparsity.criteo.data import Batch, CriteoSplit, load_split, tensors_fingerprint
 from dlrm_sparsity.errors import UserInputError
@@ -200,7 +200,9 @@ def main(argv=None) -> None:
         formats = chosen_formats(args.formats, run.device)
         forward_levels = (None if args.forward_levels == ["all"]
                           else {float(x) for x in args.forward_levels})
-        steady = run.device.type == "cpu" and steady_cpu_allocator()
+        # glibc's own allocator here: the steady setting never trims the heap, and the sparse
+        # formats' freed memory would stay with the process (hundreds of MB per model)
+        steady = False
         inputs = resolve_inputs(args.raw_data_file, args.processed_data_file, args.metadata,
                                 run.output_dir, args.skip_bad_lines, run.ctx)
         evaluate_disk_savings.ensure_metadata(inputs, run.output_dir, args.device)
