@@ -235,8 +235,8 @@ def main(argv=None) -> None:
             rows = [measure_format(f, model, batch, reference, test, dense_bytes,
                                    timed(item.payload), args.threads, args.min_run_time)
                     for f in formats]
-            for row in rows:  # lossless formats give the dense model's outputs, checked
-                if not row["lossy"]:
+            for row in rows:  # held lossless formats give the dense model's outputs, checked
+                if not row["lossy"] and row["held"]:
                     row.update(dense, quality_source="dense model (outputs agree)")
             return rows
 
