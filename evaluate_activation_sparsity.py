@@ -40,7 +40,7 @@ from dlrm_forward_time import (
 from dlrm_sparsity.checkpoints import load_dlrm_state_dict
 from dlrm_sparsity.criteo.data import Batch, CriteoSplit, load_split, tensors_fingerprint
 from dlrm_sparsity.errors import UserInputError
-from dlrm_sparsity.evaluation import AUC_DROP_BUDGETS, quality_metrics, score_split
+from dlrm_sparsity.evaluation import AUC_DROP_BUDGETS, quality_metrics, score_split, within_budget
 from dlrm_sparsity.inputs import metadata_item, resolve_inputs
 from dlrm_sparsity.model import DLRMNet
 from dlrm_sparsity.plots import plot_activation_sparsity
@@ -198,7 +198,7 @@ def summary(df: pd.DataFrame) -> str:
     for (norm, block, emb), part in df.groupby(KEY_COLUMNS):
         name = "dense model" if emb == 0.0 else f"{norm} {block} at embedding level {emb:g}"
         one = part[part["variant"] == MASKED]
-        within = [one[one["auc_drop"] <= b + 1e-12]["activation_level"].max()
+        within = [within_budget(one, b)["activation_level"].max()
                   for b in AUC_DROP_BUDGETS]
         lines.append(f"{name}: highest activation level with AUC drop <= "
                      + ", <= ".join(f"{b}: {w:g}" for b, w in zip(AUC_DROP_BUDGETS, within,

@@ -24,7 +24,7 @@ from dlrm_forward_time import AGREEMENT_TOLERANCE, measure
 from dlrm_sparsity.checkpoints import load_dlrm_state_dict
 from dlrm_sparsity.criteo.data import Batch, CriteoSplit, load_split, tensors_fingerprint
 from dlrm_sparsity.errors import UserInputError
-from dlrm_sparsity.evaluation import AUC_DROP_BUDGETS, quality_metrics, score_split
+from dlrm_sparsity.evaluation import AUC_DROP_BUDGETS, quality_metrics, score_split, within_budget
 from dlrm_sparsity.formats import FORMATS, NEEDS_FBGEMM, fbgemm_available
 from dlrm_sparsity.inputs import metadata_item, resolve_inputs
 from dlrm_sparsity.model import DLRMNet
@@ -181,7 +181,7 @@ def summary(df: pd.DataFrame) -> str:
         lines.append("lookup time / dense, median over models: " + ", ".join(
             f"{f} {(cost[f] / cost['dense']).median():.2f}x" for f in cost.columns))
     for budget in AUC_DROP_BUDGETS:
-        ok = df[df["auc_drop_vs_level0"] <= budget + 1e-12]
+        ok = within_budget(df, budget, "auc_drop_vs_level0")
         if ok.empty:
             lines.append(f"AUC drop <= {budget}: no scored model within budget")
             continue

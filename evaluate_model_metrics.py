@@ -19,7 +19,7 @@ import torch
 import evaluate_disk_savings
 from dlrm_sparsity.checkpoints import load_dlrm_state_dict
 from dlrm_sparsity.criteo.data import CriteoSplit, load_split
-from dlrm_sparsity.evaluation import AUC_DROP_BUDGETS, quality_metrics, score_split
+from dlrm_sparsity.evaluation import AUC_DROP_BUDGETS, quality_metrics, score_split, within_budget
 from dlrm_sparsity.inputs import metadata_item, resolve_inputs
 from dlrm_sparsity.model import DLRMNet
 from dlrm_sparsity.plots import plot_quality
@@ -80,7 +80,7 @@ def highest_levels_within(df: pd.DataFrame) -> list[str]:
             ["norm", "sparse_block_shape"]):
         found = []
         for budget in AUC_DROP_BUDGETS:
-            within = part[part["auc_drop"] <= budget + 1e-12]["sparsity_level"]
+            within = within_budget(part, budget)["sparsity_level"]
             found.append(f"{within.max():g}" if len(within) else "none")
         lines.append(f"{norm} {block}: highest level with AUC drop <= "
                      f"{AUC_DROP_BUDGETS[0]}: {found[0]}, <= {AUC_DROP_BUDGETS[1]}: {found[1]}")

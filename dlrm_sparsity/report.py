@@ -17,7 +17,7 @@ import pandas as pd
 
 from dlrm_sparsity.checkpoints import load_dlrm_state_dict
 from dlrm_sparsity.errors import UserInputError
-from dlrm_sparsity.evaluation import AUC_DROP_BUDGETS
+from dlrm_sparsity.evaluation import AUC_DROP_BUDGETS, within_budget
 from dlrm_sparsity.model import DLRMConfig
 from dlrm_sparsity.plots import pareto_front, plot_tradeoffs
 from dlrm_sparsity.runner.atomic import atomic_path
@@ -117,10 +117,10 @@ def answer(results: Results, budgets: tuple[float, ...]) -> list[str]:
     forward = results.ok("forward")
     activation = results.ok("activation")
     for budget in budgets:
-        within = scored[scored["auc_drop"] <= budget + 1e-12]
+        within = within_budget(scored, budget)
         lines.append(f"**AUC drop at most {budget}:**")
         for (norm, block), part in scored.groupby(CONFIG):
-            ok = part[part["auc_drop"] <= budget + 1e-12]
+            ok = within_budget(part, budget)
             if ok.empty:
                 lines.append(f"- {config_name(norm, block)}: no level stays within budget")
                 continue
@@ -149,7 +149,7 @@ def answer(results: Results, budgets: tuple[float, ...]) -> list[str]:
         if memory is None:
             lines.append("- smallest in memory: experiment 4 (memory savings) has not run")
         elif "auc_drop_vs_level0" in memory:
-            ok = memory[memory["auc_drop_vs_level0"] <= budget + 1e-12]
+            ok = within_budget(memory, budget, "auc_drop_vs_level0")
             if not ok.empty:
                 best = ok.loc[ok["bytes"].idxmin()]
                 lines.append(f"- smallest in memory: "
@@ -165,7 +165,7 @@ def activation_answer(df: pd.DataFrame, budget: float) -> list[str]:
     lines = []
     compact = df[df["variant"] == "compact"]
     for (norm, block, emb), part in compact.groupby(CONFIG + ["sparsity_level"]):
-        ok = part[part["auc_drop"] <= budget + 1e-12]
+        ok = within_budget(part, budget)
         if ok.empty:
             continue
         top = ok.loc[ok["activation_level"].idxmax()]
