@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import timeit
 from typing import Callable, Iterator
 
 import torch
 from torch.utils import benchmark
+from torch.utils.benchmark.utils.common import TaskSpec, set_torch_threads
 from torch.utils.benchmark.utils.timer import timer as synchronising_timer
 
 from dlrm_sparsity.criteo.data import Batch
@@ -111,12 +113,19 @@ def stage_fns(model: DLRMNet, batch: Batch) -> Iterator[tuple[str, str, Callable
 
 def measure(fn: Callable[[], object], label: str, threads: int, min_run_time: float,
             timer: Callable[[], float] = synchronising_timer, min_runs: int = MIN_RUNS,
-            warmup_s: float = 0.1, called: int = 0) -> benchmark.Measurement:
+            warmup_s: float = 0.1, called: int = 0,
+            fixed_blocks: bool = False) -> benchmark.Measurement:
     """Warm up, then time fn in blocks (blocked_autorange), at least min_runs blocks.
 
     The warm-up (at least two calls, counting `called` that the caller already made: allocator
     growth, lazy init, kernel choice) also prices one call, which stretches min_run_time so
     that slow statements still get min_runs runs and so a median and a spread.
+
+    fixed_blocks: min_runs blocks whose length the warm-up's price of a call sets, so that they
+    fill min_run_time together. blocked_autorange first grows its block tenfold until the
+    timer's own overhead is under 1e-4 of it, which makes a 1 ms statement cost 0.4 s to
+    measure however small min_run_time is; a sweep of hundreds of short measurements (the
+    memory experiment) takes the timer's overhead (about a microsecond) instead.
     """
     t = benchmark.Timer(stmt="fn()", globals={"fn": fn}, label=label, num_threads=threads,
                         timer=timer)
@@ -126,6 +135,15 @@ def measure(fn: Callable[[], object], label: str, threads: int, min_run_time: fl
             fn()
             calls += 1
         per_call = (timer() - start) / max(calls, 1)
+        if fixed_blocks:
+            # the stdlib's timeit on the same synchronising timer: Timer.timeit would call fn
+            # twice more before every block, which triples a slow statement's cost
+            number = max(1, round(min_run_time / min_runs / max(per_call, 1e-9)))
+            clock = timeit.Timer(fn, timer=timer)
+            with set_torch_threads(threads):
+                raw = [clock.timeit(number) for _ in range(min_runs)]
+            return benchmark.Measurement(number, raw, TaskSpec("fn()", "pass", label=label,
+                                                               num_threads=threads))
         m = t.blocked_autorange(min_run_time=max(min_run_time, min_runs * per_call))
         raw = list(m.raw_times)
         while len(raw) < min_runs:  # fast statements: a few long blocks; add blocks

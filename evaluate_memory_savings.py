@@ -20,12 +20,12 @@ import torch
 from torch import nn
 
 import evaluate_disk_savings
-from dlrm_forward_time import AGREEMENT_TOLERANCE, measure
+from dlrm_forward_time import AGREEMENT_TOLERANCE, measure, steady_cpu_allocator
 from dlrm_sparsity.checkpoints import load_dlrm_state_dict
 from dlrm_sparsity.criteo.data import Batch, CriteoSplit, load_split, tensors_fingerprint
 from dlrm_sparsity.errors import UserInputError
 from dlrm_sparsity.evaluation import AUC_DROP_BUDGETS, quality_metrics, score_split, within_budget
-from dlrm_sparsity.formats import FORMATS, NEEDS_FBGEMM, fbgemm_available
+from dlrm_sparsity.formats import FORMATS, NEEDS_FBGEMM, fbgemm_available, hold
 from dlrm_sparsity.inputs import metadata_item, resolve_inputs
 from dlrm_sparsity.model import DLRMNet
 from dlrm_sparsity.plots import plot_memory_savings
@@ -85,33 +85,16 @@ def chosen_formats(asked: list[str] | None, device: torch.device) -> list[str]:
 class FormatModel(nn.Module):
     """A DLRM whose embedding stage reads its tables in one storage format."""
 
-    def __init__(self, model: DLRMNet, tables: list):
+    def __init__(self, model: DLRMNet, tables):
         super().__init__()
         self.model, self.tables = model, tables
 
     def embed(self, offsets: torch.Tensor, indices: torch.Tensor) -> list[torch.Tensor]:
-        return [t.lookup(indices[k], offsets[k]) for k, t in enumerate(self.tables)]  # K x (B, d)
+        return self.tables.embed(offsets, indices)  # K x (B, d)
 
     def forward(self, dense_x, offsets, indices) -> torch.Tensor:
         x = self.model.bottom(dense_x)
         return self.model.top_l(self.model.interact(x, self.embed(offsets, indices)))
-
-
-def build(cls, tables: list[torch.Tensor], dense_bytes: int) -> tuple[list | None, int]:
-    """The tables in one format, built one at a time, and their bytes; None instead of the
-    tables when they outgrow the dense ones. Where a format's size follows from the table
-    alone (nbytes_of), an outgrowing format is never built: COO at level 0 is 5x the table."""
-    if hasattr(cls, "nbytes_of"):
-        total = sum(cls.nbytes_of(t) for t in tables)
-        if total > dense_bytes:
-            return None, total
-    held: list | None = []
-    total = 0
-    for table in tables:
-        fmt = cls(table)
-        total += fmt.nbytes
-        held = held + [fmt] if held is not None and total <= dense_bytes else None
-    return held, total
 
 
 def measure_format(name: str, model: DLRMNet, batch: Batch, reference: torch.Tensor,
@@ -119,7 +102,7 @@ def measure_format(name: str, model: DLRMNet, batch: Batch, reference: torch.Ten
                    min_run_time: float) -> dict:
     cls = FORMATS[name]
     tables = [bag.weight.detach() for bag in model.emb_l]
-    held, nbytes = build(cls, tables, dense_bytes)
+    held, nbytes = hold(cls, tables, dense_bytes)
     row = {"format": name, "bytes": nbytes, "bytes_ratio": nbytes / dense_bytes,
            "lossy": cls.lossy, "held": held is not None}
     if held is None:
@@ -131,12 +114,14 @@ def measure_format(name: str, model: DLRMNet, batch: Batch, reference: torch.Ten
     if not cls.lossy and not row["max_abs_diff"] <= AGREEMENT_TOLERANCE:
         raise RuntimeError(f"format {name}: outputs differ from the dense model's by "
                            f"{row['max_abs_diff']:.3g} (> {AGREEMENT_TOLERANCE})")
+    # hundreds of short measurements: a warm-up as long as the timing itself (at least two
+    # calls) and fixed blocks (see measure), or measuring would be most of the run
     lookup = measure(lambda: served.embed(batch.offsets, batch.indices), name, threads,
-                     min_run_time)
+                     min_run_time, warmup_s=min_run_time, fixed_blocks=True)
     row.update(lookup_median_s=lookup.median, lookup_iqr_s=lookup.iqr)
     if timed_forward:
         whole = measure(lambda: served(batch.dense, batch.offsets, batch.indices), name,
-                        threads, min_run_time)
+                        threads, min_run_time, warmup_s=min_run_time, fixed_blocks=True)
         row.update(forward_median_s=whole.median, forward_iqr_s=whole.iqr)
     if cls.lossy:
         labels = test.labels.cpu().numpy()
@@ -147,6 +132,8 @@ def measure_format(name: str, model: DLRMNet, batch: Batch, reference: torch.Ten
 
 def add_drops(df: pd.DataFrame) -> pd.DataFrame:
     """AUC drops against the dense format of the same model and of the config's level 0."""
+    if "format" not in df:  # every model failed: error rows only
+        return df
     df = df.copy()
     dense = df[df["format"] == "dense"].set_index(KEY_COLUMNS)["roc_auc"]
     if dense.empty:
@@ -200,9 +187,7 @@ def main(argv=None) -> None:
         formats = chosen_formats(args.formats, run.device)
         forward_levels = (None if args.forward_levels == ["all"]
                           else {float(x) for x in args.forward_levels})
-        # glibc's own allocator here: the steady setting never trims the heap, and the sparse
-        # formats' freed memory would stay with the process (hundreds of MB per model)
-        steady = False
+        steady = run.device.type == "cpu" and steady_cpu_allocator()
         inputs = resolve_inputs(args.raw_data_file, args.processed_data_file, args.metadata,
                                 run.output_dir, args.skip_bad_lines, run.ctx)
         evaluate_disk_savings.ensure_metadata(inputs, run.output_dir, args.device)

@@ -30,11 +30,6 @@ def _bag_of_each_id(offsets: torch.Tensor, n_ids: int) -> torch.Tensor:
                                    ends - offsets)
 
 
-def _ends(offsets: torch.Tensor, n_ids: int) -> torch.Tensor:
-    """dlrm's offsets (one per bag) with the end appended, as CSR rows and FBGEMM take them."""
-    return torch.cat([offsets, offsets.new_tensor([n_ids])])
-
-
 class Dense:
     """The float32 table as the other experiments hold it: the baseline."""
 
@@ -93,8 +88,11 @@ def _csr_as(csr: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype) -> to
 
 
 class Csr:
-    """torch.sparse CSR with int32 indices: a one-hot CSR of the bags (bags x rows, duplicates
-    summed) times the table with torch.sparse.mm (CSR has no index_select)."""
+    """torch.sparse CSR with int32 indices. The lookup reads the CSR's own three tensors: each
+    id's run of (column, value) pairs, found through crow_indices, is added into its bag.
+    torch.sparse offers no CSR row gather (index_select has no CSR kernel), and the product of
+    a one-hot CSR of the bags with the table (torch.sparse.mm, CSR x CSR) leaks about 0.2 MB a
+    call on the CPU in torch 2.13 (benchmarks/bench_sparse_leak.py), hence this gather."""
 
     name: ClassVar[str] = "csr"
     lossy: ClassVar[bool] = False
@@ -115,17 +113,22 @@ class Csr:
         return (table.shape[0] + 1) * index + nnz * (index + table.element_size())
 
     def lookup(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        bags, rows = len(offsets), self.csr.shape[0]
-        pairs = torch.stack([_bag_of_each_id(offsets, len(indices)), indices])
-        ones = torch.ones(len(indices), dtype=self.csr.dtype, device=indices.device)
-
-        def run():
-            # the ids were checked to fit the table before any lookup (check_ids_fit)
-            one_hot = torch.sparse_coo_tensor(pairs, ones, (bags, rows),
-                                              check_invariants=False).coalesce()
-            one_hot = _csr_as(one_hot.to_sparse_csr(), (bags, rows), self.index_dtype)
-            return torch.sparse.mm(one_hot, self.csr).to_dense()
-        return _quiet_sparse(run)
+        crow, cols, values = (self.csr.crow_indices(), self.csr.col_indices(),
+                              self.csr.values())
+        dim = self.csr.shape[1]
+        starts = crow[indices].long()
+        counts = crow[indices + 1].long() - starts  # non-zeros of each id's row
+        total = int(counts.sum())
+        # position of every non-zero to add: its row's start plus its rank within the row
+        run_start = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts,
+                                            output_size=total)
+        positions = (torch.repeat_interleave(starts, counts, output_size=total)
+                     + torch.arange(total, device=indices.device) - run_start)
+        bag = torch.repeat_interleave(_bag_of_each_id(offsets, len(indices)), counts,
+                                      output_size=total)
+        out = values.new_zeros(len(offsets) * dim)
+        out.index_add_(0, bag * dim + cols[positions].long(), values[positions])
+        return out.view(len(offsets), dim)
 
 
 class Csr64(Csr):
@@ -180,14 +183,19 @@ def fbgemm_available(device: torch.device | None = None) -> bool:
 
 class Quantized:
     """Row-wise INT8 or INT4 in FBGEMM's inference table (scale and bias in half precision
-    per row); with prune_rows, only the non-zero rows, behind FBGEMM's index remap."""
+    per row); with prune_rows, only the non-zero rows, behind FBGEMM's index remap.
+
+    All the model's tables live in one table-batched op, as torchrec serves them: one kernel
+    call looks up every table (one op per table costs 26 calls, about 6x dense on the demo).
+    The op's weights are allocated once, quantized size; each table is quantized and copied
+    in on its own, so the float temporaries never exceed one table."""
 
     name: ClassVar[str] = "int8"
     lossy: ClassVar[bool] = True
     bits: ClassVar[int] = 8
     prune_rows: ClassVar[bool] = False
 
-    def __init__(self, table: torch.Tensor):
+    def __init__(self, tables: list[torch.Tensor]):
         from fbgemm_gpu.split_embedding_configs import SparseType
         from fbgemm_gpu.split_table_batched_embeddings_ops_common import (
             EmbeddingLocation,
@@ -197,31 +205,50 @@ class Quantized:
             IntNBitTableBatchedEmbeddingBagsCodegen,
         )
 
-        rows = kept_rows(table) if self.prune_rows else None
-        stored = table[rows] if self.prune_rows else table
-        cuda = table.device.type == "cuda"
+        device = tables[0].device
+        cuda = device.type == "cuda"
+        kept = [kept_rows(t) if self.prune_rows else None for t in tables]
+        rows = [t.shape[0] if k is None else len(k) for t, k in zip(tables, kept, strict=True)]
+        self.dims = [t.shape[1] for t in tables]
         self.op = IntNBitTableBatchedEmbeddingBagsCodegen(
-            [("table", stored.shape[0], stored.shape[1],
+            [(f"table{k}", rows[k], self.dims[k],
               SparseType.INT8 if self.bits == 8 else SparseType.INT4,
-              EmbeddingLocation.DEVICE if cuda else EmbeddingLocation.HOST)],
-            device=table.device, pooling_mode=PoolingMode.SUM, output_dtype=SparseType.FP32)
+              EmbeddingLocation.DEVICE if cuda else EmbeddingLocation.HOST)
+             for k in range(len(tables))],
+            device=device, pooling_mode=PoolingMode.SUM, output_dtype=SparseType.FP32)
         self.op.initialize_weights()
-        fused = torch.ops.fbgemm.FloatToFusedNBitRowwiseQuantizedSBHalf(stored.float(),
-                                                                        self.bits)
-        data, scale_bias = self.op.split_embedding_weights()[0]
-        data.copy_(fused[:, :-4])  # the fused rows end with the half scale and bias
-        scale_bias.copy_(fused[:, -4:])
-        kept_bytes = (self.op.weights_dev if cuda else self.op.weights_host).nbytes
+        weights = self.op.split_embedding_weights()
+        for (data, scale_bias), table, k in zip(weights, tables, kept, strict=True):
+            stored = table if k is None else table[k]
+            fused = torch.ops.fbgemm.FloatToFusedNBitRowwiseQuantizedSBHalf(stored.float(),
+                                                                            self.bits)
+            data.copy_(fused[:, :-4])  # the fused rows end with the half scale and bias
+            scale_bias.copy_(fused[:, -4:])
+            del fused
+        self.nbytes = (self.op.weights_dev if cuda else self.op.weights_host).nbytes
         if self.prune_rows:
-            remap = torch.full((table.shape[0],), -1, dtype=torch.int32, device=table.device)
-            remap[rows] = torch.arange(len(rows), dtype=torch.int32, device=table.device)
-            self.op.set_index_remappings_array([remap])
-            kept_bytes += (self.op.index_remappings_array.nbytes
-                           + self.op.index_remappings_array_offsets.nbytes)
-        self.nbytes = kept_bytes
+            remaps = []
+            # a pruned id maps to -1: it adds nothing
+            for table, k in zip(tables, kept, strict=True):
+                remap = torch.full((table.shape[0],), -1, dtype=torch.int32, device=device)
+                remap[k] = torch.arange(len(k), dtype=torch.int32, device=device)
+                remaps.append(remap)
+            self.op.set_index_remappings_array(remaps)
+            self.nbytes += (self.op.index_remappings_array.nbytes
+                            + self.op.index_remappings_array_offsets.nbytes)
+
+    def embed(self, offsets: torch.Tensor, indices: torch.Tensor) -> list[torch.Tensor]:
+        """dlrm's (K, B) offsets and (K, N) indices, every table in one call: K x (B, d)."""
+        tables, ids = indices.shape
+        # one flat list of bags, table after table: table k's ids start at k * N
+        starts = (offsets + ids * torch.arange(tables, device=offsets.device)[:, None])
+        ends = torch.cat([starts.reshape(-1), starts.new_tensor([tables * ids])])
+        pooled = self.op(indices.reshape(-1).int(), ends.int())  # (B, sum of dims)
+        return list(pooled.split(self.dims, dim=1))
 
     def lookup(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        return self.op(indices.int(), _ends(offsets, len(indices)).int())
+        """One table's lookup, for a format that holds one table."""
+        return self.embed(offsets[None], indices[None])[0]
 
 
 class Int8(Quantized):
@@ -234,6 +261,39 @@ class Int4(Quantized):
 
 class RowPrunedInt8(Quantized):
     name, prune_rows = "row_pruned_int8", True
+
+
+class PerTable:
+    """The tables of a format that holds each table on its own, looked up one by one."""
+
+    def __init__(self, held: list):
+        self.held = held
+        self.nbytes = sum(t.nbytes for t in held)
+
+    def embed(self, offsets: torch.Tensor, indices: torch.Tensor) -> list[torch.Tensor]:
+        return [t.lookup(indices[k], offsets[k]) for k, t in enumerate(self.held)]  # K x (B, d)
+
+
+def hold(cls, tables: list[torch.Tensor], budget: int) -> tuple[PerTable | Quantized | None, int]:
+    """The model's tables in one format, and the bytes they take; None instead of the tables
+    when those bytes exceed budget (nobody would serve them, and holding them could take
+    several times the model). Tables are built one at a time; where a format's size follows
+    from the table alone (nbytes_of), an outgrowing format is never built: COO at level 0 is
+    5x the table."""
+    if issubclass(cls, Quantized):
+        held = cls(tables)
+        return (held if held.nbytes <= budget else None), held.nbytes
+    if hasattr(cls, "nbytes_of"):
+        total = sum(cls.nbytes_of(t) for t in tables)
+        if total > budget:
+            return None, total
+    kept: list | None = []
+    total = 0
+    for table in tables:
+        fmt = cls(table)
+        total += fmt.nbytes
+        kept = kept + [fmt] if kept is not None and total <= budget else None
+    return (PerTable(kept) if kept is not None else None), total
 
 
 FORMATS = {cls.name: cls for cls in (Dense, Coo, Csr, Csr64, RowPruned, Int8, Int4,

@@ -15,7 +15,9 @@ from dlrm_sparsity.model import DLRMNet
 CPU = torch.device("cpu")
 
 
-def test_the_default_timer_synchronises_the_device_before_every_reading(monkeypatch):
+@pytest.mark.parametrize("fixed_blocks", [False, True])
+def test_the_default_timer_synchronises_the_device_before_every_reading(monkeypatch,
+                                                                         fixed_blocks):
     """measure() reads only torch.utils.benchmark's default timer, which waits for the
     accelerator: here a fake one, and a fake clock on which every fn() takes 1 ms."""
     calls = []
@@ -23,11 +25,14 @@ def test_the_default_timer_synchronises_the_device_before_every_reading(monkeypa
     monkeypatch.setattr(torch.accelerator, "synchronize", lambda *a: calls.append("sync"))
     monkeypatch.setattr(timeit, "default_timer",
                         lambda: (calls.append("clock"), calls.count("fn") * 1e-3)[1])
-    m = measure(lambda: calls.append("fn"), "fake", threads=1, min_run_time=0.05)
+    m = measure(lambda: calls.append("fn"), "fake", threads=1, min_run_time=0.05,
+                fixed_blocks=fixed_blocks)
     reads = [i for i, c in enumerate(calls) if c == "clock"]
     assert reads and all(calls[i - 1] == "sync" for i in reads)
     assert calls.count("fn") > 2 and len(m.times) >= 3
     assert m.median == pytest.approx(1e-3)
+    if fixed_blocks:  # three blocks that fill min_run_time: 17 calls of 1 ms each
+        assert len(m.raw_times) == 3 and m.number_per_run == 17
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from dlrm_sparsity.formats import (
     Dense,
     RowPruned,
     fbgemm_available,
+    hold,
     kept_rows,
 )
 
@@ -77,7 +78,7 @@ def test_row_pruning_maps_every_pruned_row_to_zero_and_keeps_the_others():
 @pytest.mark.parametrize("name, bits", [("int8", 8), ("int4", 4), ("row_pruned_int8", 8)])
 def test_quantized_lookups_are_within_their_quantization_error(name, bits):
     table = pruned_table()
-    fmt = FORMATS[name](table)
+    fmt = FORMATS[name]([table])
     got, want = fmt.lookup(*bags()), reference(table)
     indices, offsets = bags()
     # row-wise: at most half a step (range / (2^bits - 1)) per value, per id in the bag
@@ -88,7 +89,37 @@ def test_quantized_lookups_are_within_their_quantization_error(name, bits):
                      step[indices] / 2 + 1e-3)  # + half precision of scale and bias
     assert ((got - want).abs() <= bound[:, None]).all()
     if name == "row_pruned_int8":
-        assert fmt.nbytes < FORMATS["int8"](table).nbytes
+        assert fmt.nbytes < FORMATS["int8"]([table]).nbytes
+
+
+@needs_fbgemm
+@pytest.mark.parametrize("name", ["int8", "row_pruned_int8"])
+def test_one_batched_op_looks_up_every_table_as_its_own_op_does(name):
+    """dlrm's (K, B) offsets and (K, N) ids through one table-batched op: the same sums as
+    each table quantized in an op of its own, tables of different sizes, one wholly pruned."""
+    tables = [pruned_table(seed) for seed in range(3)] + [torch.zeros(ROWS, DIM)]
+    tables[1] = tables[1][:20]
+    g = torch.Generator().manual_seed(5)
+    indices = torch.stack([torch.randint(0, len(t), (12,), generator=g) for t in tables])
+    offsets = torch.tensor([0, 2, 2, 5, 9, 9]).repeat(len(tables), 1)  # empty bags too
+    batched = FORMATS[name](tables).embed(offsets, indices)
+    for k, table in enumerate(tables):
+        alone = FORMATS[name]([table]).lookup(indices[k], offsets[k])
+        torch.testing.assert_close(batched[k], alone, rtol=0, atol=0)
+    assert torch.equal(batched[3], torch.zeros(6, DIM))
+
+
+def test_hold_keeps_what_fits_and_counts_what_does_not():
+    tables = [pruned_table(seed) for seed in range(3)]
+    dense = sum(t.nbytes for t in tables)
+    held, nbytes = hold(Csr, tables, dense)
+    assert nbytes == sum(Csr(t).nbytes for t in tables) and held.nbytes == nbytes
+    indices = torch.stack([torch.arange(10), torch.arange(10, 20), torch.arange(40, 50)])
+    offsets = torch.arange(10).repeat(3, 1)
+    for k, got in enumerate(held.embed(offsets, indices)):  # one id per bag: that row
+        torch.testing.assert_close(got, tables[k][indices[k]], rtol=0, atol=1e-6)
+    too_big, coo_bytes = hold(Coo, tables, dense)  # COO of a 60%-sparse table: 2x dense
+    assert too_big is None and coo_bytes == sum(Coo.nbytes_of(t) for t in tables) > dense
 
 
 def test_formats_needing_fbgemm_are_named():
