@@ -28,6 +28,8 @@ from dlrm_sparsity.checkpoints import (
 )
 from dlrm_sparsity.demo import ensure_demo
 from dlrm_sparsity.inputs import Inputs
+from dlrm_sparsity.mask_engine import ENGINES, SortOnceMasks
+from dlrm_sparsity.mask_engine import NAME as MASK_ENGINE
 from dlrm_sparsity.plots import plot_disk_savings
 from dlrm_sparsity.report import refresh_report
 from dlrm_sparsity.runner.atomic import remove_stale_temporaries
@@ -40,6 +42,7 @@ from sparse_utils import (
     SEED_BLOCK_SHAPES,
     SEED_LEVELS,
     SEED_NORMS,
+    GridEngines,
     GridPoint,
     Model,
     block_label,
@@ -52,6 +55,7 @@ from sparse_utils import (
     shared_weights,
     sparsify_embeddings,
     step_threads,
+    stock_check_points,
     tensor_bytes,
     torch_threads,
     zero_fraction,
@@ -94,6 +98,19 @@ def parse_args(argv=None):
                         "sparsity")
     p.add_argument("--compress-level", type=int, default=6, choices=range(10), metavar="0-9",
                    help="deflate level (6: the default of both, the seed's)")
+    p.add_argument("--mask-engine", choices=ENGINES, default=MASK_ENGINE,
+                   help="how the masks are made. sort-once: per table and config, the block "
+                        "norms are sorted once, as the stock DataNormSparsifier sorts them, and "
+                        "every level's mask is read from that order: the same masks, bit for "
+                        "bit, without a sort per level (step_time_sec is then the stock "
+                        "step's time at the checked points only, mask_time_sec the engine's). "
+                        "stock: the stock sparsifier at every point, as the seed")
+    p.add_argument("--no-stock-check", dest="stock_check", action="store_false",
+                   help="with sort-once, do not also prune one point per config (the first "
+                        "between levels 0 and 1) with the stock sparsifier and compare the "
+                        "weights bit for bit (a difference stops the run). The check costs "
+                        "one stock step per config, and its temporaries (about 9x the "
+                        "largest table) set the peak memory of a large model's run")
     p.add_argument("--positive-zeros", action="store_true",
                    help="store pruned weights as +0.0 instead of the -0.0 the stock sparsifier "
                         "leaves for negative weights: the same model, but the sign bits no "
@@ -109,13 +126,17 @@ class ZipSettings:
     compress_level: int
 
 
-def prune_point(model: Model, point: GridPoint, device: torch.device,
-                positive_zeros: bool) -> tuple[GridPoint, dict, float]:
-    """Every embedding table pruned by the stock sparsifier; the step's seconds."""
-    pruned, step_s = sparsify_embeddings(model.state_dict, point, device, model.read_table)
+def prune_point(model: Model, point: GridPoint, device: torch.device, positive_zeros: bool,
+                engine: SortOnceMasks | None = None, check: bool = False
+                ) -> tuple[GridPoint, dict, dict]:
+    """Every embedding table pruned (by the engine, or by the stock sparsifier without one);
+    the step's columns: the stock step's seconds where it ran, the engine's own."""
+    pruned, stock_s, engine_s = sparsify_embeddings(model.state_dict, point, device,
+                                                    model.read_table, engine, check)
     if positive_zeros:
         make_zeros_positive(pruned)
-    return point, pruned, step_s
+    return point, pruned, {"step_time_sec": stock_s, "mask_time_sec": engine_s,
+                           "stock_checked": check}
 
 
 def zip_columns(point: GridPoint, zip_path: Path, size: int, dense_bytes: int,
@@ -125,13 +146,13 @@ def zip_columns(point: GridPoint, zip_path: Path, size: int, dense_bytes: int,
             "compression_ratio": dense_bytes / size, "dense_size_bytes": dense_bytes}
 
 
-def zip_point(point: GridPoint, pruned: dict, step_s: float, dense_bytes: int,
+def zip_point(point: GridPoint, pruned: dict, step: dict, dense_bytes: int,
               settings: ZipSettings) -> dict:
     """The pruned model streamed into its zip; the point's metadata row."""
     zip_path = settings.dump_dir / point.zip_relpath()
     zip_path.parent.mkdir(parents=True, exist_ok=True)
     size = save_state_dict_zip(pruned, zip_path, settings.compress_level, settings.compressor)
-    return {"step_time_sec": step_s, "actual_sparsity": zero_fraction(pruned),
+    return {**step, "actual_sparsity": zero_fraction(pruned),
             **zip_columns(point, zip_path, size, dense_bytes, settings)}
 
 
@@ -142,7 +163,8 @@ def copy_point(point: GridPoint, first: dict, dense_bytes: int, settings: ZipSet
     zip_path = settings.dump_dir / point.zip_relpath()
     zip_path.parent.mkdir(parents=True, exist_ok=True)
     size = copy_zip_renamed(settings.csv_dir / first["path"], zip_path)
-    return {"step_time_sec": float("nan"), "actual_sparsity": first["actual_sparsity"],
+    return {"step_time_sec": float("nan"), "mask_time_sec": float("nan"),
+            "actual_sparsity": first["actual_sparsity"],
             "copied_from": first["path"],
             **zip_columns(point, zip_path, size, dense_bytes, settings)}
 
@@ -192,7 +214,9 @@ def main(argv=None) -> None:
         settings = ZipSettings(dump_dir, run.output_dir, args.compressor, args.compress_level)
         on_workers = prunes_on_workers(run.device, workers)
         zip_setup = {"compressor": compressor_label(args.compressor),
-                     "compress_level": args.compress_level, "positive_zeros": args.positive_zeros}
+                     "compress_level": args.compress_level, "positive_zeros": args.positive_zeros,
+                     "mask_engine": args.mask_engine,
+                     "stock_check": args.stock_check and args.mask_engine == MASK_ENGINE}
         determinants = {"model_sha256": sha256_of_file(model_path), **zip_setup,
                         "dump_dir": os.path.relpath(dump_dir, run.output_dir)}
         threads = step_threads(on_workers, workers)
@@ -210,20 +234,31 @@ def main(argv=None) -> None:
             zip_path = run.output_dir / str(row["path"])
             return zip_path.is_file() and sha256_of_file(zip_path) == row["sha256"]
 
+        copies = shared_weights(points)
+        pruned_points = [p for p in points if p not in copies]
+        engines = GridEngines(pruned_points, keep_one=large)
+        checked = stock_check_points(pruned_points) if args.stock_check else set()
+
         def prune(it: Item):
-            return prune_point(model, it.payload, run.device, args.positive_zeros)
+            point = it.payload
+            engine = engines(point) if args.mask_engine == MASK_ENGINE else None
+            return prune_point(model, point, run.device, args.positive_zeros, engine,
+                               check=engine is not None and point in checked)
 
         def store(job) -> dict:
             return zip_point(*job, model.dense_bytes, settings)
 
         def describe(it: Item, rows: list[dict]) -> str:
+            row = rows[0]
+            times = [f"{what} {row[col]:.3f} s" for what, col in
+                     (("stock step", "step_time_sec"), ("engine", "mask_time_sec"))
+                     if row.get(col) == row.get(col)]  # not nan
             return (f"{it.payload.config} level {it.payload.level:g}: "
-                    f"{rows[0]['zip_file_size']:.2f} MB, step {rows[0]['step_time_sec']:.3f} s")
+                    f"{row['zip_file_size']:.2f} MB, " + ", ".join(times))
 
-        copies = shared_weights(points)
         with torch_threads(threads):
             pruned = run.sweep(
-                [item(p) for p in points if p not in copies],
+                [item(p) for p in pruned_points],
                 (lambda it: store(prune(it))) if on_workers else store,
                 prepare=None if on_workers else prune, workers=workers, tables=[METADATA],
                 label="pruning + zipping", still_valid=intact, describe=describe)

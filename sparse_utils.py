@@ -11,6 +11,7 @@ the MLP tensors are shared with the source state dict, never copied.
 from __future__ import annotations
 
 import re
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,7 +22,9 @@ import torch
 from torch.ao.pruning._experimental.data_sparsifier import DataNormSparsifier
 
 from dlrm_sparsity.checkpoints import CheckpointTables, is_torch_archive
-from dlrm_sparsity.errors import UserInputError
+from dlrm_sparsity.errors import StopRun, UserInputError
+from dlrm_sparsity.mask_engine import NAME as MASK_ENGINE
+from dlrm_sparsity.mask_engine import SortOnceMasks, is_matrix
 from dlrm_sparsity.model import embedding_names
 
 SEED_LEVELS = tuple([i / 10 for i in range(10)] + [round(0.9 + i / 100, 2) for i in range(1, 10)]
@@ -124,26 +127,108 @@ def sparsify_table(table: torch.Tensor, point: GridPoint, name: str,
     return table.cpu(), step_s
 
 
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal to the bit: -0.0 is not 0.0 here, and a NaN equals the same NaN."""
+    return a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+def prune_with_engine(table: torch.Tensor, point: GridPoint, name: str, device: torch.device,
+                      engine: SortOnceMasks, check: bool) -> tuple[torch.Tensor, float, float]:
+    """The table (a copy the caller gives up) pruned by the sort-once engine, in place; with
+    check, also by the stock sparsifier on a copy, first (their temporaries never coexist),
+    and compared bit for bit. Returns it on the CPU, the stock step's seconds (nan without
+    check) and the engine's."""
+    stock_s = float("nan")
+    reference = None
+    if check:
+        reference, stock_s = sparsify_table(table.clone(), point, name, device)
+    _synchronize(device)
+    start = time.perf_counter()
+    engine.prune(name, table, point.level)
+    _synchronize(device)
+    engine_s = time.perf_counter() - start
+    table = table.cpu()
+    if reference is not None and not same_bits(table, reference):
+        raise StopRun(f"mask engine {MASK_ENGINE} disagrees with the stock DataNormSparsifier "
+                      f"on {name} at {point.config} level {point.level:g}; rerun with "
+                      f"--mask-engine stock")
+    return table, stock_s, engine_s
+
+
 def sparsify_embeddings(state_dict: Mapping[str, torch.Tensor], point: GridPoint,
                         device: torch.device,
-                        read_table: Callable[[str], torch.Tensor] | None = None
-                        ) -> tuple[dict[str, torch.Tensor], float]:
-    """State dict with every embedding table pruned (MLP tensors shared), and the step time.
+                        read_table: Callable[[str], torch.Tensor] | None = None,
+                        engine: SortOnceMasks | None = None, check: bool = False
+                        ) -> tuple[dict[str, torch.Tensor], float, float]:
+    """State dict with every embedding table pruned (MLP tensors shared); the stock step's
+    seconds (nan where it did not run) and the engine's (nan without one).
 
-    Tables are pruned one at a time, so the sparsifier's temporaries (mask, sort indices)
-    exist for one table at once, not for the whole model. `read_table(name)`, when given,
-    supplies a fresh copy of each original table (state_dict's tables are then only shapes,
-    for instance on the meta device); otherwise each table is copied from state_dict.
+    Tables are pruned one at a time, so the temporaries (the stock sparsifier's mask and sort
+    indices, the engine's sort) exist for one table at once, not for the whole model.
+    `read_table(name)`, when given, supplies a fresh copy of each original table (state_dict's
+    tables are then only shapes, for instance on the meta device); otherwise each table is
+    copied from state_dict. With an engine (SortOnceMasks of the point's config), it makes the
+    masks, and check also runs the stock sparsifier and compares (StopRun on a difference).
     """
     pruned = dict(state_dict)
-    step_s = 0.0
+    stock_s, engine_s = 0.0, 0.0
+    stock_everywhere = engine is None or check
     for name in embedding_names(state_dict):
         table = (state_dict[name].to(device, copy=True) if read_table is None
                  else read_table(name).to(device))
-        pruned[name], seconds = sparsify_table(table, point, name, device)
+        if engine is None:
+            pruned[name], seconds = sparsify_table(table, point, name, device)
+            stock_s += seconds
+        elif not is_matrix(table):  # the stock sparsifier squeezes it: let it do it
+            pruned[name], seconds = sparsify_table(table, point, name, device)
+            stock_s += seconds
+            engine_s += seconds
+        else:
+            pruned[name], seconds, own = prune_with_engine(table, point, name, device, engine,
+                                                           check)
+            stock_s += seconds if check else 0.0
+            engine_s += own
         del table  # on a GPU, free it before the next table's temporaries
-        step_s += seconds
-    return pruned, step_s
+    return (pruned, stock_s if stock_everywhere else float("nan"),
+            engine_s if engine is not None else float("nan"))
+
+
+class GridEngines:
+    """A sort-once mask engine per config (norm, block shape) of the grid, over its levels.
+
+    keep_one: only the config being pruned keeps its engine (a large model's per-block levels
+    weigh a quarter of its tables at 1x1 blocks); the grid's order prunes config by config.
+    """
+
+    def __init__(self, points: Iterable[GridPoint], keep_one: bool):
+        self.levels: dict[tuple, list[float]] = {}
+        for p in points:
+            self.levels.setdefault((p.norm, p.block_shape), []).append(p.level)
+        self.keep_one = keep_one
+        self.engines: dict[tuple, SortOnceMasks] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, point: GridPoint) -> SortOnceMasks:
+        key = (point.norm, point.block_shape)
+        with self._lock:
+            if key not in self.engines:
+                if self.keep_one:
+                    self.engines.clear()
+                self.engines[key] = SortOnceMasks(point.norm, point.block_shape,
+                                                  self.levels[key])
+            return self.engines[key]
+
+
+def stock_check_points(points: Iterable[GridPoint]) -> set[GridPoint]:
+    """Per config, the point the stock sparsifier also prunes, to check the engine: the first
+    strictly between levels 0 and 1 (at 0 and 1 the order of the blocks does not matter, so
+    there a check would prove little), or the config's first point if it has none."""
+    chosen: dict[str, GridPoint] = {}
+    for p in points:
+        current = chosen.get(p.config)
+        if current is None or (current.level in (0.0, 1.0) and 0.0 < p.level < 1.0):
+            chosen[p.config] = p
+    return set(chosen.values())
 
 
 def make_zeros_positive(state_dict: dict[str, torch.Tensor]) -> None:

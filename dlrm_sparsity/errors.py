@@ -15,3 +15,9 @@ class CheckpointError(UserInputError):
 
 class DataError(UserInputError):
     """Criteo data that is missing, malformed, or does not fit the model."""
+
+
+class StopRun(Exception):
+    """A failure that makes every later result of the run suspect (the mask engine disagrees
+    with the stock sparsifier): not one item's error row while the sweep goes on, but the end
+    of the run, as one line on stderr and exit code 2. Finished rows are kept."""

@@ -56,7 +56,7 @@ def test_each_zip_holds_the_stock_sparsifiers_weights(run, tiny_pipeline):
     source = load_state_dict(tiny_pipeline["model"])
     for row in df.to_dict("records"):
         shape = tuple(int(x) for x in row["sparse_block_shape"].strip("()").split(","))
-        expected, _ = sparsify_embeddings(source, GridPoint(row["norm"], shape,
+        expected, _, _ = sparsify_embeddings(source, GridPoint(row["norm"], shape,
                                                             row["sparsity_level"]),
                                           torch.device("cpu"))
         written = load_state_dict(out / row["path"])
@@ -171,7 +171,7 @@ def test_pruning_on_the_calling_thread_as_on_a_gpu_writes_the_same_zips(
     assert list(here["sha256"]) == list(df["sha256"])
     # level 0.0 prunes nothing in any config: one zip made, copied for the two others
     level0 = here[here.sparsity_level == 0.0]
-    assert level0["copied_from"].isna().sum() == 1 and level0["step_time_sec"].notna().sum() == 1
+    assert level0["copied_from"].isna().sum() == 1 and level0["mask_time_sec"].notna().sum() == 1
     crcs = {zipfile.ZipFile(tmp_path / p).infolist()[0].CRC for p in level0["path"]}
     assert len(crcs) == 1
 

@@ -8,7 +8,7 @@ import sys
 import torch
 
 from dlrm_sparsity.device import DEVICES
-from dlrm_sparsity.errors import UserInputError
+from dlrm_sparsity.errors import StopRun, UserInputError
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -88,7 +88,7 @@ def positive_int(text: str) -> int:
 
 def exit_for(exc: BaseException) -> None:
     """A user's mistake or Ctrl-C as one line on stderr and its exit code (2 or 130)."""
-    if isinstance(exc, UserInputError):
+    if isinstance(exc, (UserInputError, StopRun)):
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     if isinstance(exc, KeyboardInterrupt):

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, Sequence
 import pandas as pd
 from tqdm import tqdm
 
-from dlrm_sparsity.errors import UserInputError
+from dlrm_sparsity.errors import StopRun, UserInputError
 from dlrm_sparsity.runner.distributed import DistContext
 from dlrm_sparsity.runner.outputs import write_csv
 from dlrm_sparsity.runner.resume import SIGNATURE, Resume, failed, key_of, signature_of
@@ -75,7 +75,9 @@ def error_message(exc: Exception) -> str:
 def _attempt(fn: Callable, *args) -> _Outcome:
     try:
         return _Outcome(fn(*args))
-    except Exception as exc:  # any failure of one item is that item's error row
+    except StopRun:
+        raise
+    except Exception as exc:  # any other failure of one item is that item's error row
         return _Outcome(error=error_message(exc))
 
 

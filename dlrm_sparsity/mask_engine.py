@@ -1,0 +1,141 @@
+"""The stock DataNormSparsifier's masks at every level of a grid, from one sort per table.
+
+For a table, a norm and a block shape, the stock sparsifier (torch.ao.pruning's
+DataNormSparsifier with its default zeros_per_block, every value of a chosen block zeroed)
+  1. takes |x| (L1) or x*x (L2) of the table,
+  2. averages it over blocks with avg_pool2d (ceil_mode: partial blocks at the edges),
+  3. sorts the block averages with torch.sort,
+  4. zeroes the first round(level * num_blocks) blocks of that order,
+and the squashed weight is mask * x. Only step 4 depends on the level, yet the stock sparsifier
+does all four at every level, with temporaries about nine times the table. This engine does
+steps 1-3 once, with the same calls on the same values, so the order (ties included) is the
+stock one; sorting the (1, 1, n) tensor rather than the stock (1, block size, n) repeat of it
+changes nothing, since every row of that repeat holds the same values and torch sorts each row
+alone. The sort's int64 order is reduced at once to what the grid needs: for each block, the
+index of the first grid level that zeroes it (uint8, one byte a block: a quarter of a float32
+table at 1x1 blocks, where the order itself, even as int32, would weigh as much as the table).
+A level's mask is then one comparison, and the weight the same product mask * x, so -0.0 for
+pruned negative values, as the stock sparsifier leaves them.
+
+Where the table is not a matrix the stock sparsifier squeezes (a table of one row or one
+column), the engine defers to it for that table.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+NAME = "sort-once"
+STOCK = "stock"
+ENGINES = (NAME, STOCK)
+
+
+def block_norms(table: torch.Tensor, norm: str, block_shape: tuple[int, int]) -> torch.Tensor:
+    """The stock sparsifier's block averages of |x| or x*x, flattened row-major: (num_blocks,)."""
+    data_norm = table.abs() if norm == "L1" else table * table
+    pooled = F.avg_pool2d(data_norm[None, None], kernel_size=block_shape, stride=block_shape,
+                          ceil_mode=True)
+    return pooled.flatten()
+
+
+def smallest_index_dtype(count: int) -> torch.dtype:
+    """The narrowest signed integer type that holds 0 .. count - 1."""
+    for dtype in (torch.int16, torch.int32):
+        if count - 1 <= torch.iinfo(dtype).max:
+            return dtype
+    return torch.int64
+
+
+def block_order(table: torch.Tensor, norm: str, block_shape: tuple[int, int]) -> torch.Tensor:
+    """The blocks in the stock sparsifier's pruning order (torch.sort of the block averages,
+    ascending), kept in the smallest integer type that holds the block count."""
+    norms = block_norms(table, norm, block_shape)
+    count = len(norms)
+    order = torch.sort(norms.view(1, 1, -1), dim=2).indices.view(-1)
+    del norms
+    return order.to(smallest_index_dtype(count)) if count else order
+
+
+def first_levels(order: torch.Tensor, levels: Sequence[float]) -> torch.Tensor:
+    """For each block, the index in `levels` (ascending) of the first level that zeroes it;
+    len(levels) for a block that no level zeroes."""
+    count = len(order)
+    if len(levels) > 255:
+        raise ValueError("at most 255 levels in one engine (one byte a block)")
+    first = torch.full((count,), len(levels), dtype=torch.uint8, device=order.device)
+    done = 0
+    for i, level in enumerate(levels):
+        k = round(level * count)  # the stock sparsifier's count of blocks to zero
+        if k > done:
+            first[order[done:k].long()] = i
+            done = k
+    return first
+
+
+def is_matrix(table: torch.Tensor) -> bool:
+    """The stock sparsifier squeezes its input: a (1, n) or (n, 1) table becomes 1-D there."""
+    return table.dim() == 2 and table.shape[0] > 1 and table.shape[1] > 1
+
+
+def keep_mask(first: torch.Tensor, level_index: int, shape: tuple[int, int],
+              block_shape: tuple[int, int]) -> torch.Tensor:
+    """The level's keep mask over the table's values, as a bool tensor that broadcasts to the
+    table viewed as (rows, block columns, block width) when blocks are one row high and tile
+    the width, else as the full (rows, width) mask."""
+    rows, width = shape
+    bh, bw = block_shape
+    grid_rows, grid_cols = -(-rows // bh), -(-width // bw)
+    kept = (first > level_index).view(grid_rows, grid_cols)
+    if bh == 1 and width % bw == 0:
+        return kept[:, :, None]  # no copy: broadcast over each block's values
+    full = kept.repeat_interleave(bh, 0).repeat_interleave(bw, 1)
+    return full[:rows, :width]
+
+
+def apply_mask(table: torch.Tensor, keep: torch.Tensor, block_shape: tuple[int, int]) -> None:
+    """table <- mask * table, in place: the stock sparsifier's squashed weight, bit for bit."""
+    rows, width = table.shape
+    if keep.dim() == 3:
+        table.view(rows, width // block_shape[1], block_shape[1]).mul_(keep)
+    else:
+        table.mul_(keep)
+
+
+class SortOnceMasks:
+    """One config's (norm, block shape) masks over the grid's levels, for many tables.
+
+    `prune(name, table, level)` prunes a fresh copy of an original table in place. The first
+    call for a table sorts it; later levels reuse the per-block first levels. Thread-safe: the
+    disk sweep's workers prune points of one config side by side.
+    """
+
+    def __init__(self, norm: str, block_shape: tuple[int, int], levels: Sequence[float]):
+        self.norm, self.block_shape = norm, tuple(block_shape)
+        self.levels = sorted(set(float(x) for x in levels))
+        self._first: dict[str, torch.Tensor] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def first_levels_of(self, name: str, table: torch.Tensor) -> torch.Tensor:
+        with self._guard:
+            lock = self._locks.setdefault(name, threading.Lock())
+        with lock:
+            if name not in self._first:
+                order = block_order(table, self.norm, self.block_shape)
+                self._first[name] = first_levels(order, self.levels)
+            return self._first[name]
+
+    def prune(self, name: str, table: torch.Tensor, level: float) -> None:
+        if level not in self.levels:
+            raise KeyError(f"level {level} is not one of this engine's levels")
+        first = self.first_levels_of(name, table)
+        keep = keep_mask(first, self.levels.index(level), tuple(table.shape), self.block_shape)
+        apply_mask(table, keep, self.block_shape)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self._first.values())

@@ -1,0 +1,129 @@
+"""The sort-once mask engine against the stock DataNormSparsifier, bit for bit."""
+
+import pandas as pd
+import pytest
+import torch
+
+import evaluate_disk_savings
+from conftest import run_script, tiny_config
+from dlrm_sparsity import mask_engine
+from dlrm_sparsity.mask_engine import (
+    SortOnceMasks,
+    block_order,
+    first_levels,
+    smallest_index_dtype,
+)
+from dlrm_sparsity.model import DLRMNet
+from sparse_utils import (
+    SEED_LEVELS,
+    GridPoint,
+    same_bits,
+    sparsify_embeddings,
+    sparsify_table,
+    stock_check_points,
+)
+
+CPU = torch.device("cpu")
+CONFIGS = [("L1", (1, 1)), ("L1", (1, 4)), ("L2", (1, 4)), ("L2", (2, 3)), ("L1", (8, 8))]
+
+
+def tables():
+    g = torch.Generator().manual_seed(0)
+    zero_rows = torch.randn(120, 8, generator=g)
+    zero_rows[::3] = 0.0
+    with_nan = torch.randn(40, 8, generator=g)
+    with_nan[5, 2] = float("nan")
+    return {
+        "random": torch.randn(300, 16, generator=g),
+        "ties": torch.randint(-3, 4, (200, 16), generator=g).float(),  # many equal norms
+        "repeated_rows": torch.randn(1, 12, generator=g).repeat(90, 1),
+        "zero_rows": zero_rows,
+        "odd_width": torch.randn(101, 10, generator=g),  # 10 is no multiple of 4 or 3
+        "all_zero": torch.zeros(30, 16),
+        "with_nan": with_nan,
+    }
+
+
+@pytest.mark.parametrize("norm, shape", CONFIGS, ids=lambda c: str(c))
+def test_every_seed_level_gives_the_stock_weights_bit_for_bit(norm, shape):
+    engine = SortOnceMasks(norm, shape, SEED_LEVELS)
+    for name, table in tables().items():
+        for level in SEED_LEVELS:
+            ours = table.clone()
+            engine.prune(name, ours, level)
+            stock, _ = sparsify_table(table.clone(), GridPoint(norm, shape, level), name, CPU)
+            assert same_bits(ours, stock), (name, level)
+
+
+def test_the_whole_model_through_sparsify_embeddings():
+    """Every table of a DLRM, a table of one row among them (the engine defers to stock)."""
+    torch.manual_seed(0)
+    sd = DLRMNet(tiny_config(tables=(50, 3, 70, 20), dim=8)).state_dict()
+    sd["emb_l.1.weight"] = sd["emb_l.1.weight"][:1].clone()
+    for norm, shape in CONFIGS[:3]:
+        engine = SortOnceMasks(norm, shape, SEED_LEVELS)
+        for level in (0.0, 0.3, 0.9, 0.97, 1.0):
+            point = GridPoint(norm, shape, level)
+            ours, stock_s, engine_s = sparsify_embeddings(sd, point, CPU, engine=engine,
+                                                          check=level == 0.3)
+            stock, _, _ = sparsify_embeddings(sd, point, CPU)
+            assert all(same_bits(ours[k], stock[k]) for k in sd if k.startswith("emb_l"))
+            assert engine_s >= 0 and (stock_s >= 0 if level == 0.3 else stock_s != stock_s)
+
+
+def test_the_order_is_kept_in_the_smallest_integer_type():
+    assert smallest_index_dtype(2) == torch.int16
+    assert smallest_index_dtype(32768) == torch.int16  # ids 0 .. 32767
+    assert smallest_index_dtype(32769) == torch.int32
+    assert smallest_index_dtype(2**31 + 1) == torch.int64
+    assert block_order(torch.randn(100, 16), "L1", (1, 4)).dtype == torch.int16
+    assert block_order(torch.randn(3000, 16), "L1", (1, 1)).dtype == torch.int32
+
+
+def test_first_levels_follow_the_stock_block_count():
+    order = torch.tensor([4, 0, 3, 1, 2], dtype=torch.int16)
+    # round(0.3 * 5) = 2 blocks, round(0.5 * 5) = 2 (banker's rounding of 2.5), then all 5
+    first = first_levels(order, [0.0, 0.3, 0.5, 1.0])
+    assert first.dtype == torch.uint8
+    assert first.tolist() == [1, 3, 3, 3, 1]
+
+
+def test_check_points_are_inside_the_level_range_where_there_is_one():
+    points = [GridPoint("L1", (1, 4), x) for x in (0.0, 0.1, 0.5, 1.0)]
+    points += [GridPoint("L2", (1, 4), x) for x in (1.0, 0.0)]
+    assert stock_check_points(points) == {GridPoint("L1", (1, 4), 0.1),
+                                          GridPoint("L2", (1, 4), 1.0)}
+
+
+GRID = ["--sparsity-levels", "0.0", "0.5", "0.9", "--norms", "L1", "--block-shapes", "1x4"]
+
+
+def test_both_engines_write_the_same_zips_and_their_own_time_columns(tiny_pipeline, tmp_path):
+    frames = {}
+    for engine in ("sort-once", "stock"):
+        out = tmp_path / engine
+        assert run_script(evaluate_disk_savings, ["--model-path", tiny_pipeline["model"],
+                                                  "--output-dir", out, "--workers", "0",
+                                                  "--mask-engine", engine, *GRID]) == 0
+        frames[engine] = pd.read_csv(out / "sparse_model_metadata.csv")
+    ours, stock = frames["sort-once"], frames["stock"]
+    assert list(ours["sha256"]) == list(stock["sha256"])
+    assert set(ours["mask_engine"]) == {"sort-once"} and set(stock["mask_engine"]) == {"stock"}
+    # the stock step's time where it ran: at the checked point (0.5) only, with sort-once
+    assert ours["step_time_sec"].notna().tolist() == [False, True, False]
+    assert ours["mask_time_sec"].notna().all() and stock["mask_time_sec"].isna().all()
+    assert stock["step_time_sec"].notna().all()
+
+
+def test_an_engine_that_disagrees_stops_the_run_with_one_line(tiny_pipeline, tmp_path,
+                                                               monkeypatch, capsys):
+    def off_by_one_block(table, keep, block_shape):
+        table.view(-1)[:4] = 0.5  # a block the stock sparsifier would not have touched
+    monkeypatch.setattr(mask_engine, "apply_mask", off_by_one_block)
+    code = run_script(evaluate_disk_savings, ["--model-path", tiny_pipeline["model"],
+                                              "--output-dir", tmp_path, "--workers", "0",
+                                              *GRID])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("error: mask engine sort-once disagrees with the stock")
+    assert "emb_l.0.weight at L1 (1, 4) level 0.5" in err[0]
