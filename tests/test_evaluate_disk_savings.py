@@ -195,3 +195,17 @@ def test_a_point_whose_zip_cannot_be_written_is_an_error_row_and_the_rest_finish
     blocked.rmdir()
     assert run_script(evaluate_disk_savings, args) == 0  # a rerun redoes only that point
     assert "kept 8 finished item(s)" in capsys.readouterr().out  # 4 pruned, 4 copied
+
+
+def test_zips_deflated_on_threads_hold_the_same_weights(run, tiny_pipeline, tmp_path):
+    _, out, df = run
+    args = ["--model-path", tiny_pipeline["model"], "--output-dir", tmp_path, "--device", "cpu",
+            "--deflate-threads", "2", *GRID]
+    assert run_script(evaluate_disk_savings, args) == 0
+    here = pd.read_csv(tmp_path / "sparse_model_metadata.csv")
+    assert set(here["deflate_threads"]) == {2} and set(df["deflate_threads"]) == {1}
+    for mine, theirs in zip(here["path"], df["path"], strict=True):
+        with zipfile.ZipFile(tmp_path / mine) as zf:
+            assert zf.testzip() is None
+        a, b = load_state_dict(tmp_path / mine), load_state_dict(out / theirs)
+        assert all(torch.equal(a[k], b[k]) for k in b)
