@@ -20,7 +20,12 @@ import torch
 from torch import nn
 
 import evaluate_disk_savings
-from dlrm_forward_time import AGREEMENT_TOLERANCE, measure, steady_cpu_allocator
+from dlrm_forward_time import (
+    AGREEMENT_TOLERANCE,
+    measure,
+    steady_cpu_allocator,
+    trim_heap,
+)
 from dlrm_sparsity.checkpoints import load_dlrm_state_dict
 from dlrm_sparsity.criteo.data import Batch, CriteoSplit, load_split, tensors_fingerprint
 from dlrm_sparsity.errors import UserInputError
@@ -217,9 +222,12 @@ def main(argv=None) -> None:
                 reference = model(batch.dense, batch.offsets, batch.indices)
             dense = quality_metrics(test.labels.cpu().numpy(),
                                     score_split(model, test, len(batch.labels)))
-            rows = [measure_format(f, model, batch, reference, test, dense_bytes,
-                                   timed(item.payload), args.threads, args.min_run_time)
-                    for f in formats]
+            rows = []
+            for f in formats:
+                rows.append(measure_format(f, model, batch, reference, test, dense_bytes,
+                                           timed(item.payload), args.threads,
+                                           args.min_run_time))
+                trim_heap()  # this format's tables are freed: not under the next one's
             for row in rows:  # held lossless formats give the dense model's outputs, checked
                 if not row["lossy"] and row["held"]:
                     row.update(dense, quality_source="dense model (outputs agree)")

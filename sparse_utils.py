@@ -173,9 +173,20 @@ def sparsify_embeddings(state_dict: Mapping[str, torch.Tensor], point: GridPoint
     pruned = dict(state_dict)
     stock_s, engine_s = 0.0, 0.0
     stock_everywhere = engine is None or check
+
+    def original(name: str) -> torch.Tensor:
+        return (state_dict[name].to(device, copy=True) if read_table is None
+                else read_table(name).to(device))
+
+    if engine is not None:  # sort every table first, before any pruned table is held:
+        start = time.perf_counter()  # the sort's temporaries never meet the pruned model
+        for name in embedding_names(state_dict):
+            if not engine.knows(name) and is_matrix(state_dict[name]):
+                engine.first_levels_of(name, original(name))
+        _synchronize(device)
+        engine_s += time.perf_counter() - start
     for name in embedding_names(state_dict):
-        table = (state_dict[name].to(device, copy=True) if read_table is None
-                 else read_table(name).to(device))
+        table = original(name)
         if engine is None:
             pruned[name], seconds = sparsify_table(table, point, name, device)
             stock_s += seconds

@@ -1,8 +1,10 @@
 """Does a torch.sparse product leak memory? The CSR lookup of experiment 4 in isolation.
 
 A one-hot matrix of 16384 bags times a pruned 20,000 x 16 table (95% zeros), 300 times per
-pairing of layouts, on the CPU; prints how much the resident size grew. On torch 2.13,
-CSR x CSR grows by about 0.2 MB a call, COO x COO does not (README, "Memory formats").
+pairing of layouts, on the CPU, and 300 lookups of the same bags by the suite's CSR format
+(formats.Csr, a gather over the CSR's own tensors); prints how much the resident size grew.
+On torch 2.13, CSR x CSR grows by about 0.2 MB a call, COO x COO and the gather do not
+(README, "Memory formats").
 
     python benchmarks/bench_sparse_leak.py
 """
@@ -13,6 +15,8 @@ import warnings
 
 import torch
 from bench_common import rss_bytes
+
+from dlrm_sparsity.formats import Csr
 
 CALLS = 300
 
@@ -28,12 +32,15 @@ def main() -> None:
         "CSR x CSR": (one_hot.to_sparse_csr(), table.to_sparse_csr()),
         "COO x COO": (one_hot, table.to_sparse_coo().coalesce()),
     }
-    print(f"torch {torch.__version__}, {CALLS} calls of torch.sparse.mm each")
-    for name, (a, b) in products.items():
-        torch.sparse.mm(a, b)  # first call: lazy initialisation, not counted
+    csr = Csr(table)
+    calls = {name: (lambda a=a, b=b: torch.sparse.mm(a, b)) for name, (a, b) in products.items()}
+    calls["formats.Csr lookup (gather)"] = lambda: csr.lookup(pairs[1], pairs[0])
+    print(f"torch {torch.__version__}, {CALLS} calls each")
+    for name, call in calls.items():
+        call()  # first call: lazy initialisation, not counted
         start = rss_bytes()
         for _ in range(CALLS):
-            torch.sparse.mm(a, b)
+            call()
         grown = (rss_bytes() - start) / 2**20
         print(f"{name}: resident size +{grown:.0f} MiB ({grown / CALLS * 1024:.0f} KiB a call)")
 

@@ -120,6 +120,9 @@ class SortOnceMasks:
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
 
+    def knows(self, name: str) -> bool:
+        return name in self._first
+
     def first_levels_of(self, name: str, table: torch.Tensor) -> torch.Tensor:
         with self._guard:
             lock = self._locks.setdefault(name, threading.Lock())

@@ -1,0 +1,99 @@
+"""The Kaggle-size model's disk-savings grid: the sort-once engine and threaded deflate vs stock.
+
+Builds the random DLRM with Kaggle's 26 tables (bench_kaggle_size.py), then runs
+evaluate_disk_savings.py as child processes, each timed with its peak resident memory:
+  1. side by side on a few points of one config (default L1 1x4 at 0.5 and 0.9): the stock
+     sparsifier with one-thread deflate (the seed's way, `--mask-engine stock
+     --deflate-threads 1`), the defaults (sort-once, stock check at the first point, deflate
+     on every CPU), and the defaults without the stock check; the embedding weights of every
+     zip are compared with the stock run's, bit for bit, and the zip sizes with its sizes;
+  2. the seed's full grid (20 levels x L1 1x1, L1 1x4, L2 1x4) with the defaults.
+
+    python benchmarks/bench_kaggle_grid.py                 # both parts
+    python benchmarks/bench_kaggle_grid.py --no-full-grid  # the side-by-side part only
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import torch
+from bench_common import gib, measured
+from bench_kaggle_size import KAGGLE, run_child
+
+from dlrm_sparsity.checkpoints import load_state_dict
+from dlrm_sparsity.model import DLRMNet, embedding_names
+from dlrm_sparsity.training import save_dlrm_checkpoint
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    """Every embedding table of two zips equal to the bit."""
+    left, right = load_state_dict(a), load_state_dict(b)
+    return all(torch.equal(left[n].view(torch.int32), right[n].view(torch.int32))
+               for n in embedding_names(left))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--levels", nargs="+", default=["0.5", "0.9"],
+                   help="levels of the side-by-side part (config L1 1x4)")
+    p.add_argument("--no-full-grid", dest="full_grid", action="store_false")
+    p.add_argument("--keep", default=None, help="work in this folder and keep it")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory(dir=".") as tmp:
+        work = Path(args.keep or tmp).resolve()
+        work.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(0)
+        with measured("build") as build:
+            model = DLRMNet(KAGGLE)
+            model_bytes = sum(t.nbytes for t in model.state_dict().values())
+            save_dlrm_checkpoint(work / "kaggle.ckpt", model, 0.0, 0.0, 0, 0)
+            del model
+        print(f"built and saved in {build.wall_s:.0f} s", flush=True)
+        base = ["evaluate_disk_savings.py", "--model-path", str(work / "kaggle.ckpt"),
+                "--no-report"]
+        few = ["--norms", "L1", "--block-shapes", "1x4", "--sparsity-levels", *args.levels]
+        runs = {"stock, 1-thread deflate": ["--mask-engine", "stock", "--deflate-threads", "1"],
+                "sort-once + stock check, threaded deflate (defaults)": [],
+                "sort-once, no stock check, threaded deflate": ["--no-stock-check"]}
+        results = {}
+        for i, (name, flags) in enumerate(runs.items()):
+            out = work / f"side{i}"
+            results[name] = (*run_child([*base, *few, *flags, "--output-dir", str(out)]),
+                             pd.read_csv(out / "sparse_model_metadata.csv"), out)
+        if args.full_grid:
+            out = work / "full"
+            full_wall, full_peak = run_child([*base, "--output-dir", str(out)])
+            full = pd.read_csv(out / "sparse_model_metadata.csv")
+        names = list(runs)
+        stock_wall, _, stock_df, stock_out = results[names[0]]
+        print(f"\nKaggle-sized DLRM: model {gib(model_bytes)}, {os.cpu_count()} CPUs, "
+              f"torch {torch.__version__}")
+        print(f"side by side, L1 (1, 4) at levels {', '.join(args.levels)}:")
+        for name, (wall, peak, df, out) in results.items():
+            identical = all(same_weights(stock_out / a, out / b)
+                            for a, b in zip(stock_df["path"], df["path"], strict=True))
+            sizes = df["zip_file_size_bytes"] / stock_df["zip_file_size_bytes"]
+            print(f"  {name}: {wall:.1f} s ({stock_wall / wall:.2f}x faster than stock), peak "
+                  f"RSS {gib(peak)} ({peak / model_bytes:.2f}x the model); zip sizes "
+                  f"{sizes.min():.5f}-{sizes.max():.5f} of stock's; weights "
+                  f"{'bit-identical to' if identical else 'DIFFERENT from'} stock's")
+            print(f"    stock step {df['step_time_sec'].sum():.1f} s, engine "
+                  f"{df.get('mask_time_sec', pd.Series(dtype=float)).sum():.1f} s "
+                  "(sums over the points)")
+        if args.full_grid:
+            ok = full["sha256"].notna().sum()
+            print(f"full grid: {len(full)} points ({ok} zipped or copied) in {full_wall:.0f} s "
+                  f"({full_wall / 60:.1f} min), peak RSS {gib(full_peak)} "
+                  f"({full_peak / model_bytes:.2f}x the model); stock steps (checked points) "
+                  f"{full['step_time_sec'].sum():.0f} s, engine "
+                  f"{full['mask_time_sec'].sum():.0f} s")
+
+
+if __name__ == "__main__":
+    main()
