@@ -100,7 +100,8 @@ def parse_args(argv=None):
                    metavar="N", help="threads that deflate one zip, into one standard stream "
                    "(pigz's way: chunks primed with the 32 KiB before them; zips a few bytes "
                    "per MiB larger). Default: for models over 64 MiB, the CPUs shared among "
-                   "the workers; 1 for smaller ones, where one thread per zip is faster")
+                   "the workers; 1 for smaller ones, whose zips the workers deflate several at "
+                   "a time instead")
     p.add_argument("--compress-level", type=int, default=6, choices=range(10), metavar="0-9",
                    help="deflate level (6: the default of both, the seed's)")
     p.add_argument("--mask-engine", choices=ENGINES, default=MASK_ENGINE,

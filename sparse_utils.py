@@ -174,17 +174,23 @@ def sparsify_embeddings(state_dict: Mapping[str, torch.Tensor], point: GridPoint
     stock_s, engine_s = 0.0, 0.0
     stock_everywhere = engine is None or check
 
-    def original(name: str) -> torch.Tensor:
-        return (state_dict[name].to(device, copy=True) if read_table is None
+    def original(name: str, copy: bool = True) -> torch.Tensor:
+        return (state_dict[name].to(device, copy=copy) if read_table is None
                 else read_table(name).to(device))
 
     if engine is not None:  # sort every table first, before any pruned table is held:
         start = time.perf_counter()  # the sort's temporaries never meet the pruned model
         for name in embedding_names(state_dict):
             if not engine.knows(name) and is_matrix(state_dict[name]):
-                engine.first_levels_of(name, original(name))
+                engine.first_levels_of(name, original(name, copy=False))  # only read
         _synchronize(device)
         engine_s += time.perf_counter() - start
+    if engine is not None and check:  # the check first, each table's result then dropped:
+        for name in embedding_names(state_dict):  # the stock sparsifier's temporaries (about
+            if is_matrix(state_dict[name]):  # 9x a table) never meet the pruned model
+                _, seconds, _ = prune_with_engine(original(name), point, name, device, engine,
+                                                  check=True)
+                stock_s += seconds
     for name in embedding_names(state_dict):
         table = original(name)
         if engine is None:
@@ -195,9 +201,8 @@ def sparsify_embeddings(state_dict: Mapping[str, torch.Tensor], point: GridPoint
             stock_s += seconds
             engine_s += seconds
         else:
-            pruned[name], seconds, own = prune_with_engine(table, point, name, device, engine,
-                                                           check)
-            stock_s += seconds if check else 0.0
+            pruned[name], _, own = prune_with_engine(table, point, name, device, engine,
+                                                     check=False)
             engine_s += own
         del table  # on a GPU, free it before the next table's temporaries
     return (pruned, stock_s if stock_everywhere else float("nan"),
