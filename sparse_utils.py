@@ -133,26 +133,29 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def prune_with_engine(table: torch.Tensor, point: GridPoint, name: str, device: torch.device,
-                      engine: SortOnceMasks, check: bool) -> tuple[torch.Tensor, float, float]:
-    """The table (a copy the caller gives up) pruned by the sort-once engine, in place; with
-    check, also by the stock sparsifier on a copy, first (their temporaries never coexist),
-    and compared bit for bit. Returns it on the CPU, the stock step's seconds (nan without
-    check) and the engine's."""
-    stock_s = float("nan")
-    reference = None
-    if check:
-        reference, stock_s = sparsify_table(table.clone(), point, name, device)
+                      engine: SortOnceMasks) -> tuple[torch.Tensor, float]:
+    """The table (a copy the caller gives up) pruned by the sort-once engine, in place;
+    returned on the CPU, with the engine's seconds."""
     _synchronize(device)
     start = time.perf_counter()
     engine.prune(name, table, point.level)
     _synchronize(device)
-    engine_s = time.perf_counter() - start
-    table = table.cpu()
-    if reference is not None and not same_bits(table, reference):
+    return table.cpu(), time.perf_counter() - start
+
+
+def check_engine(original: Callable[[str], torch.Tensor], point: GridPoint, name: str,
+                 device: torch.device, engine: SortOnceMasks) -> float:
+    """Prune a fresh copy of the table with the stock sparsifier, then another with the
+    engine, and compare them bit for bit (StopRun on a difference); the stock step's seconds.
+    Nothing else of the table is held while the stock sparsifier runs: its temporaries, about
+    9x the table, set the peak memory of a large model's run."""
+    reference, stock_s = sparsify_table(original(name), point, name, device)
+    ours, _ = prune_with_engine(original(name), point, name, device, engine)
+    if not same_bits(ours, reference):
         raise StopRun(f"mask engine {MASK_ENGINE} disagrees with the stock DataNormSparsifier "
                       f"on {name} at {point.config} level {point.level:g}; rerun with "
                       f"--mask-engine stock")
-    return table, stock_s, engine_s
+    return stock_s
 
 
 def sparsify_embeddings(state_dict: Mapping[str, torch.Tensor], point: GridPoint,
@@ -185,12 +188,10 @@ def sparsify_embeddings(state_dict: Mapping[str, torch.Tensor], point: GridPoint
                 engine.first_levels_of(name, original(name, copy=False))  # only read
         _synchronize(device)
         engine_s += time.perf_counter() - start
-    if engine is not None and check:  # the check first, each table's result then dropped:
+    if engine is not None and check:  # the check first, each table's results then dropped:
         for name in embedding_names(state_dict):  # the stock sparsifier's temporaries (about
             if is_matrix(state_dict[name]):  # 9x a table) never meet the pruned model
-                _, seconds, _ = prune_with_engine(original(name), point, name, device, engine,
-                                                  check=True)
-                stock_s += seconds
+                stock_s += check_engine(original, point, name, device, engine)
     for name in embedding_names(state_dict):
         table = original(name)
         if engine is None:
@@ -201,8 +202,7 @@ def sparsify_embeddings(state_dict: Mapping[str, torch.Tensor], point: GridPoint
             stock_s += seconds
             engine_s += seconds
         else:
-            pruned[name], _, own = prune_with_engine(table, point, name, device, engine,
-                                                     check=False)
+            pruned[name], own = prune_with_engine(table, point, name, device, engine)
             engine_s += own
         del table  # on a GPU, free it before the next table's temporaries
     return (pruned, stock_s if stock_everywhere else float("nan"),
