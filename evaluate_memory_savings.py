@@ -45,6 +45,7 @@ from dlrm_sparsity.runner.cli import (
 from dlrm_sparsity.runner.outputs import KEY_COLUMNS, read_metadata
 from dlrm_sparsity.runner.session import Session
 from dlrm_sparsity.runner.sweep import Table
+from sparse_utils import LARGE_MODEL_BYTES
 
 MEMORY = Table("sparse_model_memory.csv", KEY_COLUMNS + [
     "format", "bytes", "bytes_ratio", "lookup_median_s", "lookup_iqr_s", "forward_median_s",
@@ -227,7 +228,8 @@ def main(argv=None) -> None:
                 rows.append(measure_format(f, model, batch, reference, test, dense_bytes,
                                            timed(item.payload), args.threads,
                                            args.min_run_time))
-                trim_heap()  # this format's tables are freed: not under the next one's
+                if dense_bytes > LARGE_MODEL_BYTES:  # freed tables must not stay resident
+                    trim_heap()  # under the next format's (small models: regrowing costs)
             for row in rows:  # held lossless formats give the dense model's outputs, checked
                 if not row["lossy"] and row["held"]:
                     row.update(dense, quality_source="dense model (outputs agree)")
