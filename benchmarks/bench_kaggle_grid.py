@@ -23,11 +23,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 from bench_common import gib, measured
-from bench_kaggle_size import KAGGLE, run_child
+from bench_kaggle_size import run_child, save_kaggle_model
 
 from dlrm_sparsity.checkpoints import load_state_dict
-from dlrm_sparsity.model import DLRMNet, embedding_names
-from dlrm_sparsity.training import save_dlrm_checkpoint
+from dlrm_sparsity.model import embedding_names
 
 
 def same_weights(a: Path, b: Path) -> bool:
@@ -48,12 +47,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=".") as tmp:
         work = Path(args.keep or tmp).resolve()
         work.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(0)
         with measured("build") as build:
-            model = DLRMNet(KAGGLE)
-            model_bytes = sum(t.nbytes for t in model.state_dict().values())
-            save_dlrm_checkpoint(work / "kaggle.ckpt", model, 0.0, 0.0, 0, 0)
-            del model
+            model_bytes = save_kaggle_model(work / "kaggle.ckpt")
         print(f"built and saved in {build.wall_s:.0f} s", flush=True)
         base = ["evaluate_disk_savings.py", "--model-path", str(work / "kaggle.ckpt"),
                 "--no-report"]

@@ -47,6 +47,15 @@ def write_test_data(folder: Path, num_samples: int, seed: int = 0) -> tuple[Path
     return raw, processed
 
 
+def save_kaggle_model(path: Path) -> int:
+    """The random Kaggle-size DLRM (seed 0) saved in dlrm's checkpoint layout; its bytes."""
+    torch.manual_seed(0)
+    model = DLRMNet(KAGGLE)
+    model_bytes = sum(t.nbytes for t in model.state_dict().values())
+    save_dlrm_checkpoint(path, model, 0.0, 0.0, 0, 0)
+    return model_bytes
+
+
 # The floor under the disk-savings peak: the stock sparsifier on the largest table, alone.
 STOCK_ON_ONE_TABLE = """
 import sys, torch
@@ -89,12 +98,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=".") as tmp:
         work = Path(args.keep or tmp).resolve()  # the children run from the repo root
         work.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(0)
         with measured("build") as build:
-            model = DLRMNet(KAGGLE)
-            model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-            save_dlrm_checkpoint(work / "kaggle.ckpt", model, 0.0, 0.0, 0, 0)
-            del model
+            model_bytes = save_kaggle_model(work / "kaggle.ckpt")
             raw, processed = write_test_data(work, args.samples)
         embedding_bytes = sum(n * 16 * 4 for n in KAGGLE.table_sizes)
         largest = max(KAGGLE.table_sizes) * 16 * 4
