@@ -34,6 +34,11 @@ MIN_RUNS = 3
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 
 
+def _libc() -> ctypes.CDLL:
+    """The C library, for its allocator's settings (raises where there is none to load)."""
+    return ctypes.CDLL(ctypes.util.find_library("c"))
+
+
 def steady_cpu_allocator() -> bool:
     """Serve large CPU tensors from the heap instead of fresh mmaps; True if it took effect.
 
@@ -46,9 +51,8 @@ def steady_cpu_allocator() -> bool:
     activations on the heap while embedding tables larger than that are still mapped on their
     own and given back to the system when freed.
     """
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name)
+        libc = _libc()
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, 64 * 2**20) and
                     libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
     except (OSError, AttributeError, TypeError):
@@ -60,11 +64,10 @@ def trim_heap() -> None:
     nothing). The steady setting never trims by itself, so that timings stay steady; between
     two measurements a trim costs no timing, and keeps what one step freed from adding to the
     next step's peak."""
-    name = ctypes.util.find_library("c")
     try:
-        ctypes.CDLL(name).malloc_trim(0)
+        _libc().malloc_trim(0)
     except (OSError, AttributeError, TypeError):
-        pass
+        pass  # not glibc: nothing to trim
 
 
 def sparse_top(model: DLRMNet, r_coo: torch.Tensor) -> torch.Tensor:
@@ -139,8 +142,6 @@ def measure(fn: Callable[[], object], label: str, threads: int, min_run_time: fl
     measure however small min_run_time is; a sweep of hundreds of short measurements (the
     memory experiment) takes the timer's overhead (about a microsecond) instead.
     """
-    t = benchmark.Timer(stmt="fn()", globals={"fn": fn}, label=label, num_threads=threads,
-                        timer=timer)
     with torch.inference_mode():
         start, calls = timer(), 0
         while calls + called < 2 or (timer() - start < warmup_s and calls < 100):
@@ -156,6 +157,8 @@ def measure(fn: Callable[[], object], label: str, threads: int, min_run_time: fl
                 raw = [clock.timeit(number) for _ in range(min_runs)]
             return benchmark.Measurement(number, raw, TaskSpec("fn()", "pass", label=label,
                                                                num_threads=threads))
+        t = benchmark.Timer(stmt="fn()", globals={"fn": fn}, label=label,
+                            num_threads=threads, timer=timer)
         m = t.blocked_autorange(min_run_time=max(min_run_time, min_runs * per_call))
         raw = list(m.raw_times)
         while len(raw) < min_runs:  # fast statements: a few long blocks; add blocks

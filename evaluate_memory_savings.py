@@ -15,6 +15,8 @@ model's memory. Writes sparse_model_memory.csv and memory_savings.png.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import pandas as pd
 import torch
 from torch import nn
@@ -27,7 +29,7 @@ from dlrm_forward_time import (
     trim_heap,
 )
 from dlrm_sparsity.checkpoints import load_dlrm_state_dict
-from dlrm_sparsity.criteo.data import Batch, CriteoSplit, load_split, tensors_fingerprint
+from dlrm_sparsity.criteo.data import Batch, load_split, tensors_fingerprint
 from dlrm_sparsity.errors import UserInputError
 from dlrm_sparsity.evaluation import AUC_DROP_BUDGETS, quality_metrics, score_split, within_budget
 from dlrm_sparsity.formats import FORMATS, NEEDS_FBGEMM, fbgemm_available, hold
@@ -104,8 +106,9 @@ class FormatModel(nn.Module):
 
 
 def measure_format(name: str, model: DLRMNet, batch: Batch, reference: torch.Tensor,
-                   test: CriteoSplit, dense_bytes: int, timed_forward: bool, threads: int,
-                   min_run_time: float) -> dict:
+                   score: Callable[[nn.Module], dict], dense_bytes: int, timed_forward: bool,
+                   threads: int, min_run_time: float) -> dict:
+    """One format's row; score(model) gives a model's metrics on the whole test split."""
     cls = FORMATS[name]
     tables = [bag.weight.detach() for bag in model.emb_l]
     held, nbytes = hold(cls, tables, dense_bytes)
@@ -130,9 +133,7 @@ def measure_format(name: str, model: DLRMNet, batch: Batch, reference: torch.Ten
                         threads, min_run_time, warmup_s=min_run_time, fixed_blocks=True)
         row.update(forward_median_s=whole.median, forward_iqr_s=whole.iqr)
     if cls.lossy:
-        labels = test.labels.cpu().numpy()
-        row.update(quality_metrics(labels, score_split(served, test, len(batch.labels))),
-                   quality_source="scored in this format")
+        row.update(score(served), quality_source="scored in this format")
     return row
 
 
@@ -205,6 +206,11 @@ def main(argv=None) -> None:
                         "threads": args.threads, "min_run_time": args.min_run_time,
                         "steady_malloc": steady, "device": run.environment()["device"]}
         test = test.to(run.device)
+        labels = test.labels.cpu().numpy()
+
+        def score(module: nn.Module) -> dict:
+            return quality_metrics(labels, score_split(module, test, len(batch.labels)))
+
         shared = {"batch_size": len(batch.labels), "steady_malloc": steady,
                   **run.environment(), "num_threads": args.threads}
 
@@ -221,11 +227,10 @@ def main(argv=None) -> None:
             dense_bytes = sum(bag.weight.nbytes for bag in model.emb_l)
             with torch.inference_mode():
                 reference = model(batch.dense, batch.offsets, batch.indices)
-            dense = quality_metrics(test.labels.cpu().numpy(),
-                                    score_split(model, test, len(batch.labels)))
+            dense = score(model)
             rows = []
             for f in formats:
-                rows.append(measure_format(f, model, batch, reference, test, dense_bytes,
+                rows.append(measure_format(f, model, batch, reference, score, dense_bytes,
                                            timed(item.payload), args.threads,
                                            args.min_run_time))
                 if dense_bytes > LARGE_MODEL_BYTES:  # freed tables must not stay resident

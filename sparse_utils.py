@@ -194,13 +194,10 @@ def sparsify_embeddings(state_dict: Mapping[str, torch.Tensor], point: GridPoint
                 stock_s += check_engine(original, point, name, device, engine)
     for name in embedding_names(state_dict):
         table = original(name)
-        if engine is None:
-            pruned[name], seconds = sparsify_table(table, point, name, device)
+        if engine is None or not is_matrix(table):  # a table the stock sparsifier squeezes
+            pruned[name], seconds = sparsify_table(table, point, name, device)  # is its own
             stock_s += seconds
-        elif not is_matrix(table):  # the stock sparsifier squeezes it: let it do it
-            pruned[name], seconds = sparsify_table(table, point, name, device)
-            stock_s += seconds
-            engine_s += seconds
+            engine_s += seconds if engine is not None else 0.0
         else:
             pruned[name], own = prune_with_engine(table, point, name, device, engine)
             engine_s += own

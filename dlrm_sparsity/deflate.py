@@ -61,9 +61,9 @@ class ParallelDeflate:
         out = []
         while len(self.buffer) + len(view) - start >= self.chunk:
             take = self.chunk - len(self.buffer)
-            self.buffer += view[start:start + take]
+            # one copy into the chunk (the caller may reuse its buffer once this returns)
+            self._submit(b"".join((self.buffer, view[start:start + take])), last=False)
             start += take
-            self._submit(bytes(self.buffer), last=False)
             self.buffer.clear()
             out.append(self._ready(self.in_flight))
         self.buffer += view[start:]

@@ -142,6 +142,13 @@ def kept_rows(table: torch.Tensor) -> torch.Tensor:
     return (table != 0).any(dim=1).nonzero().view(-1)
 
 
+def compact_ids(rows: int, kept: torch.Tensor, missing: int) -> torch.Tensor:
+    """An int32 remap of a table's ids: kept row kept[i] -> i, every other id -> missing."""
+    remap = torch.full((rows,), missing, dtype=torch.int32, device=kept.device)
+    remap[kept] = torch.arange(len(kept), dtype=torch.int32, device=kept.device)
+    return remap
+
+
 class RowPruned:
     """All-zero rows removed; an int32 remap sends each id to its compact row, and every
     pruned id to one zero row at the end; then a dense lookup on the compact table."""
@@ -152,9 +159,7 @@ class RowPruned:
     def __init__(self, table: torch.Tensor):
         kept = kept_rows(table)
         self.compact = torch.cat([table[kept], table.new_zeros(1, table.shape[1])])
-        self.remap = torch.full((table.shape[0],), len(kept), dtype=torch.int32,
-                                device=table.device)
-        self.remap[kept] = torch.arange(len(kept), dtype=torch.int32, device=table.device)
+        self.remap = compact_ids(table.shape[0], kept, missing=len(kept))
         self.nbytes = self.compact.nbytes + self.remap.nbytes
 
     @staticmethod
@@ -186,7 +191,8 @@ class Quantized:
     per row); with prune_rows, only the non-zero rows, behind FBGEMM's index remap.
 
     All the model's tables live in one table-batched op, as torchrec serves them: one kernel
-    call looks up every table (one op per table costs 26 calls, about 6x dense on the demo).
+    call looks up every table, where one op per table costs 26 calls (on the demo's CPU,
+    lookups 4.6-4.7x dense with one op per table, 4.1-4.3x with one for all).
     The op's weights are allocated once, quantized size; each table is quantized and copied
     in on its own, so the float temporaries never exceed one table."""
 
@@ -227,13 +233,10 @@ class Quantized:
             del fused
         self.nbytes = (self.op.weights_dev if cuda else self.op.weights_host).nbytes
         if self.prune_rows:
-            remaps = []
             # a pruned id maps to -1: it adds nothing
-            for table, k in zip(tables, kept, strict=True):
-                remap = torch.full((table.shape[0],), -1, dtype=torch.int32, device=device)
-                remap[k] = torch.arange(len(k), dtype=torch.int32, device=device)
-                remaps.append(remap)
-            self.op.set_index_remappings_array(remaps)
+            self.op.set_index_remappings_array(
+                [compact_ids(t.shape[0], k, missing=-1) for t, k in zip(tables, kept,
+                                                                         strict=True)])
             self.nbytes += (self.op.index_remappings_array.nbytes
                             + self.op.index_remappings_array_offsets.nbytes)
 

@@ -138,7 +138,3 @@ class SortOnceMasks:
         first = self.first_levels_of(name, table)
         keep = keep_mask(first, self.levels.index(level), tuple(table.shape), self.block_shape)
         apply_mask(table, keep, self.block_shape)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self._first.values())
