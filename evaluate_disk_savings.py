@@ -33,7 +33,7 @@ from dlrm_sparsity.mask_engine import NAME as MASK_ENGINE
 from dlrm_sparsity.plots import plot_disk_savings
 from dlrm_sparsity.report import refresh_report
 from dlrm_sparsity.runner.atomic import remove_stale_temporaries
-from dlrm_sparsity.runner.cli import add_run_args, make_parser
+from dlrm_sparsity.runner.cli import add_run_args, make_parser, positive_int
 from dlrm_sparsity.runner.outputs import METADATA_COLUMNS, METADATA_CSV
 from dlrm_sparsity.runner.session import Session, ensure_writable
 from dlrm_sparsity.runner.sweep import Item, SweepResult, Table
@@ -96,7 +96,7 @@ def parse_args(argv=None):
                         "Python's zipfile uses (the seed's deflate); zlib-ng takes about two "
                         "thirds of its time, and its zips are up to about 6%% smaller at high "
                         "sparsity")
-    p.add_argument("--deflate-threads", type=int, default=None, choices=range(1, 257),
+    p.add_argument("--deflate-threads", type=positive_int, default=None,
                    metavar="N", help="threads that deflate one zip, into one standard stream "
                    "(pigz's way: chunks primed with the 32 KiB before them; zips a few bytes "
                    "per MiB larger). Default: for models over 64 MiB, the CPUs shared among "

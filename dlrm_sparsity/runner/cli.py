@@ -80,7 +80,10 @@ def add_timing_args(p: argparse.ArgumentParser, min_run_time: float, why: str = 
 
 
 def positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0  # not a number: the same message
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
     return value
