@@ -12,6 +12,7 @@ whose zip is present with the recorded sha256 are kept. Runs unchanged under tor
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +56,7 @@ from sparse_utils import (
     shared_weights,
     sparsify_embeddings,
     step_threads,
+    stock_check_fraction,
     stock_check_points,
     tensor_bytes,
     torch_threads,
@@ -115,8 +117,16 @@ def parse_args(argv=None):
                    help="with sort-once, do not also prune one point per config (the first "
                         "between levels 0 and 1) with the stock sparsifier and compare the "
                         "weights bit for bit (a difference stops the run). The check costs "
-                        "one stock step per config, and its temporaries (about 9x the "
-                        "largest table) set the peak memory of a large model's run")
+                        "one stock step per config")
+    p.add_argument("--whole-stock-check", action="store_true",
+                   help="check every table whole. By default a table is checked whole when "
+                        "the check's copies (the stock sparsifier holds 8x a table in "
+                        "temporaries) fit in the model's own size, and otherwise on its "
+                        "leading rows that fit, by a fresh engine that sorts just those rows: "
+                        "the check then never holds more than the model's size again. "
+                        "Whole, a large model's peak is set by the stock sparsifier on the "
+                        "largest table (9x it). stock_check_fraction records the share "
+                        "checked")
     p.add_argument("--positive-zeros", action="store_true",
                    help="store pruned weights as +0.0 instead of the -0.0 the stock sparsifier "
                         "leaves for negative weights: the same model, but the sign bits no "
@@ -147,16 +157,19 @@ def deflate_threads(asked: int | None, dense_bytes: int, workers: int) -> int:
 
 
 def prune_point(model: Model, point: GridPoint, device: torch.device, positive_zeros: bool,
-                engine: SortOnceMasks | None = None, check: bool = False
-                ) -> tuple[GridPoint, dict, dict]:
+                engine: SortOnceMasks | None = None, check: bool = False,
+                check_budget: int | None = None) -> tuple[GridPoint, dict, dict]:
     """Every embedding table pruned (by the engine, or by the stock sparsifier without one);
-    the step's columns: the stock step's seconds where it ran, the engine's own."""
+    the step's columns: the stock step's seconds where it ran, the engine's own, and the
+    share of the weights the stock check compared."""
     pruned, stock_s, engine_s = sparsify_embeddings(model.state_dict, point, device,
-                                                    model.read_table, engine, check)
+                                                    model.read_table, engine, check,
+                                                    check_budget)
     if positive_zeros:
         make_zeros_positive(pruned)
+    share = stock_check_fraction(model.state_dict, check_budget) if check else 0.0
     return point, pruned, {"step_time_sec": stock_s, "mask_time_sec": engine_s,
-                           "stock_checked": check}
+                           "stock_checked": check, "stock_check_fraction": share}
 
 
 def zip_columns(point: GridPoint, zip_path: Path, size: int, dense_bytes: int,
@@ -171,9 +184,11 @@ def zip_point(point: GridPoint, pruned: dict, step: dict, dense_bytes: int,
     """The pruned model streamed into its zip; the point's metadata row."""
     zip_path = settings.dump_dir / point.zip_relpath()
     zip_path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
     size = save_state_dict_zip(pruned, zip_path, settings.compress_level, settings.compressor,
                                settings.threads)
-    return {**step, "actual_sparsity": zero_fraction(pruned),
+    return {**step, "zip_time_sec": time.perf_counter() - start,
+            "actual_sparsity": zero_fraction(pruned),
             **zip_columns(point, zip_path, size, dense_bytes, settings)}
 
 
@@ -239,7 +254,8 @@ def main(argv=None) -> None:
                      "compress_level": args.compress_level, "positive_zeros": args.positive_zeros,
                      "deflate_threads": settings.threads,
                      "mask_engine": args.mask_engine,
-                     "stock_check": args.stock_check and args.mask_engine == MASK_ENGINE}
+                     "stock_check": args.stock_check and args.mask_engine == MASK_ENGINE,
+                     "whole_stock_check": args.stock_check and args.whole_stock_check}
         determinants = {"model_sha256": sha256_of_file(model_path), **zip_setup,
                         "dump_dir": os.path.relpath(dump_dir, run.output_dir)}
         threads = step_threads(on_workers, workers)
@@ -261,12 +277,13 @@ def main(argv=None) -> None:
         pruned_points = [p for p in points if p not in copies]
         engines = GridEngines(pruned_points, keep_one=large)
         checked = stock_check_points(pruned_points) if args.stock_check else set()
+        check_budget = None if args.whole_stock_check else model.dense_bytes
 
         def prune(it: Item):
             point = it.payload
             engine = engines(point) if args.mask_engine == MASK_ENGINE else None
             return prune_point(model, point, run.device, args.positive_zeros, engine,
-                               check=engine is not None and point in checked)
+                               engine is not None and point in checked, check_budget)
 
         def store(job) -> dict:
             return zip_point(*job, model.dense_bytes, settings)

@@ -143,17 +143,51 @@ def prune_with_engine(table: torch.Tensor, point: GridPoint, name: str, device: 
     return table.cpu(), time.perf_counter() - start
 
 
+# The stock check holds a table's copy and, while the stock sparsifier steps and squashes,
+# 8x the table in temporaries (measured for both norms and any block shape); a slice's check
+# also holds the slice itself: 10x what it checks, at most.
+STOCK_CHECK_COPIES = 10
+
+
+def stock_check_rows(table: torch.Tensor, budget: int | None) -> int:
+    """Rows of a table the stock check prunes: all of them when the check's copies fit in
+    budget bytes (or without a budget), else the leading rows that fit (two at least)."""
+    rows = table.shape[0]
+    if budget is None:
+        return rows
+    row_bytes = STOCK_CHECK_COPIES * table.element_size() * (table.numel() // max(1, rows))
+    return min(rows, max(2, budget // max(1, row_bytes)))
+
+
+def stock_check_fraction(state_dict: Mapping[str, torch.Tensor], budget: int | None) -> float:
+    """The share of the embedding weights the stock check prunes and compares (tables the
+    engine defers to the stock sparsifier count as checked: stock pruned them)."""
+    names = embedding_names(state_dict)
+    checked = sum(state_dict[n].numel() if not is_matrix(state_dict[n]) else
+                  stock_check_rows(state_dict[n], budget) * state_dict[n].shape[1]
+                  for n in names)
+    return checked / max(1, sum(state_dict[n].numel() for n in names))
+
+
 def check_engine(original: Callable[[str], torch.Tensor], point: GridPoint, name: str,
-                 device: torch.device, engine: SortOnceMasks) -> float:
+                 device: torch.device, engine: SortOnceMasks, rows: int | None = None
+                 ) -> float:
     """Prune a fresh copy of the table with the stock sparsifier, then another with the
     engine, and compare them bit for bit (StopRun on a difference); the stock step's seconds.
-    Nothing else of the table is held while the stock sparsifier runs: its temporaries, about
-    9x the table, set the peak memory of a large model's run."""
-    reference, stock_s = sparsify_table(original(name), point, name, device)
-    ours, _ = prune_with_engine(original(name), point, name, device, engine)
+    Nothing else of the table is held while the stock sparsifier runs. With rows, only the
+    table's leading rows are checked, by a fresh engine of the same config sorting them, so
+    that the check's copies stay within a budget: the same code on the table's own values,
+    at a fraction of the stock sparsifier's temporaries."""
+    fresh, what = original, name
+    if rows is not None:  # the caller passes rows only when they are fewer than the table's
+        part = original(name)[:rows].clone()  # the full copy is dropped at once
+        fresh, what = (lambda _: part.clone()), f"the first {rows} rows of {name}"
+        engine = SortOnceMasks(engine.norm, engine.block_shape, [point.level])
+    reference, stock_s = sparsify_table(fresh(name), point, name, device)
+    ours, _ = prune_with_engine(fresh(name), point, name, device, engine)
     if not same_bits(ours, reference):
         raise StopRun(f"mask engine {MASK_ENGINE} disagrees with the stock DataNormSparsifier "
-                      f"on {name} at {point.config} level {point.level:g}; rerun with "
+                      f"on {what} at {point.config} level {point.level:g}; rerun with "
                       f"--mask-engine stock")
     return stock_s
 
@@ -161,7 +195,8 @@ def check_engine(original: Callable[[str], torch.Tensor], point: GridPoint, name
 def sparsify_embeddings(state_dict: Mapping[str, torch.Tensor], point: GridPoint,
                         device: torch.device,
                         read_table: Callable[[str], torch.Tensor] | None = None,
-                        engine: SortOnceMasks | None = None, check: bool = False
+                        engine: SortOnceMasks | None = None, check: bool = False,
+                        check_budget: int | None = None
                         ) -> tuple[dict[str, torch.Tensor], float, float]:
     """State dict with every embedding table pruned (MLP tensors shared); the stock step's
     seconds (nan where it did not run) and the engine's (nan without one).
@@ -171,7 +206,9 @@ def sparsify_embeddings(state_dict: Mapping[str, torch.Tensor], point: GridPoint
     `read_table(name)`, when given, supplies a fresh copy of each original table (state_dict's
     tables are then only shapes, for instance on the meta device); otherwise each table is
     copied from state_dict. With an engine (SortOnceMasks of the point's config), it makes the
-    masks, and check also runs the stock sparsifier and compares (StopRun on a difference).
+    masks, and check also runs the stock sparsifier and compares (StopRun on a difference),
+    on whole tables, or on the leading rows of those whose check would not fit in
+    check_budget bytes (stock_check_rows).
     """
     pruned = dict(state_dict)
     stock_s, engine_s = 0.0, 0.0
@@ -191,7 +228,9 @@ def sparsify_embeddings(state_dict: Mapping[str, torch.Tensor], point: GridPoint
     if engine is not None and check:  # the check first, each table's results then dropped:
         for name in embedding_names(state_dict):  # the stock sparsifier's temporaries (about
             if is_matrix(state_dict[name]):  # 9x a table) never meet the pruned model
-                stock_s += check_engine(original, point, name, device, engine)
+                rows = stock_check_rows(state_dict[name], check_budget)
+                stock_s += check_engine(original, point, name, device, engine,
+                                        rows if rows < state_dict[name].shape[0] else None)
     for name in embedding_names(state_dict):
         table = original(name)
         if engine is None or not is_matrix(table):  # a table the stock sparsifier squeezes
@@ -257,8 +296,8 @@ def make_zeros_positive(state_dict: dict[str, torch.Tensor]) -> None:
 
 def zero_fraction(state_dict: Mapping[str, torch.Tensor]) -> float:
     """Fraction of exactly-zero values over all embedding weights."""
-    names = embedding_names(state_dict)
-    zeros = sum(int((state_dict[n] == 0).sum()) for n in names)
+    names = embedding_names(state_dict)  # count_nonzero: no boolean copy of each table
+    zeros = sum(state_dict[n].numel() - int(torch.count_nonzero(state_dict[n])) for n in names)
     return zeros / sum(state_dict[n].numel() for n in names)
 
 

@@ -36,6 +36,17 @@ def same_weights(a: Path, b: Path) -> bool:
                for n in embedding_names(left))
 
 
+def where_the_time_went(df: pd.DataFrame) -> str:
+    """The stock check's steps, the engine (its sorts and masks) and the zips, in seconds."""
+    def total(column: str) -> float:
+        return df[column].sum() if column in df else 0.0
+    checked = df.loc[df.get("stock_checked", pd.Series(False, index=df.index)) == True]  # noqa: E712
+    share = (f" on {checked['stock_check_fraction'].min():.0%} of the weights"
+             if "stock_check_fraction" in checked and len(checked) else "")
+    return (f"stock steps {total('step_time_sec'):.1f} s{share}, engine "
+            f"{total('mask_time_sec'):.1f} s, zips {total('zip_time_sec'):.1f} s")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -78,16 +89,12 @@ def main() -> None:
                   f"RSS {gib(peak)} ({peak / model_bytes:.2f}x the model); zip sizes "
                   f"{sizes.min():.5f}-{sizes.max():.5f} of stock's; weights "
                   f"{'bit-identical to' if identical else 'DIFFERENT from'} stock's")
-            print(f"    stock step {df['step_time_sec'].sum():.1f} s, engine "
-                  f"{df.get('mask_time_sec', pd.Series(dtype=float)).sum():.1f} s "
-                  "(sums over the points)")
+            print(f"    {where_the_time_went(df)} (sums over the points)")
         if args.full_grid:
             ok = full["sha256"].notna().sum()
             print(f"full grid: {len(full)} points ({ok} zipped or copied) in {full_wall:.0f} s "
                   f"({full_wall / 60:.1f} min), peak RSS {gib(full_peak)} "
-                  f"({full_peak / model_bytes:.2f}x the model); stock steps (checked points) "
-                  f"{full['step_time_sec'].sum():.0f} s, engine "
-                  f"{full['mask_time_sec'].sum():.0f} s")
+                  f"({full_peak / model_bytes:.2f}x the model)\n    {where_the_time_went(full)}")
 
 
 if __name__ == "__main__":

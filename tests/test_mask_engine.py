@@ -7,6 +7,7 @@ import torch
 import evaluate_disk_savings
 from conftest import run_script, tiny_config
 from dlrm_sparsity import mask_engine
+from dlrm_sparsity.errors import StopRun
 from dlrm_sparsity.mask_engine import (
     SortOnceMasks,
     block_order,
@@ -20,7 +21,9 @@ from sparse_utils import (
     same_bits,
     sparsify_embeddings,
     sparsify_table,
+    stock_check_fraction,
     stock_check_points,
+    stock_check_rows,
 )
 
 CPU = torch.device("cpu")
@@ -71,6 +74,39 @@ def test_the_whole_model_through_sparsify_embeddings():
             assert engine_s >= 0 and (stock_s >= 0 if level == 0.3 else stock_s != stock_s)
 
 
+def test_a_check_budget_checks_the_leading_rows_that_fit():
+    table = torch.empty(1000, 16)  # 64 KiB; the check holds 10 copies of what it checks
+    assert stock_check_rows(table, None) == 1000
+    assert stock_check_rows(table, 10 * table.nbytes) == 1000
+    assert stock_check_rows(table, 10 * 64 * 250) == 250  # 64 bytes a row
+    assert stock_check_rows(table, 1) == 2  # two rows at least: still a matrix
+    sd = {"emb_l.0.weight": table, "emb_l.1.weight": torch.empty(3000, 16),
+          "emb_l.2.weight": torch.empty(1, 16)}  # one row: stock prunes it, so checked
+    assert stock_check_fraction(sd, None) == 1.0
+    assert stock_check_fraction(sd, 10 * 64 * 1000) == (1000 + 1000 + 1) / 4001
+
+
+def test_a_budgeted_check_prunes_as_the_whole_check_and_catches_a_bad_engine(monkeypatch):
+    torch.manual_seed(0)
+    sd = DLRMNet(tiny_config(tables=(400, 30, 700), dim=8)).state_dict()
+    point = GridPoint("L1", (1, 4), 0.5)
+    budget = 10 * 8 * 4 * 100  # 100 rows of width 8
+    ours, stock_s, _ = sparsify_embeddings(sd, point, CPU, engine=SortOnceMasks(
+        "L1", (1, 4), SEED_LEVELS), check=True, check_budget=budget)
+    stock, _, _ = sparsify_embeddings(sd, point, CPU)
+    assert stock_s > 0 and all(same_bits(ours[k], stock[k]) for k in sd if "emb_l" in k)
+    real = mask_engine.apply_mask
+
+    def wrong_beyond_row_50(table, keep, block_shape):  # only a slice's engine is wrong
+        real(table, keep, block_shape)
+        if table.shape[0] == 100:
+            table[50:] = 0.25
+    monkeypatch.setattr(mask_engine, "apply_mask", wrong_beyond_row_50)
+    with pytest.raises(StopRun, match=r"on the first 100 rows of emb_l\.0\.weight at L1"):
+        sparsify_embeddings(sd, point, CPU, engine=SortOnceMasks("L1", (1, 4), SEED_LEVELS),
+                            check=True, check_budget=budget)
+
+
 def test_the_order_is_kept_in_the_smallest_integer_type():
     assert smallest_index_dtype(2) == torch.int16
     assert smallest_index_dtype(32768) == torch.int16  # ids 0 .. 32767
@@ -111,6 +147,8 @@ def test_both_engines_write_the_same_zips_and_their_own_time_columns(tiny_pipeli
     assert set(ours["mask_engine"]) == {"sort-once"} and set(stock["mask_engine"]) == {"stock"}
     # the stock step's time where it ran: at the checked point (0.5) only, with sort-once
     assert ours["step_time_sec"].notna().tolist() == [False, True, False]
+    assert ours["stock_check_fraction"].tolist() == [0.0, 1.0, 0.0]  # tiny: checked whole
+    assert (ours["zip_time_sec"] > 0).all()
     assert ours["mask_time_sec"].notna().all() and stock["mask_time_sec"].isna().all()
     assert stock["step_time_sec"].notna().all()
 
