@@ -15,6 +15,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -222,7 +223,8 @@ def sparsify_embeddings(state_dict: Mapping[str, torch.Tensor], point: GridPoint
         start = time.perf_counter()  # the sort's temporaries never meet the pruned model
         for name in embedding_names(state_dict):
             if not engine.knows(name) and is_matrix(state_dict[name]):
-                engine.first_levels_of(name, original(name, copy=False))  # only read
+                # read for it alone: the copy is freed before the sort
+                engine.first_levels_of(name, partial(original, name, copy=False))
         _synchronize(device)
         engine_s += time.perf_counter() - start
     if engine is not None and check:  # the check first, each table's results then dropped:

@@ -218,6 +218,27 @@ def copy_zip_renamed(source: str | os.PathLike, zip_path: str | os.PathLike) -> 
     return zip_path.stat().st_size
 
 
+class _InPieces:
+    """Hands a zip member's writer large writes in pieces of at most 16 MiB. torch.save
+    writes each storage in one call, and zipfile's writer returns a call's whole deflated
+    output at once: for a 618 MiB table, up to twice its compressed size held in memory
+    before it reaches the file."""
+
+    PIECE = 16 * 2**20
+
+    def __init__(self, member):
+        self.member = member
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        for start in range(0, len(view), self.PIECE):
+            self.member.write(view[start:start + self.PIECE])
+        return len(view)
+
+    def flush(self) -> None:
+        self.member.flush()
+
+
 def save_state_dict_zip(state_dict: Mapping[str, torch.Tensor], zip_path: str | os.PathLike,
                         compresslevel: int = 6, compressor: str = "zlib-ng",
                         threads: int = 1) -> int:
@@ -254,5 +275,5 @@ def save_state_dict_zip(state_dict: Mapping[str, torch.Tensor], zip_path: str | 
                     f._compressor = (ParallelDeflate(module, compresslevel, threads)
                                      if threads > 1 else
                                      module.compressobj(compresslevel, module.DEFLATED, -15))
-                torch.save(dict(state_dict), f)
+                torch.save(dict(state_dict), _InPieces(f))
     return zip_path.stat().st_size
