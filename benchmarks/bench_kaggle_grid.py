@@ -11,6 +11,7 @@ evaluate_disk_savings.py as child processes, each timed with its peak resident m
 
     python benchmarks/bench_kaggle_grid.py                 # both parts
     python benchmarks/bench_kaggle_grid.py --no-full-grid  # the side-by-side part only
+    python benchmarks/bench_kaggle_grid.py --no-side-by-side  # the full grid only
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def main() -> None:
     p.add_argument("--levels", nargs="+", default=["0.5", "0.9"],
                    help="levels of the side-by-side part (config L1 1x4)")
     p.add_argument("--no-full-grid", dest="full_grid", action="store_false")
+    p.add_argument("--no-side-by-side", dest="side_by_side", action="store_false")
     p.add_argument("--keep", default=None, help="work in this folder and keep it")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(dir=".") as tmp:
@@ -68,7 +70,7 @@ def main() -> None:
                 "sort-once + stock check, threaded deflate (defaults)": [],
                 "sort-once, no stock check, threaded deflate": ["--no-stock-check"]}
         results = {}
-        for i, (name, flags) in enumerate(runs.items()):
+        for i, (name, flags) in enumerate(runs.items() if args.side_by_side else []):
             out = work / f"side{i}"
             results[name] = (*run_child([*base, *few, *flags, "--output-dir", str(out)]),
                              pd.read_csv(out / "sparse_model_metadata.csv"), out)
@@ -76,11 +78,11 @@ def main() -> None:
             out = work / "full"
             full_wall, full_peak = run_child([*base, "--output-dir", str(out)])
             full = pd.read_csv(out / "sparse_model_metadata.csv")
-        names = list(runs)
-        stock_wall, _, stock_df, stock_out = results[names[0]]
         print(f"\nKaggle-sized DLRM: model {gib(model_bytes)}, {os.cpu_count()} CPUs, "
               f"torch {torch.__version__}")
-        print(f"side by side, L1 (1, 4) at levels {', '.join(args.levels)}:")
+        if results:
+            stock_wall, _, stock_df, stock_out = results[list(runs)[0]]
+            print(f"side by side, L1 (1, 4) at levels {', '.join(args.levels)}:")
         for name, (wall, peak, df, out) in results.items():
             identical = all(same_weights(stock_out / a, out / b)
                             for a, b in zip(stock_df["path"], df["path"], strict=True))
