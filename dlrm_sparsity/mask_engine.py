@@ -57,10 +57,6 @@ def sort_blocks(norms: torch.Tensor) -> torch.Tensor:
     return order.to(smallest_index_dtype(len(norms))) if len(norms) else order
 
 
-def block_order(table: torch.Tensor, norm: str, block_shape: tuple[int, int]) -> torch.Tensor:
-    return sort_blocks(block_norms(table, norm, block_shape))
-
-
 def first_levels(order: torch.Tensor, levels: Sequence[float]) -> torch.Tensor:
     """For each block, the index in `levels` (ascending) of the first level that zeroes it;
     len(levels) for a block that no level zeroes."""
@@ -127,8 +123,8 @@ class SortOnceMasks:
     def first_levels_of(self, name: str, read: Callable[[], torch.Tensor]) -> torch.Tensor:
         """The table's per-block first levels, sorted on first use. read() gives the table:
         where nothing else holds it, it is freed once its block averages are taken, before the
-        sort, whose int64 order and buffers weigh about 4x those averages (at 1x1 blocks, 4x
-        the table)."""
+        sort, whose values, int64 order and merge buffer weigh 4-5x those averages (measured;
+        at 1x1 blocks, 4-5x the table)."""
         with self._guard:
             lock = self._locks.setdefault(name, threading.Lock())
         with lock:

@@ -10,9 +10,10 @@ from dlrm_sparsity import mask_engine
 from dlrm_sparsity.errors import StopRun
 from dlrm_sparsity.mask_engine import (
     SortOnceMasks,
-    block_order,
+    block_norms,
     first_levels,
     smallest_index_dtype,
+    sort_blocks,
 )
 from dlrm_sparsity.model import DLRMNet
 from sparse_utils import (
@@ -112,8 +113,8 @@ def test_the_order_is_kept_in_the_smallest_integer_type():
     assert smallest_index_dtype(32768) == torch.int16  # ids 0 .. 32767
     assert smallest_index_dtype(32769) == torch.int32
     assert smallest_index_dtype(2**31 + 1) == torch.int64
-    assert block_order(torch.randn(100, 16), "L1", (1, 4)).dtype == torch.int16
-    assert block_order(torch.randn(3000, 16), "L1", (1, 1)).dtype == torch.int32
+    assert sort_blocks(block_norms(torch.randn(100, 16), "L1", (1, 4))).dtype == torch.int16
+    assert sort_blocks(block_norms(torch.randn(3000, 16), "L1", (1, 1))).dtype == torch.int32
 
 
 def test_first_levels_follow_the_stock_block_count():
