@@ -92,7 +92,8 @@ def parse_args(argv=None):
                         "in a plain torch.save file the original tables are read from the "
                         "file as they are pruned instead of held. On a CPU with workers the "
                         "step shares the cores, so for clean step_time_sec figures use 0 or "
-                        "a GPU (default: min(4, CPUs), or 0 for models over 1 GiB)")
+                        "a GPU (default: min(4, CPUs); for a model over 1 GiB, one per 8 "
+                        "CPUs as the RAM allows, so 0 below 8 CPUs)")
     p.add_argument("--compressor", default="zlib-ng", choices=COMPRESSORS,
                    help="deflate implementation; both write standard zips. zlib is what "
                         "Python's zipfile uses (the seed's deflate); zlib-ng takes about two "
@@ -144,6 +145,37 @@ class ZipSettings:
 
 
 PARALLEL_DEFLATE_BYTES = 64 * 2**20
+CPUS_PER_LARGE_ZIP = 8
+# A point in flight holds a pruned copy of the model, and on a CPU the sparsifier's
+# temporaries beside it; with workers the original model is held too. Twice the model per
+# point in flight, and twice the model held, leave room for both.
+MODEL_COPIES_PER_WORKER = 2
+
+
+def usable_cpus() -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return cpus or 1
+
+
+def physical_memory() -> int:
+    """The machine's RAM in bytes (0 where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 0
+
+
+def default_workers(dense_bytes: int, cpus: int, ram_bytes: int) -> int:
+    """Points in flight when --workers is not given. A model under 1 GiB: min(4, CPUs). A
+    larger one: one worker per 8 CPUs (each zip still deflated on 8 threads while the next
+    point is pruned), as many as the RAM holds; none below 8 CPUs, where memory comes first
+    and each point reads its tables from the file."""
+    if dense_bytes <= LARGE_MODEL_BYTES:
+        return min(4, cpus)
+    workers = min(4, cpus // CPUS_PER_LARGE_ZIP)
+    while workers and (workers + 1) * MODEL_COPIES_PER_WORKER * dense_bytes > ram_bytes:
+        workers -= 1
+    return workers
 
 
 def deflate_threads(asked: int | None, dense_bytes: int, workers: int) -> int:
@@ -152,8 +184,7 @@ def deflate_threads(asked: int | None, dense_bytes: int, workers: int) -> int:
         return asked
     if dense_bytes < PARALLEL_DEFLATE_BYTES:
         return 1
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cpus or 1) // max(1, workers))
+    return max(1, usable_cpus() // max(1, workers))
 
 
 def prune_point(model: Model, point: GridPoint, device: torch.device, positive_zeros: bool,
@@ -242,9 +273,10 @@ def main(argv=None) -> None:
         run.ctx.barrier()
         model_path = args.model_path or str(ensure_demo().model)
         mapped = load_dlrm_state_dict(model_path, mmap=True)  # nothing read yet
-        large = tensor_bytes(mapped) > LARGE_MODEL_BYTES
+        dense_bytes = tensor_bytes(mapped)
+        large = dense_bytes > LARGE_MODEL_BYTES
         workers = (args.workers if args.workers is not None
-                   else 0 if large else min(4, os.cpu_count() or 1))
+                   else default_workers(dense_bytes, usable_cpus(), physical_memory()))
         model = hold_model(mapped, model_path, workers)
         del mapped  # with it goes the map of the file
         settings = ZipSettings(dump_dir, run.output_dir, args.compressor, args.compress_level,

@@ -156,6 +156,19 @@ def test_large_model_path_reads_tables_from_the_file_and_writes_the_same_zips(
     assert list(lean["actual_sparsity"]) == list(df["actual_sparsity"])
 
 
+def test_default_workers_keep_a_large_model_to_one_point_unless_cores_and_ram_allow_more():
+    gib = 2**30
+    workers = evaluate_disk_savings.default_workers
+    assert workers(gib // 2, cpus=2, ram_bytes=24 * gib) == 2  # small: min(4, CPUs)
+    assert workers(gib // 2, cpus=64, ram_bytes=24 * gib) == 4
+    kaggle = int(2.16 * gib)
+    assert workers(kaggle, cpus=2, ram_bytes=24 * gib) == 0  # memory first on a small machine
+    assert workers(kaggle, cpus=16, ram_bytes=128 * gib) == 2  # one per 8 CPUs
+    assert workers(kaggle, cpus=64, ram_bytes=512 * gib) == 4
+    assert workers(kaggle, cpus=16, ram_bytes=12 * gib) == 1  # (1 + 1) x 2 copies fit, 3 do not
+    assert workers(kaggle, cpus=16, ram_bytes=0) == 0  # RAM unknown
+
+
 def test_pruning_on_the_calling_thread_as_on_a_gpu_writes_the_same_zips(
         run, tiny_pipeline, tmp_path, monkeypatch):
     """The GPU's arrangement (the calling thread prunes, two workers zip), here on the CPU."""

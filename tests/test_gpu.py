@@ -6,8 +6,9 @@ import torch
 from conftest import random_batch, tiny_config
 from dlrm_forward_time import check_agreement, forward_fn, measure
 from dlrm_sparsity.criteo.data import Batch
+from dlrm_sparsity.mask_engine import SortOnceMasks
 from dlrm_sparsity.model import DLRMNet
-from sparse_utils import GridPoint, sparsify_embeddings
+from sparse_utils import SEED_LEVELS, GridPoint, same_bits, sparsify_embeddings, sparsify_table
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
@@ -42,3 +43,21 @@ def test_pruning_on_the_gpu_gives_the_cpu_weights():
         cpu, _, _ = sparsify_embeddings(sd, point, torch.device("cpu"))
         gpu, _, _ = sparsify_embeddings(sd, point, CUDA)
         assert all(torch.equal(cpu[k], gpu[k]) for k in sd)
+
+
+@pytest.mark.parametrize("norm, shape", [("L1", (1, 1)), ("L1", (1, 4)), ("L2", (1, 4))])
+def test_the_sort_once_engine_gives_the_stock_weights_on_the_gpu(norm, shape):
+    """As on the CPU (test_mask_engine), with a table large enough for the GPU's other sort
+    path, full of ties: the engine's (1, 1, n) sort must order ties as the stock
+    (1, block size, n) one does."""
+    from test_mask_engine import tables
+
+    g = torch.Generator().manual_seed(1)
+    cases = {**tables(), "large_ties": torch.randint(-3, 4, (70_000, 16), generator=g).float()}
+    engine = SortOnceMasks(norm, shape, SEED_LEVELS)
+    for name, table in cases.items():
+        for level in SEED_LEVELS:
+            ours = table.to(CUDA)
+            engine.prune(name, ours, level)
+            stock, _ = sparsify_table(table.to(CUDA), GridPoint(norm, shape, level), name, CUDA)
+            assert same_bits(ours.cpu(), stock), (name, level)
