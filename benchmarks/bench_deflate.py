@@ -1,0 +1,86 @@
+"""How fast this machine deflates a pruned embedding table, and so the floor of the disk grid.
+
+The disk-savings grid's time on a large model is mostly deflate at level 6 (the seed's
+level). This measures, on a buffer like a Kaggle-size table pruned at level 0.5 (random
+float32 values, the half of smallest magnitude zeroed, as L1 1x1 leaves them):
+  1. one stream deflated by ParallelDeflate on 1, 2, 4, ... threads up to the CPU count;
+  2. several streams side by side, the CPUs shared among them, as the grid's workers deflate
+     several zips at once;
+and prints the best rate, and the time of one Kaggle-size zip at level 0.5 at that rate. (The
+grid's zips average less: its higher levels hold more zeros, which deflate faster.)
+
+    python benchmarks/bench_deflate.py            # 192 MiB, each case 3 times (median)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import bench_common  # noqa: F401  (puts the suite on the path)
+import torch
+from zlib_ng import zlib_ng
+
+from dlrm_sparsity.deflate import ParallelDeflate
+
+KAGGLE_MODEL_BYTES = 2_160_000_000  # the Kaggle-size model's state dict, about 2.01 GiB
+
+
+def pruned_table(mib: int) -> bytes:
+    torch.manual_seed(0)
+    values = torch.randn(mib * 2**20 // 4)
+    values[values.abs() < values.abs().median()] = 0.0
+    return values.numpy().tobytes()
+
+
+def deflate(data: bytes, threads: int, level: int) -> int:
+    d = ParallelDeflate(zlib_ng, level, threads)
+    return len(d.compress(data)) + len(d.flush())
+
+
+def rate(data: bytes, streams: int, threads: int, level: int, repeat: int) -> float:
+    """MB/s of input over all streams, the median of `repeat` runs."""
+    times = []
+    with ThreadPoolExecutor(streams) as pool:
+        for _ in range(repeat):
+            start = time.perf_counter()
+            list(pool.map(lambda _: deflate(data, threads, level), range(streams)))
+            times.append(time.perf_counter() - start)
+    return streams * len(data) / 1e6 / statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mib", type=int, default=192, help="size of the buffer (MiB)")
+    p.add_argument("--level", type=int, default=6)
+    p.add_argument("--repeat", type=int, default=3)
+    args = p.parse_args()
+    cpus = len(os.sched_getaffinity(0))
+    data = pruned_table(args.mib)
+    print(f"{cpus} CPUs, zlib-ng {zlib_ng.ZLIBNG_VERSION} level {args.level}, "
+          f"{args.mib} MiB of a table pruned at 0.5; median of {args.repeat} runs")
+    counts = sorted({2**i for i in range(cpus.bit_length()) if 2**i <= cpus} | {cpus})
+    one = None
+    best = (0.0, "")
+    for threads in counts:
+        mbs = rate(data, 1, threads, args.level, args.repeat)
+        one = one or mbs
+        print(f"  one stream on {threads:2d} threads: {mbs:7.1f} MB/s ({mbs / one:.2f}x one "
+              "thread)")
+        best = max(best, (mbs, f"one stream on {threads} threads"))
+    for streams in (2, 4):
+        if streams <= cpus:
+            mbs = rate(data, streams, cpus // streams, args.level, args.repeat)
+            print(f"  {streams} streams on {cpus // streams:2d} threads each: {mbs:7.1f} MB/s "
+                  "in all")
+            best = max(best, (mbs, f"{streams} streams"))
+    print(f"best: {best[0]:.1f} MB/s ({best[1]}): a Kaggle-size zip at level 0.5 in "
+          f"{KAGGLE_MODEL_BYTES / 1e6 / best[0]:.1f} s of the machine's deflate")
+
+
+if __name__ == "__main__":
+    main()
