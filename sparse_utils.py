@@ -135,13 +135,13 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def prune_with_engine(table: torch.Tensor, point: GridPoint, name: str, device: torch.device,
                       engine: SortOnceMasks) -> tuple[torch.Tensor, float]:
-    """The table (a copy the caller gives up) pruned by the sort-once engine, in place;
-    returned on the CPU, with the engine's seconds."""
+    """The table pruned by the sort-once engine into a new tensor (the table untouched: it
+    may be the original itself); returned on the CPU, with the engine's seconds."""
     _synchronize(device)
     start = time.perf_counter()
-    engine.prune(name, table, point.level)
+    pruned = engine.pruned(name, table, point.level)
     _synchronize(device)
-    return table.cpu(), time.perf_counter() - start
+    return pruned.cpu(), time.perf_counter() - start
 
 
 # The stock check holds a table's copy and, while the stock sparsifier steps and squashes,
@@ -195,7 +195,7 @@ def check_engine(original: Callable[[str], torch.Tensor], point: GridPoint, name
 
 def sparsify_embeddings(state_dict: Mapping[str, torch.Tensor], point: GridPoint,
                         device: torch.device,
-                        read_table: Callable[[str], torch.Tensor] | None = None,
+                        read_table: Callable[[str, bool], torch.Tensor] | None = None,
                         engine: SortOnceMasks | None = None, check: bool = False,
                         check_budget: int | None = None
                         ) -> tuple[dict[str, torch.Tensor], float, float]:
@@ -204,12 +204,13 @@ def sparsify_embeddings(state_dict: Mapping[str, torch.Tensor], point: GridPoint
 
     Tables are pruned one at a time, so the temporaries (the stock sparsifier's mask and sort
     indices, the engine's sort) exist for one table at once, not for the whole model.
-    `read_table(name)`, when given, supplies a fresh copy of each original table (state_dict's
-    tables are then only shapes, for instance on the meta device); otherwise each table is
-    copied from state_dict. With an engine (SortOnceMasks of the point's config), it makes the
-    masks, and check also runs the stock sparsifier and compares (StopRun on a difference),
-    on whole tables, or on the leading rows of those whose check would not fit in
-    check_budget bytes (stock_check_rows).
+    `read_table(name, copy)`, when given, supplies each original table, a fresh copy or (copy
+    False) a view of the checkpoint file (state_dict's tables are then only shapes, for
+    instance on the meta device); otherwise each table comes from state_dict. The engine
+    reads the originals without a copy; the stock sparsifier prunes a copy. With an engine
+    (SortOnceMasks of the point's config), it makes the masks, and check also runs the stock
+    sparsifier and compares (StopRun on a difference), on whole tables, or on the leading rows
+    of those whose check would not fit in check_budget bytes (stock_check_rows).
     """
     pruned = dict(state_dict)
     stock_s, engine_s = 0.0, 0.0
@@ -217,7 +218,7 @@ def sparsify_embeddings(state_dict: Mapping[str, torch.Tensor], point: GridPoint
 
     def original(name: str, copy: bool = True) -> torch.Tensor:
         return (state_dict[name].to(device, copy=copy) if read_table is None
-                else read_table(name).to(device))
+                else read_table(name, copy).to(device))
 
     if engine is not None:  # sort every table first, before any pruned table is held:
         start = time.perf_counter()  # the sort's temporaries never meet the pruned model
@@ -234,15 +235,14 @@ def sparsify_embeddings(state_dict: Mapping[str, torch.Tensor], point: GridPoint
                 stock_s += check_engine(original, point, name, device, engine,
                                         rows if rows < state_dict[name].shape[0] else None)
     for name in embedding_names(state_dict):
-        table = original(name)
-        if engine is None or not is_matrix(table):  # a table the stock sparsifier squeezes
-            pruned[name], seconds = sparsify_table(table, point, name, device)  # is its own
-            stock_s += seconds
+        if engine is None or not is_matrix(state_dict[name]):  # a table the stock sparsifier
+            pruned[name], seconds = sparsify_table(original(name), point, name, device)
+            stock_s += seconds  # squeezes is its own
             engine_s += seconds if engine is not None else 0.0
-        else:
-            pruned[name], own = prune_with_engine(table, point, name, device, engine)
+        else:  # read where it lies (on a GPU, copied there): the engine writes a new tensor
+            pruned[name], own = prune_with_engine(original(name, copy=False), point, name,
+                                                  device, engine)
             engine_s += own
-        del table  # on a GPU, free it before the next table's temporaries
     return (pruned, stock_s if stock_everywhere else float("nan"),
             engine_s if engine is not None else float("nan"))
 
@@ -326,7 +326,7 @@ class Model:
     """The model a sweep prunes: its tensors, and a reader when its tables stay in the file."""
 
     state_dict: dict
-    read_table: object = None  # name -> a fresh copy of that original table, or None
+    read_table: object = None  # (name, copy) -> that original table (CheckpointTables.read)
     dense_bytes: int = 0
 
 

@@ -28,6 +28,11 @@ from dlrm_sparsity.errors import CheckpointError
 from dlrm_sparsity.model import DLRMConfig
 from dlrm_sparsity.runner.atomic import atomic_path
 
+# zipfile takes its CRC-32 from the stdlib's zlib, on the thread that writes the member.
+# zlib-ng's gives the same values about 2.7x as fast (benchmarks/bench_deflate.py), and the
+# CRC of a 2 GB checkpoint is CPU time the deflate threads want. Same values: a drop-in.
+zipfile.crc32 = zlib_ng.crc32
+
 COMPRESSORS = ("zlib-ng", "zlib")
 _TORCH_ZIP_MARKER = "data.pkl"  # every torch.save zip archive has <prefix>/data.pkl
 
@@ -156,13 +161,14 @@ class CheckpointTables:
                                   f"({exc.strerror})") from None
         return stat.st_size, stat.st_mtime_ns
 
-    def read(self, name: str) -> torch.Tensor:
-        """A private in-memory copy of one tensor."""
+    def read(self, name: str, copy: bool = True) -> torch.Tensor:
+        """A private in-memory copy of one tensor, or (copy False) a view of it in the file,
+        mapped privately (the file is never written), whose map lasts as long as the view."""
         if self._stamp() != self.stamp:
             raise CheckpointError(f"{self.origin}: the checkpoint changed during the run")
         mapped = _extract_state_dict(_torch_load_safe(self.path, self.origin, mmap=True),
                                      self.origin)
-        return mapped[name].clone()  # the map goes with `mapped`; only the copy stays
+        return mapped[name].clone() if copy else mapped[name]
 
 
 def sha256_of_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:

@@ -21,7 +21,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
 WINDOW = 32 * 1024  # deflate's largest match distance
-CHUNK = 1024 * 1024  # pigz uses 128 KiB; larger chunks lose less at the cuts
+CHUNK = 4 * 1024 * 1024  # pigz uses 128 KiB; larger chunks lose less at the cuts
 
 
 class ParallelDeflate:

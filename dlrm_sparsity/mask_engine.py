@@ -93,21 +93,24 @@ def keep_mask(first: torch.Tensor, level_index: int, shape: tuple[int, int],
     return full[:rows, :width]
 
 
-def apply_mask(table: torch.Tensor, keep: torch.Tensor, block_shape: tuple[int, int]) -> None:
-    """table <- mask * table, in place: the stock sparsifier's squashed weight, bit for bit."""
+def apply_mask(table: torch.Tensor, keep: torch.Tensor, block_shape: tuple[int, int]
+               ) -> torch.Tensor:
+    """mask * table as a new tensor, the table untouched (so it may be a view of the
+    checkpoint file): the stock sparsifier's squashed weight, bit for bit. One pass that reads
+    the table and writes the result, where a copy pruned in place takes two."""
     rows, width = table.shape
     if keep.dim() == 3:
-        table.view(rows, width // block_shape[1], block_shape[1]).mul_(keep)
-    else:
-        table.mul_(keep)
+        blocks = table.view(rows, width // block_shape[1], block_shape[1])
+        return (blocks * keep).view(rows, width)
+    return table * keep
 
 
 class SortOnceMasks:
     """One config's (norm, block shape) masks over the grid's levels, for many tables.
 
-    `prune(name, table, level)` prunes a fresh copy of an original table in place. The first
-    call for a table sorts it; later levels reuse the per-block first levels. Thread-safe: the
-    disk sweep's workers prune points of one config side by side.
+    `pruned(name, table, level)` gives an original table pruned at a level, as a new tensor.
+    The first call for a table sorts it; later levels reuse the per-block first levels.
+    Thread-safe: the disk sweep's workers prune points of one config side by side.
     """
 
     def __init__(self, norm: str, block_shape: tuple[int, int], levels: Sequence[float]):
@@ -135,9 +138,9 @@ class SortOnceMasks:
                 self._first[name] = first_levels(order, self.levels)
             return self._first[name]
 
-    def prune(self, name: str, table: torch.Tensor, level: float) -> None:
+    def pruned(self, name: str, table: torch.Tensor, level: float) -> torch.Tensor:
         if level not in self.levels:
             raise KeyError(f"level {level} is not one of this engine's levels")
         first = self.first_levels_of(name, lambda: table)
         keep = keep_mask(first, self.levels.index(level), tuple(table.shape), self.block_shape)
-        apply_mask(table, keep, self.block_shape)
+        return apply_mask(table, keep, self.block_shape)

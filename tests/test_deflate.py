@@ -60,6 +60,7 @@ def test_a_zip_deflated_on_threads_passes_the_stdlib_crc_check(tmp_path, compres
     with zipfile.ZipFile(path) as zf:
         assert zf.testzip() is None  # every member inflated and its CRC-32 checked
         raw = zf.read(member_name(path))
+        assert zf.getinfo(member_name(path)).CRC == zlib.crc32(raw)  # the stdlib's own CRC
     loaded = torch.load(io.BytesIO(raw), weights_only=True)
     assert all(torch.equal(loaded[k], sd[k]) for k in sd)
     assert all(torch.equal(load_state_dict(path)[k], sd[k]) for k in sd)

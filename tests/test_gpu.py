@@ -57,7 +57,6 @@ def test_the_sort_once_engine_gives_the_stock_weights_on_the_gpu(norm, shape):
     engine = SortOnceMasks(norm, shape, SEED_LEVELS)
     for name, table in cases.items():
         for level in SEED_LEVELS:
-            ours = table.to(CUDA)
-            engine.prune(name, ours, level)
+            ours = engine.pruned(name, table.to(CUDA), level)
             stock, _ = sparsify_table(table.to(CUDA), GridPoint(norm, shape, level), name, CUDA)
             assert same_bits(ours.cpu(), stock), (name, level)

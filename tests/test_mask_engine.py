@@ -53,8 +53,7 @@ def test_every_seed_level_gives_the_stock_weights_bit_for_bit(norm, shape):
     engine = SortOnceMasks(norm, shape, SEED_LEVELS)
     for name, table in tables().items():
         for level in SEED_LEVELS:
-            ours = table.clone()
-            engine.prune(name, ours, level)
+            ours = engine.pruned(name, table, level)
             stock, _ = sparsify_table(table.clone(), GridPoint(norm, shape, level), name, CPU)
             assert same_bits(ours, stock), (name, level)
 
@@ -64,6 +63,7 @@ def test_the_whole_model_through_sparsify_embeddings():
     torch.manual_seed(0)
     sd = DLRMNet(tiny_config(tables=(50, 3, 70, 20), dim=8)).state_dict()
     sd["emb_l.1.weight"] = sd["emb_l.1.weight"][:1].clone()
+    before = {k: v.clone() for k, v in sd.items()}
     for norm, shape in CONFIGS[:3]:
         engine = SortOnceMasks(norm, shape, SEED_LEVELS)
         for level in (0.0, 0.3, 0.9, 0.97, 1.0):
@@ -73,6 +73,7 @@ def test_the_whole_model_through_sparsify_embeddings():
             stock, _, _ = sparsify_embeddings(sd, point, CPU)
             assert all(same_bits(ours[k], stock[k]) for k in sd if k.startswith("emb_l"))
             assert engine_s >= 0 and (stock_s >= 0 if level == 0.3 else stock_s != stock_s)
+    assert all(same_bits(sd[k], before[k]) for k in sd)  # the engine never writes the originals
 
 
 def test_a_check_budget_checks_the_leading_rows_that_fit():
@@ -99,9 +100,10 @@ def test_a_budgeted_check_prunes_as_the_whole_check_and_catches_a_bad_engine(mon
     real = mask_engine.apply_mask
 
     def wrong_beyond_row_50(table, keep, block_shape):  # only a slice's engine is wrong
-        real(table, keep, block_shape)
+        out = real(table, keep, block_shape)
         if table.shape[0] == 100:
-            table[50:] = 0.25
+            out[50:] = 0.25
+        return out
     monkeypatch.setattr(mask_engine, "apply_mask", wrong_beyond_row_50)
     with pytest.raises(StopRun, match=r"on the first 100 rows of emb_l\.0\.weight at L1"):
         sparsify_embeddings(sd, point, CPU, engine=SortOnceMasks("L1", (1, 4), SEED_LEVELS),
@@ -157,7 +159,9 @@ def test_both_engines_write_the_same_zips_and_their_own_time_columns(tiny_pipeli
 def test_an_engine_that_disagrees_stops_the_run_with_one_line(tiny_pipeline, tmp_path,
                                                                monkeypatch, capsys):
     def off_by_one_block(table, keep, block_shape):
-        table.view(-1)[:4] = 0.5  # a block the stock sparsifier would not have touched
+        out = table.clone()
+        out.view(-1)[:4] = 0.5  # a block the stock sparsifier would not have touched
+        return out
     monkeypatch.setattr(mask_engine, "apply_mask", off_by_one_block)
     code = run_script(evaluate_disk_savings, ["--model-path", tiny_pipeline["model"],
                                               "--output-dir", tmp_path, "--workers", "0",
