@@ -29,7 +29,7 @@ from dlrm_sparsity.model import DLRMConfig
 from dlrm_sparsity.runner.atomic import atomic_path
 
 # zipfile takes its CRC-32 from the stdlib's zlib, on the thread that writes the member.
-# zlib-ng's gives the same values about 2.7x as fast (benchmarks/bench_deflate.py), and the
+# zlib-ng's gives the same values 2.6-3.8x as fast (benchmarks/bench_deflate.py), and the
 # CRC of a 2 GB checkpoint is CPU time the deflate threads want. Same values: a drop-in.
 zipfile.crc32 = zlib_ng.crc32
 
