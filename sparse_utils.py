@@ -170,22 +170,29 @@ def stock_check_fraction(state_dict: Mapping[str, torch.Tensor], budget: int | N
     return checked / max(1, sum(state_dict[n].numel() for n in names))
 
 
-def check_engine(original: Callable[[str], torch.Tensor], point: GridPoint, name: str,
+def check_engine(original: Callable[..., torch.Tensor], point: GridPoint, name: str,
                  device: torch.device, engine: SortOnceMasks, rows: int | None = None
                  ) -> float:
-    """Prune a fresh copy of the table with the stock sparsifier, then another with the
-    engine, and compare them bit for bit (StopRun on a difference); the stock step's seconds.
-    Nothing else of the table is held while the stock sparsifier runs. With rows, only the
-    table's leading rows are checked, by a fresh engine of the same config sorting them, so
-    that the check's copies stay within a budget: the same code on the table's own values,
-    at a fraction of the stock sparsifier's temporaries."""
-    fresh, what = original, name
+    """Prune a copy of the table with the stock sparsifier, then the table as it lies with the
+    engine (which writes a new tensor), and compare them bit for bit (StopRun on a
+    difference); the stock step's seconds. Nothing else of the table is held while the stock
+    sparsifier runs. With rows, only the table's leading rows are checked (only they are
+    copied), by a fresh engine of the same config sorting them, so that the check's copies
+    stay within a budget: the same code on the table's own values, at a fraction of the stock
+    sparsifier's temporaries."""
+    what, part = name, None
     if rows is not None:  # the caller passes rows only when they are fewer than the table's
-        part = original(name)[:rows].clone()  # the full copy is dropped at once
-        fresh, what = (lambda _: part.clone()), f"the first {rows} rows of {name}"
+        part = original(name, copy=False)[:rows].clone()
+        what = f"the first {rows} rows of {name}"
         engine = SortOnceMasks(engine.norm, engine.block_shape, [point.level])
-    reference, stock_s = sparsify_table(fresh(name), point, name, device)
-    ours, _ = prune_with_engine(fresh(name), point, name, device, engine)
+
+    def table(copy: bool) -> torch.Tensor:
+        if part is None:
+            return original(name, copy=copy)
+        return part.clone() if copy else part
+
+    reference, stock_s = sparsify_table(table(copy=True), point, name, device)
+    ours, _ = prune_with_engine(table(copy=False), point, name, device, engine)
     if not same_bits(ours, reference):
         raise StopRun(f"mask engine {MASK_ENGINE} disagrees with the stock DataNormSparsifier "
                       f"on {what} at {point.config} level {point.level:g}; rerun with "

@@ -51,12 +51,10 @@ def timed(work) -> float:
 
 def rate(data: bytes, streams: int, threads: int, level: int, repeat: int) -> float:
     """MB/s of input over all streams, the median of `repeat` runs."""
-    times = []
     with ThreadPoolExecutor(streams) as pool:
-        for _ in range(repeat):
-            start = time.perf_counter()
-            list(pool.map(lambda _: deflate(data, threads, level), range(streams)))
-            times.append(time.perf_counter() - start)
+        times = [timed(lambda: list(pool.map(lambda _: deflate(data, threads, level),
+                                             range(streams))))
+                 for _ in range(repeat)]
     return streams * len(data) / 1e6 / statistics.median(times)
 
 

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One pass over what needs a GPU, most important first: the GPU tests, the Kaggle-size
 # disk-savings grid (benchmarks/bench_kaggle_grid.py, the defaults), then the demo's five
-# experiments on cuda (the two newest first) and torchrun with nccl. Every step is time-boxed within a deadline for
-# the whole pass (GPU_CHECK_SECONDS, default 570), so a slow step costs only the steps after
-# it, and the log of each step is kept. The log, the grid's CSV and the demo's CSVs, figures and
-# report (a tarball, without the zips) go to $OUT (or ./gpu_check).
+# experiments on cuda (the two newest first) and torchrun with nccl. Every step is
+# time-boxed within a deadline for the whole pass (GPU_CHECK_SECONDS, default 570), so a slow
+# step costs only the steps after it, and the log of each step is kept. The log, the grid's
+# CSV and the demo's CSVs, figures and report (a tarball, without the zips) go to $OUT (or
+# ./gpu_check).
 #
 #   bash benchmarks/gpu_check.sh
 set -uo pipefail
