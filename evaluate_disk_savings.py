@@ -92,19 +92,21 @@ def parse_args(argv=None):
                         "in a plain torch.save file the original tables are read from the "
                         "file as they are pruned instead of held. On a CPU with workers the "
                         "step shares the cores, so for clean step_time_sec figures use 0 or "
-                        "a GPU (default: min(4, CPUs); for a model over 1 GiB, one per 8 "
-                        "CPUs as the RAM allows, so 0 below 8 CPUs)")
+                        "a GPU (default: min(4, CPUs); for a model over 1 GiB, 0 below 8 "
+                        "CPUs, else 2, one per 16 CPUs beyond 32, up to 4, as the RAM "
+                        "allows)")
     p.add_argument("--compressor", default="zlib-ng", choices=COMPRESSORS,
                    help="deflate implementation; both write standard zips. zlib is what "
                         "Python's zipfile uses (the seed's deflate); zlib-ng takes about two "
                         "thirds of its time, and its zips are up to about 6%% smaller at high "
                         "sparsity")
     p.add_argument("--deflate-threads", type=positive_int, default=None,
-                   metavar="N", help="threads that deflate one zip, into one standard stream "
-                   "(pigz's way: chunks primed with the 32 KiB before them; zips a few bytes "
-                   "per MiB larger). Default: for models over 64 MiB, the CPUs shared among "
-                   "the workers; 1 for smaller ones, whose zips the workers deflate several at "
-                   "a time instead")
+                   metavar="N", help="threads that deflate the zips, into one standard stream "
+                   "each (pigz's way: chunks primed with the 32 KiB before them; zips a few "
+                   "bytes per MiB larger): one pool shared by all the zips in flight, so that "
+                   "none idles while a worker hashes its zip or waits for its next point. "
+                   "Default: every CPU for models over 64 MiB; 1 for smaller ones, whose zips "
+                   "the workers deflate several at a time instead")
     p.add_argument("--compress-level", type=int, default=6, choices=range(10), metavar="0-9",
                    help="deflate level (6: the default of both, the seed's)")
     p.add_argument("--mask-engine", choices=ENGINES, default=MASK_ENGINE,
@@ -145,7 +147,7 @@ class ZipSettings:
 
 
 PARALLEL_DEFLATE_BYTES = 64 * 2**20
-CPUS_PER_LARGE_ZIP = 8
+LARGE_MODEL_WORKERS_FROM_CPUS = 8
 # A point in flight holds a pruned copy of the model, and on a CPU the sparsifier's
 # temporaries beside it; with workers the original model is held too. Twice the model per
 # point in flight, and twice the model held, leave room for both.
@@ -167,24 +169,24 @@ def physical_memory() -> int:
 
 def default_workers(dense_bytes: int, cpus: int, ram_bytes: int) -> int:
     """Points in flight when --workers is not given. A model under 1 GiB: min(4, CPUs). A
-    larger one: one worker per 8 CPUs (each zip still deflated on 8 threads while the next
-    point is pruned), as many as the RAM holds; none below 8 CPUs, where memory comes first
-    and each point reads its tables from the file."""
+    larger one, from 8 CPUs: two, and one per 16 CPUs beyond 32, up to 4 (all feed one pool
+    of deflate threads, so one zip's serial parts, its hash, its pruned model's transfer, run
+    while another's chunks are deflated), as many as the RAM holds; none below 8 CPUs, where
+    memory comes first and each point reads its tables from the file."""
     if dense_bytes <= LARGE_MODEL_BYTES:
         return min(4, cpus)
-    workers = min(4, cpus // CPUS_PER_LARGE_ZIP)
+    workers = min(4, max(2, cpus // 16)) if cpus >= LARGE_MODEL_WORKERS_FROM_CPUS else 0
     while workers and (workers + 1) * MODEL_COPIES_PER_WORKER * dense_bytes > ram_bytes:
         workers -= 1
     return workers
 
 
-def deflate_threads(asked: int | None, dense_bytes: int, workers: int) -> int:
-    """Threads per zip: as asked, else the CPUs shared among the workers for a large model."""
+def deflate_threads(asked: int | None, dense_bytes: int) -> int:
+    """Deflate threads, shared by the zips in flight: as asked, else every CPU for a model
+    whose zips are worth cutting into chunks."""
     if asked is not None:
         return asked
-    if dense_bytes < PARALLEL_DEFLATE_BYTES:
-        return 1
-    return max(1, usable_cpus() // max(1, workers))
+    return 1 if dense_bytes < PARALLEL_DEFLATE_BYTES else usable_cpus()
 
 
 def prune_point(model: Model, point: GridPoint, device: torch.device, positive_zeros: bool,
@@ -280,7 +282,7 @@ def main(argv=None) -> None:
         model = hold_model(mapped, model_path, workers)
         del mapped  # with it goes the map of the file
         settings = ZipSettings(dump_dir, run.output_dir, args.compressor, args.compress_level,
-                               deflate_threads(args.deflate_threads, model.dense_bytes, workers))
+                               deflate_threads(args.deflate_threads, model.dense_bytes))
         on_workers = prunes_on_workers(run.device, workers)
         zip_setup = {"compressor": compressor_label(args.compressor),
                      "compress_level": args.compress_level, "positive_zeros": args.positive_zeros,

@@ -11,12 +11,18 @@ the CRC-32 of the input itself. The stream differs from one-thread deflate only 
 per chunk (the flush markers, and blocks cut where the chunks are), which the disk benchmark
 measures.
 
+The threads belong to one pool per process (shared_pool), shared by every zip being written:
+while one zip's writer is between zips (hashing the last one, waiting for the next pruned
+model) or has few chunks left, the other zips' chunks keep every thread busy, where a pool per
+zip would leave its threads idle.
+
 No library offers this: zlib and zlib-ng deflate on one thread; pigz is a program, not a
 Python module, and would need the whole checkpoint written out first.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -24,15 +30,33 @@ WINDOW = 32 * 1024  # deflate's largest match distance
 CHUNK = 4 * 1024 * 1024  # pigz uses 128 KiB; larger chunks lose less at the cuts
 
 
-class ParallelDeflate:
-    """A raw deflate (wbits -15) compressor object for zipfile, deflating on `threads`."""
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
 
-    def __init__(self, zlib_module, level: int, threads: int, chunk: int = CHUNK):
+
+def shared_pool(threads: int) -> ThreadPoolExecutor:
+    """The process's pool of `threads` deflate threads, made on first use."""
+    with _POOLS_LOCK:
+        if threads not in _POOLS:
+            _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="deflate")
+        return _POOLS[threads]
+
+
+class ParallelDeflate:
+    """A raw deflate (wbits -15) compressor object for zipfile, deflating on `threads`: the
+    process's shared pool of that many threads, unless `shared` is False (a pool of its own,
+    shut down by flush)."""
+
+    def __init__(self, zlib_module, level: int, threads: int, chunk: int = CHUNK,
+                 shared: bool = True):
         if chunk < WINDOW:
             raise ValueError(f"chunks of at least {WINDOW} bytes (the deflate window)")
         self.zlib, self.level, self.chunk = zlib_module, level, chunk
-        self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="deflate")
-        self.in_flight = 2 * max(1, threads)  # chunks held at once: bounded memory
+        threads = max(1, threads)
+        self.shared = shared
+        self.pool = (shared_pool(threads) if shared
+                     else ThreadPoolExecutor(threads, thread_name_prefix="deflate"))
+        self.in_flight = 2 * threads  # chunks held at once: bounded memory
         self.pending: deque[Future] = deque()
         self.buffer = bytearray()
         self.window = b""  # the WINDOW bytes of input before the buffered chunk
@@ -77,4 +101,5 @@ class ParallelDeflate:
         try:
             return self._ready(0)
         finally:
-            self.pool.shutdown()
+            if not self.shared:
+                self.pool.shutdown()

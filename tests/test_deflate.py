@@ -3,6 +3,7 @@
 import io
 import zipfile
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -43,6 +44,15 @@ def test_the_stream_is_within_a_tenth_of_a_percent_of_one_thread():
     single = one.compress(data) + one.flush()
     threaded = deflate_in_writes(zlib_ng, data, 1 << 20)
     assert abs(len(threaded) / len(single) - 1) < 1e-3
+
+
+def test_streams_deflated_side_by_side_on_one_shared_pool_are_each_their_own_stream():
+    data = [pruned_bytes(20_000, seed) for seed in range(3)]  # 1.2 MB each, 19 chunks
+    alone = [deflate_in_writes(zlib_ng, d, 100_000, threads=2) for d in data]
+    with ThreadPoolExecutor(3) as writers:  # three zips written at once, as by the workers
+        together = list(writers.map(lambda d: deflate_in_writes(zlib_ng, d, 100_000, 2), data))
+    assert together == alone
+    assert [zlib.decompress(s, -15) for s in together] == data
 
 
 def test_chunks_shorter_than_the_window_are_refused():

@@ -163,8 +163,11 @@ def test_default_workers_keep_a_large_model_to_one_point_unless_cores_and_ram_al
     assert workers(gib // 2, cpus=64, ram_bytes=24 * gib) == 4
     kaggle = int(2.16 * gib)
     assert workers(kaggle, cpus=2, ram_bytes=24 * gib) == 0  # memory first on a small machine
-    assert workers(kaggle, cpus=16, ram_bytes=128 * gib) == 2  # one per 8 CPUs
-    assert workers(kaggle, cpus=64, ram_bytes=512 * gib) == 4
+    assert workers(kaggle, cpus=4, ram_bytes=128 * gib) == 0
+    assert workers(kaggle, cpus=8, ram_bytes=128 * gib) == 2
+    assert workers(kaggle, cpus=16, ram_bytes=128 * gib) == 2
+    assert workers(kaggle, cpus=48, ram_bytes=512 * gib) == 3  # one per 16 CPUs beyond 32
+    assert workers(kaggle, cpus=128, ram_bytes=512 * gib) == 4  # at most 4
     assert workers(kaggle, cpus=16, ram_bytes=12 * gib) == 1  # (1 + 1) x 2 copies fit, 3 do not
     assert workers(kaggle, cpus=16, ram_bytes=0) == 0  # RAM unknown
 

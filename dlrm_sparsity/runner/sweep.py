@@ -11,8 +11,7 @@ the summary, on rank 0 only.
 from __future__ import annotations
 
 import sys
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -94,7 +93,8 @@ def _schedule(todo: list, compute: Callable, prepare: Callable | None, workers: 
     """Run prepare(item) on the calling thread and compute() on `workers` threads.
 
     With 0 workers both run here, one item at a time. With workers, at most that many items
-    are in flight; results come back in item order.
+    are computed at once while the next is prepared; each comes back as soon as it is done
+    (the caller orders the rows), so a free worker never waits on a slower one.
     """
     prepare = prepare or (lambda item: item)
     if workers == 0:
@@ -103,21 +103,24 @@ def _schedule(todo: list, compute: Callable, prepare: Callable | None, workers: 
             yield index, item, job if job.error else _attempt(compute, job.value)
         return
     with ThreadPoolExecutor(workers) as pool:
-        pending: deque[tuple[int, Item, Future]] = deque()
+        running: dict[Future, tuple[int, Item]] = {}
+
+        def finished(at_most: int) -> Iterator[tuple[int, Item, _Outcome]]:
+            while len(running) > at_most:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in sorted(done, key=lambda f: running[f][0]):
+                    yield *running.pop(future), future.result()
+
         for index, item in todo:
             job = _attempt(prepare, item)
-            while len(pending) >= workers:
-                first = pending.popleft()
-                yield first[0], first[1], first[2].result()
+            yield from finished(workers - 1)
             if job.error:
                 future: Future = Future()
                 future.set_result(job)
             else:
                 future = pool.submit(_attempt, compute, job.value)
-            pending.append((index, item, future))
-        while pending:
-            first = pending.popleft()
-            yield first[0], first[1], first[2].result()
+            running[future] = (index, item)
+        yield from finished(0)
 
 
 def run_sweep(ctx: DistContext, output_dir: Path, overwrite: bool, items: Sequence[Item],
