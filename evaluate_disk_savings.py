@@ -341,7 +341,8 @@ def main(argv=None) -> None:
         copied = run.sweep(
             [item(p) for p in copies], lambda it: copy_point(
                 it.payload, firsts[copies[it.payload].key], model.dense_bytes, settings),
-            tables=[METADATA], label="copying shared weights", still_valid=intact)
+            tables=[METADATA], label="copying shared weights", still_valid=intact,
+            workers=min(workers, len(copies)))  # each copy is a file copy and a hash
         order = {p.key: i for i, p in enumerate(points)}
         rows = sorted(pruned.tables[0] + copied.tables[0], key=lambda r: order[
             (r["norm"], r["sparse_block_shape"], float(r["sparsity_level"]))])

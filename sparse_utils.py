@@ -230,7 +230,9 @@ def sparsify_embeddings(state_dict: Mapping[str, torch.Tensor], point: GridPoint
     if engine is not None:  # sort every table first, before any pruned table is held:
         start = time.perf_counter()  # the sort's temporaries never meet the pruned model
         for name in embedding_names(state_dict):
-            if not engine.knows(name) and is_matrix(state_dict[name]):
+            table = state_dict[name]
+            if (not engine.knows(name) and is_matrix(table)
+                    and engine.needs_order(tuple(table.shape), point.level)):
                 # read for it alone: the copy is freed before the sort
                 engine.first_levels_of(name, partial(original, name, copy=False))
         _synchronize(device)

@@ -15,7 +15,9 @@ alone. The sort's int64 order is reduced at once to what the grid needs: for eac
 index of the first grid level that zeroes it (uint8, one byte a block: a quarter of a float32
 table at 1x1 blocks, where the order itself, even as int32, would weigh as much as the table).
 A level's mask is then one comparison, and the weight the same product mask * x, so -0.0 for
-pruned negative values, as the stock sparsifier leaves them.
+pruned negative values, as the stock sparsifier leaves them. A level that zeroes no block
+(level 0) has the all-ones mask and needs no order: a grid's first point is pruned at once,
+and the sort waits for the first level that uses it.
 
 Where the table is not a matrix the stock sparsifier squeezes (a table of one row or one
 column), the engine defers to it for that table.
@@ -71,6 +73,11 @@ def first_levels(order: torch.Tensor, levels: Sequence[float]) -> torch.Tensor:
             first[order[done:k].long()] = i
             done = k
     return first
+
+
+def num_blocks(shape: tuple[int, int], block_shape: tuple[int, int]) -> int:
+    """Blocks over a table, partial blocks at the edges included (avg_pool2d's ceil_mode)."""
+    return -(-shape[0] // block_shape[0]) * -(-shape[1] // block_shape[1])
 
 
 def is_matrix(table: torch.Tensor) -> bool:
@@ -138,9 +145,16 @@ class SortOnceMasks:
                 self._first[name] = first_levels(order, self.levels)
             return self._first[name]
 
+    def needs_order(self, shape: tuple[int, int], level: float) -> bool:
+        """Whether the level zeroes any block of such a table (level 0 zeroes none: its mask
+        is all ones, and the table need not be sorted for it)."""
+        return round(level * num_blocks(shape, self.block_shape)) > 0
+
     def pruned(self, name: str, table: torch.Tensor, level: float) -> torch.Tensor:
         if level not in self.levels:
             raise KeyError(f"level {level} is not one of this engine's levels")
+        if not self.needs_order(tuple(table.shape), level):
+            return table * True  # the stock all-ones mask times the table, as a new tensor
         first = self.first_levels_of(name, lambda: table)
         keep = keep_mask(first, self.levels.index(level), tuple(table.shape), self.block_shape)
         return apply_mask(table, keep, self.block_shape)

@@ -58,6 +58,22 @@ def test_every_seed_level_gives_the_stock_weights_bit_for_bit(norm, shape):
             assert same_bits(ours, stock), (name, level)
 
 
+def test_a_level_that_zeroes_no_block_needs_no_sort():
+    engine = SortOnceMasks("L1", (1, 4), [0.0, 0.001, 0.5])
+    table = tables()["with_nan"]  # 40 x 8: 80 blocks, round(0.001 * 80) = 0
+    for level in (0.0, 0.001):
+        ours = engine.pruned("t", table, level)
+        stock, _ = sparsify_table(table.clone(), GridPoint("L1", (1, 4), level), "t", CPU)
+        assert same_bits(ours, stock) and ours.data_ptr() != table.data_ptr()
+    assert not engine.knows("t")  # the first point of a config (level 0) starts at once
+    sparsify_embeddings({"emb_l.0.weight": table}, GridPoint("L1", (1, 4), 0.0), CPU,
+                        engine=engine)
+    assert not engine.knows("emb_l.0.weight")
+    assert same_bits(engine.pruned("t", table, 0.5), sparsify_table(
+        table.clone(), GridPoint("L1", (1, 4), 0.5), "t", CPU)[0])
+    assert engine.knows("t")
+
+
 def test_the_whole_model_through_sparsify_embeddings():
     """Every table of a DLRM, a table of one row among them (the engine defers to stock)."""
     torch.manual_seed(0)
