@@ -1,6 +1,7 @@
 """The runner's sweep: error rows, workers, resume, and what it writes."""
 
 import threading
+import weakref
 
 import pandas as pd
 import pytest
@@ -61,6 +62,22 @@ def test_prepare_runs_on_the_calling_thread_and_compute_on_workers(tmp_path):
     rows = sweep(tmp_path, items(5), work, prepare=prepare, workers=2).tables[0]
     assert [r["value"] for r in rows] == [0, 10, 20, 30, 40]
     assert {s for s in seen} == {("prepare", True), ("compute", False)}
+
+
+def test_a_prepared_job_is_let_go_once_computed_before_the_next_is_prepared(tmp_path):
+    class Pruned:  # stands for a pruned model: only one may be alive at a time
+        pass
+
+    alive = []
+
+    def prepare(item):
+        assert all(ref() is None for ref in alive), "the previous job is still held"
+        job = Pruned()
+        alive.append(weakref.ref(job))
+        return job
+
+    rows = sweep(tmp_path, items(4), lambda job: {"value": 1}, prepare=prepare).tables[0]
+    assert len(rows) == 4 and len(alive) == 4
 
 
 def test_a_free_worker_goes_on_to_the_next_item_while_an_earlier_one_still_runs(tmp_path):

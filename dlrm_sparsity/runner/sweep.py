@@ -97,10 +97,14 @@ def _schedule(todo: list, compute: Callable, prepare: Callable | None, workers: 
     (the caller orders the rows), so a free worker never waits on a slower one.
     """
     prepare = prepare or (lambda item: item)
+    # `del job` below: a prepared job (a pruned model) is let go as soon as it is handed on,
+    # not held until the next item's preparation has replaced it
     if workers == 0:
         for index, item in todo:
             job = _attempt(prepare, item)
-            yield index, item, job if job.error else _attempt(compute, job.value)
+            outcome = job if job.error else _attempt(compute, job.value)
+            del job
+            yield index, item, outcome
         return
     with ThreadPoolExecutor(workers) as pool:
         running: dict[Future, tuple[int, Item]] = {}
@@ -119,6 +123,7 @@ def _schedule(todo: list, compute: Callable, prepare: Callable | None, workers: 
                 future.set_result(job)
             else:
                 future = pool.submit(_attempt, compute, job.value)
+            del job
             running[future] = (index, item)
         yield from finished(0)
 
