@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One pass over what needs a GPU, most important first: the GPU tests, the Kaggle-size
-# disk-savings grid (benchmarks/bench_kaggle_grid.py: the full grid with the defaults, then
-# 12 points with 2 and with 4 workers, printed as each run ends), then the demo's five
+# disk-savings grid (benchmarks/bench_kaggle_grid.py: the full grid with the defaults; add
+# its --compare-workers to time worker counts side by side), then the demo's five
 # experiments on cuda (the two newest first) and torchrun with nccl. Every step is
 # time-boxed within a deadline for the whole pass (GPU_CHECK_SECONDS, default 570), so a slow
 # step costs only the steps after it, and the log of each step is kept. The log, the grid's
@@ -41,8 +41,7 @@ fi
 print('CPUs', len(os.sched_getaffinity(0)), 'RAM', os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') >> 30, 'GiB')"
   echo "Kaggle grid in $KAGGLE"
   step 100 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
-  step 520 python3 benchmarks/bench_kaggle_grid.py --no-side-by-side --compare-workers 2 4 \
-      --keep "$KAGGLE"
+  step 380 python3 benchmarks/bench_kaggle_grid.py --no-side-by-side --keep "$KAGGLE"
   for run in full workers2 workers4; do
     cp "$KAGGLE/$run/sparse_model_metadata.csv" "$OUT/kaggle_${run}_metadata.csv" 2>/dev/null
   done
