@@ -42,8 +42,8 @@ print('CPUs', len(os.sched_getaffinity(0)), 'RAM', os.sysconf('SC_PAGE_SIZE') * 
   echo "Kaggle grid in $KAGGLE"
   step 100 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
   step 380 python3 benchmarks/bench_kaggle_grid.py --no-side-by-side --keep "$KAGGLE"
-  for run in full workers2 workers4; do
-    cp "$KAGGLE/$run/sparse_model_metadata.csv" "$OUT/kaggle_${run}_metadata.csv" 2>/dev/null
+  for run in "$KAGGLE"/*/sparse_model_metadata.csv; do  # the full grid's, and any other run's
+    cp "$run" "$OUT/kaggle_$(basename "$(dirname "$run")")_metadata.csv" 2>/dev/null
   done
   rm -rf "$KAGGLE"
   step 60 python3 -c "from dlrm_sparsity.demo import ensure_demo; ensure_demo()"
