@@ -114,7 +114,8 @@ def parse_args(argv=None):
                         "norms are sorted once, as the stock DataNormSparsifier sorts them, and "
                         "every level's mask is read from that order: the same masks, bit for "
                         "bit, without a sort per level (step_time_sec is then the stock "
-                        "step's time at the checked points only, mask_time_sec the engine's). "
+                        "step's time at the checked points only, mask_time_sec the engine's, "
+                        "check_time_sec the rest of the check's). "
                         "stock: the stock sparsifier at every point, as the seed")
     p.add_argument("--no-stock-check", dest="stock_check", action="store_false",
                    help="with sort-once, do not also prune one point per config (the first "
@@ -193,16 +194,22 @@ def prune_point(model: Model, point: GridPoint, device: torch.device, positive_z
                 engine: SortOnceMasks | None = None, check: bool = False,
                 check_budget: int | None = None) -> tuple[GridPoint, dict, dict]:
     """Every embedding table pruned (by the engine, or by the stock sparsifier without one);
-    the step's columns: the stock step's seconds where it ran, the engine's own, and the
-    share of the weights the stock check compared."""
+    the step's columns: the stock step's seconds where it ran, the engine's own, at a checked
+    point the check's other seconds, and the share of the weights the stock check compared."""
+    start = time.perf_counter()
     pruned, stock_s, engine_s = sparsify_embeddings(model.state_dict, point, device,
                                                     model.read_table, engine, check,
                                                     check_budget)
+    # the check's copies, its engine run on the checked rows (with a sort of its own where
+    # only leading rows are checked) and its comparison: the pruning's time beyond the
+    # stock steps and the engine's pruning, at a checked point (nothing else runs there)
+    check_s = time.perf_counter() - start - stock_s - engine_s if check else float("nan")
     if positive_zeros:
         make_zeros_positive(pruned)
     share = stock_check_fraction(model.state_dict, check_budget) if check else 0.0
     return point, pruned, {"step_time_sec": stock_s, "mask_time_sec": engine_s,
-                           "stock_checked": check, "stock_check_fraction": share}
+                           "stock_checked": check, "stock_check_fraction": share,
+                           "check_time_sec": check_s}
 
 
 def zip_columns(point: GridPoint, zip_path: Path, size: int, dense_bytes: int,

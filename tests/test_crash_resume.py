@@ -18,7 +18,7 @@ from dlrm_sparsity.model import DLRMNet
 
 REPO = Path(__file__).resolve().parent.parent
 LEVELS = ["0", "0.2", "0.4", "0.6", "0.8", "0.9", "0.95", "0.99"]
-TIMING = {"step_time_sec", "mask_time_sec", "zip_time_sec", "command"}
+TIMING = {"step_time_sec", "mask_time_sec", "check_time_sec", "zip_time_sec", "command"}
 
 
 @pytest.fixture(scope="module")

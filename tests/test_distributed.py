@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-TIMING = {"step_time_sec", "mask_time_sec", "zip_time_sec", "time_taken", "time_median_s",
-          "time_iqr_s", "time_mean_s", "n_runs", "number_per_run", "command",
+TIMING = {"step_time_sec", "mask_time_sec", "check_time_sec", "zip_time_sec", "time_taken",
+          "time_median_s", "time_iqr_s", "time_mean_s", "n_runs", "number_per_run", "command",
           "whole_forward_median_s", "num_threads"}  # torchrun sets OMP_NUM_THREADS=1
 
 

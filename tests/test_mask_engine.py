@@ -170,6 +170,9 @@ def test_both_engines_write_the_same_zips_and_their_own_time_columns(tiny_pipeli
     assert (ours["zip_time_sec"] > 0).all()
     assert ours["mask_time_sec"].notna().all() and stock["mask_time_sec"].isna().all()
     assert stock["step_time_sec"].notna().all()
+    # the check's own time beside its stock step, at the checked point alone
+    assert ours["check_time_sec"].notna().tolist() == [False, True, False]
+    assert ours["check_time_sec"][1] > 0 and stock["check_time_sec"].isna().all()
 
 
 def test_an_engine_that_disagrees_stops_the_run_with_one_line(tiny_pipeline, tmp_path,
