@@ -196,14 +196,8 @@ def prune_point(model: Model, point: GridPoint, device: torch.device, positive_z
     """Every embedding table pruned (by the engine, or by the stock sparsifier without one);
     the step's columns: the stock step's seconds where it ran, the engine's own, at a checked
     point the check's other seconds, and the share of the weights the stock check compared."""
-    start = time.perf_counter()
-    pruned, stock_s, engine_s = sparsify_embeddings(model.state_dict, point, device,
-                                                    model.read_table, engine, check,
-                                                    check_budget)
-    # the check's copies, its engine run on the checked rows (with a sort of its own where
-    # only leading rows are checked) and its comparison: the pruning's time beyond the
-    # stock steps and the engine's pruning, at a checked point (nothing else runs there)
-    check_s = time.perf_counter() - start - stock_s - engine_s if check else float("nan")
+    pruned, stock_s, engine_s, check_s = sparsify_embeddings(
+        model.state_dict, point, device, model.read_table, engine, check, check_budget)
     if positive_zeros:
         make_zeros_positive(pruned)
     share = stock_check_fraction(model.state_dict, check_budget) if check else 0.0

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import torch
 from torch.ao.pruning._experimental.data_sparsifier import DataNormSparsifier
@@ -170,6 +170,20 @@ def stock_check_fraction(state_dict: Mapping[str, torch.Tensor], budget: int | N
     return checked / max(1, sum(state_dict[n].numel() for n in names))
 
 
+class Pruning(NamedTuple):
+    """A model pruned at a grid point, and where the time went (nan where a part did not run).
+
+    stock_s: the stock sparsifier's steps; engine_s: the sort-once engine's sorts and masks;
+    check_s: the rest of the stock check (its copies, the engine on the checked rows, with a
+    sort of its own where only leading rows are checked, and the comparison).
+    """
+
+    weights: dict[str, torch.Tensor]
+    stock_s: float
+    engine_s: float
+    check_s: float
+
+
 def check_engine(original: Callable[..., torch.Tensor], point: GridPoint, name: str,
                  device: torch.device, engine: SortOnceMasks, rows: int | None = None
                  ) -> float:
@@ -204,10 +218,9 @@ def sparsify_embeddings(state_dict: Mapping[str, torch.Tensor], point: GridPoint
                         device: torch.device,
                         read_table: Callable[[str, bool], torch.Tensor] | None = None,
                         engine: SortOnceMasks | None = None, check: bool = False,
-                        check_budget: int | None = None
-                        ) -> tuple[dict[str, torch.Tensor], float, float]:
-    """State dict with every embedding table pruned (MLP tensors shared); the stock step's
-    seconds (nan where it did not run) and the engine's (nan without one).
+                        check_budget: int | None = None) -> Pruning:
+    """State dict with every embedding table pruned (MLP tensors shared), with the seconds
+    of the stock steps, of the engine and of the rest of the check (see Pruning).
 
     Tables are pruned one at a time, so the temporaries (the stock sparsifier's mask and sort
     indices, the engine's sort) exist for one table at once, not for the whole model.
@@ -237,12 +250,17 @@ def sparsify_embeddings(state_dict: Mapping[str, torch.Tensor], point: GridPoint
                 engine.first_levels_of(name, partial(original, name, copy=False))
         _synchronize(device)
         engine_s += time.perf_counter() - start
+    check_s = float("nan")
     if engine is not None and check:  # the check first, each table's results then dropped:
-        for name in embedding_names(state_dict):  # the stock sparsifier's temporaries (about
-            if is_matrix(state_dict[name]):  # 9x a table) never meet the pruned model
+        start, checked_stock_s = time.perf_counter(), 0.0  # the stock sparsifier's
+        for name in embedding_names(state_dict):  # temporaries (about 9x a table) never
+            if is_matrix(state_dict[name]):  # meet the pruned model
                 rows = stock_check_rows(state_dict[name], check_budget)
-                stock_s += check_engine(original, point, name, device, engine,
-                                        rows if rows < state_dict[name].shape[0] else None)
+                checked_stock_s += check_engine(
+                    original, point, name, device, engine,
+                    rows if rows < state_dict[name].shape[0] else None)
+        check_s = time.perf_counter() - start - checked_stock_s
+        stock_s += checked_stock_s
     for name in embedding_names(state_dict):
         if engine is None or not is_matrix(state_dict[name]):  # a table the stock sparsifier
             pruned[name], seconds = sparsify_table(original(name), point, name, device)
@@ -252,8 +270,8 @@ def sparsify_embeddings(state_dict: Mapping[str, torch.Tensor], point: GridPoint
             pruned[name], own = prune_with_engine(original(name, copy=False), point, name,
                                                   device, engine)
             engine_s += own
-    return (pruned, stock_s if stock_everywhere else float("nan"),
-            engine_s if engine is not None else float("nan"))
+    return Pruning(pruned, stock_s if stock_everywhere else float("nan"),
+                   engine_s if engine is not None else float("nan"), check_s)
 
 
 class GridEngines:

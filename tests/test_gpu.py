@@ -40,8 +40,8 @@ def test_pruning_on_the_gpu_gives_the_cpu_weights():
     torch.manual_seed(0)
     sd = DLRMNet(tiny_config(tables=(3000, 2000), dim=16)).state_dict()
     for point in (GridPoint("L1", (1, 1), 0.7), GridPoint("L2", (1, 4), 0.9)):
-        cpu, _, _ = sparsify_embeddings(sd, point, torch.device("cpu"))
-        gpu, _, _ = sparsify_embeddings(sd, point, CUDA)
+        cpu = sparsify_embeddings(sd, point, torch.device("cpu")).weights
+        gpu = sparsify_embeddings(sd, point, CUDA).weights
         assert all(torch.equal(cpu[k], gpu[k]) for k in sd)
 
 

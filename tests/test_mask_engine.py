@@ -84,11 +84,12 @@ def test_the_whole_model_through_sparsify_embeddings():
         engine = SortOnceMasks(norm, shape, SEED_LEVELS)
         for level in (0.0, 0.3, 0.9, 0.97, 1.0):
             point = GridPoint(norm, shape, level)
-            ours, stock_s, engine_s = sparsify_embeddings(sd, point, CPU, engine=engine,
-                                                          check=level == 0.3)
-            stock, _, _ = sparsify_embeddings(sd, point, CPU)
+            ours, stock_s, engine_s, check_s = sparsify_embeddings(
+                sd, point, CPU, engine=engine, check=level == 0.3)
+            stock = sparsify_embeddings(sd, point, CPU).weights
             assert all(same_bits(ours[k], stock[k]) for k in sd if k.startswith("emb_l"))
             assert engine_s >= 0 and (stock_s >= 0 if level == 0.3 else stock_s != stock_s)
+            assert check_s > 0 if level == 0.3 else check_s != check_s  # nan: no check
     assert all(same_bits(sd[k], before[k]) for k in sd)  # the engine never writes the originals
 
 
@@ -109,9 +110,9 @@ def test_a_budgeted_check_prunes_as_the_whole_check_and_catches_a_bad_engine(mon
     sd = DLRMNet(tiny_config(tables=(400, 30, 700), dim=8)).state_dict()
     point = GridPoint("L1", (1, 4), 0.5)
     budget = 10 * 8 * 4 * 100  # 100 rows of width 8
-    ours, stock_s, _ = sparsify_embeddings(sd, point, CPU, engine=SortOnceMasks(
+    ours, stock_s, _, _ = sparsify_embeddings(sd, point, CPU, engine=SortOnceMasks(
         "L1", (1, 4), SEED_LEVELS), check=True, check_budget=budget)
-    stock, _, _ = sparsify_embeddings(sd, point, CPU)
+    stock = sparsify_embeddings(sd, point, CPU).weights
     assert stock_s > 0 and all(same_bits(ours[k], stock[k]) for k in sd if "emb_l" in k)
     real = mask_engine.apply_mask
 
