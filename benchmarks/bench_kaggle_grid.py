@@ -106,10 +106,15 @@ def main() -> None:
             compare_workers(run, done, args.compare_workers, args.compare_levels, model_bytes)
 
 
+def l1_1x4(levels: list[str]) -> list[str]:
+    """The flags of a few points of config L1 1x4, as both comparisons run them."""
+    return ["--norms", "L1", "--block-shapes", "1x4", "--sparsity-levels", *levels]
+
+
 def side_by_side(run, levels: list[str], model_bytes: int) -> list[Path]:
     """Stock with one-thread deflate, the defaults and the defaults without the check; the
     runs' folders."""
-    few = ["--norms", "L1", "--block-shapes", "1x4", "--sparsity-levels", *levels]
+    few = l1_1x4(levels)
     runs = {"stock, 1-thread deflate": ["--mask-engine", "stock", "--deflate-threads", "1"],
             "sort-once + stock check, threaded deflate (defaults)": [],
             "sort-once, no stock check, threaded deflate": ["--no-stock-check"]}
@@ -131,7 +136,7 @@ def side_by_side(run, levels: list[str], model_bytes: int) -> list[Path]:
 
 def compare_workers(run, done, counts: list[int], levels: list[str], model_bytes: int) -> None:
     """The same points with each worker count, one run after another; same zips expected."""
-    few = ["--norms", "L1", "--block-shapes", "1x4", "--sparsity-levels", *levels]
+    few = l1_1x4(levels)
     print(f"worker counts, L1 (1, 4) at {len(levels)} levels ({levels[0]}-{levels[-1]}):")
     first = None
     for n in counts:

@@ -75,9 +75,10 @@ def first_levels(order: torch.Tensor, levels: Sequence[float]) -> torch.Tensor:
     return first
 
 
-def num_blocks(shape: tuple[int, int], block_shape: tuple[int, int]) -> int:
-    """Blocks over a table, partial blocks at the edges included (avg_pool2d's ceil_mode)."""
-    return -(-shape[0] // block_shape[0]) * -(-shape[1] // block_shape[1])
+def block_grid(shape: tuple[int, int], block_shape: tuple[int, int]) -> tuple[int, int]:
+    """Rows and columns of blocks over a table, partial blocks at the edges included
+    (avg_pool2d's ceil_mode)."""
+    return -(-shape[0] // block_shape[0]), -(-shape[1] // block_shape[1])
 
 
 def is_matrix(table: torch.Tensor) -> bool:
@@ -92,8 +93,7 @@ def keep_mask(first: torch.Tensor, level_index: int, shape: tuple[int, int],
     the width, else as the full (rows, width) mask."""
     rows, width = shape
     bh, bw = block_shape
-    grid_rows, grid_cols = -(-rows // bh), -(-width // bw)
-    kept = (first > level_index).view(grid_rows, grid_cols)
+    kept = (first > level_index).view(*block_grid(shape, block_shape))
     if bh == 1 and width % bw == 0:
         return kept[:, :, None]  # no copy: broadcast over each block's values
     full = kept.repeat_interleave(bh, 0).repeat_interleave(bw, 1)
@@ -148,7 +148,8 @@ class SortOnceMasks:
     def needs_order(self, shape: tuple[int, int], level: float) -> bool:
         """Whether the level zeroes any block of such a table (level 0 zeroes none: its mask
         is all ones, and the table need not be sorted for it)."""
-        return round(level * num_blocks(shape, self.block_shape)) > 0
+        grid_rows, grid_cols = block_grid(shape, self.block_shape)
+        return round(level * grid_rows * grid_cols) > 0
 
     def pruned(self, name: str, table: torch.Tensor, level: float) -> torch.Tensor:
         if level not in self.levels:
