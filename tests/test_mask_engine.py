@@ -136,6 +136,15 @@ def test_the_order_is_kept_in_the_smallest_integer_type():
     assert sort_blocks(block_norms(torch.randn(3000, 16), "L1", (1, 1))).dtype == torch.int32
 
 
+def test_the_block_averages_are_sorted_in_place_into_torch_sorts_order():
+    torch.manual_seed(0)
+    norms = torch.randint(0, 50, (300_000,)).float()  # ties everywhere
+    expected = torch.sort(norms.view(1, 1, -1).clone(), dim=2)
+    order = sort_blocks(norms)
+    assert torch.equal(order.long(), expected.indices.view(-1))
+    assert torch.equal(norms, expected.values.view(-1))  # written over: no sorted copy
+
+
 def test_first_levels_follow_the_stock_block_count():
     order = torch.tensor([4, 0, 3, 1, 2], dtype=torch.int16)
     # round(0.3 * 5) = 2 blocks, round(0.5 * 5) = 2 (banker's rounding of 2.5), then all 5
