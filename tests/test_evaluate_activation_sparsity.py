@@ -115,6 +115,11 @@ def test_level_zero_gives_the_unmasked_models_metrics(run, tiny_pipeline):
     level0 = df[(df["sparsity_level"] == 0.0) & (df["activation_level"] == 0.0)]
     assert level0["roc_auc"].tolist() == [unmasked["roc_auc"]] * 3
     assert (level0["auc_drop"] == 0).all()
+    # against the unpruned model: 0 for it, the pruned model's own drop for the other
+    assert (level0["auc_drop_vs_level0"] == 0).all()
+    unmasked_pruned = df[(df["sparsity_level"] == 0.9) & (df["activation_level"] == 0.0)]
+    assert (unmasked_pruned["auc_drop_vs_level0"]
+            == unmasked["roc_auc"] - unmasked_pruned["roc_auc"]).all()
 
 
 def test_a_rerun_keeps_finished_rows(run, capsys):

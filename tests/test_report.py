@@ -141,3 +141,25 @@ def test_script_writes_one_answer_per_budget(tmp_path, budgets):
     assert run_script(make_report, ["--output-dir", tmp_path, "--auc-budgets", *budgets]) == 0
     text = (tmp_path / "report.md").read_text()
     assert text.count("**AUC drop at most") == len(budgets)
+
+
+def test_activation_answers_hold_the_budget_against_the_unpruned_model():
+    """Masking a pruned model adds its drop to the pruning's: L1 (1, 1) at 0.9 loses 0.007 by
+    pruning, so its masking at 0.5 (0.002 more, 0.009 in all) fits 0.01 but not 0.005."""
+    from dlrm_sparsity.report import activation_answer
+    auc = {(0.0, 0.0): 0.800, (0.0, 0.5): 0.799, (0.9, 0.0): 0.793, (0.9, 0.5): 0.791}
+    rows = [{"norm": "L1", "sparse_block_shape": "(1, 1)", "sparsity_level": emb,
+             "activation_level": act, "variant": "compact", "roc_auc": a,
+             "auc_drop_vs_level0": 0.800 - a, "time_median_s": 0.010, "speedup_vs_dense": 1.5}
+            for (emb, act), a in auc.items()]
+    df = pd.DataFrame(rows)
+    strict, loose = activation_answer(df, 0.005), activation_answer(df, 0.01)
+    assert strict == ["- activation sparsity on the dense model: up to level 0.5 (AUC 0.7990, "
+                      "a drop of 0.0010 from the unpruned model), where the compact forward "
+                      "takes 10.00 ms, 1.50x faster than the masked dense one"]
+    assert len(loose) == 2 and loose[1].startswith(
+        "- activation sparsity on L1 (1, 1) at 0.9: up to level 0.5 (AUC 0.7910, a drop of "
+        "0.0090 from the unpruned model)")
+    without = activation_answer(df.drop(columns="auc_drop_vs_level0"), 0.01)
+    assert without == ["- activation sparsity: no unpruned model in `activation_sparsity.csv` "
+                       "to measure the AUC drops against"]
