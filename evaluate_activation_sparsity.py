@@ -61,8 +61,7 @@ from sparse_utils import SEED_LEVELS, parse_level
 KEYS = KEY_COLUMNS + ["activation_level"]
 ACTIVATION = Table("activation_sparsity.csv", KEYS + [
     "variant", "roc_auc", "accuracy", "log_loss", "auc_drop", "auc_drop_vs_level0",
-    "time_median_s", "time_iqr_s",
-    "speedup_vs_dense", "z_density", "kept_columns"])
+    "time_median_s", "time_iqr_s", "speedup_vs_dense", "z_density", "kept_columns"])
 
 
 def parse_args(argv=None):
@@ -157,10 +156,10 @@ def select_models(metadata: list[dict], embedding_levels: set[float], origin) ->
 
 
 def add_drops(df: pd.DataFrame) -> pd.DataFrame:
-    """Drops against the same model unmasked (activation level 0, auc_drop ...), the AUC drop
-    against the unpruned model unmasked (embedding and activation level 0: auc_drop_vs_level0,
-    the drop that embedding pruning and masking add up to, as the report's budgets mean it),
-    and speed-ups against dense."""
+    """Drops against the same model unmasked (auc_drop, accuracy_drop, log_loss_increase);
+    the AUC drop against the unpruned model unmasked (auc_drop_vs_level0: what embedding
+    pruning and masking add up to, the drop the report's budgets hold); speed-ups against
+    dense."""
     df = df.copy()
     ok = df["roc_auc"].notna() if "roc_auc" in df else pd.Series(False, index=df.index)
     for _, part in df[ok].groupby(KEY_COLUMNS):
