@@ -12,16 +12,11 @@ With no arguments it runs on the demo (running the disk-savings step first if ne
 
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
-import torch
 
-import evaluate_disk_savings
-from dlrm_sparsity.checkpoints import load_dlrm_state_dict
-from dlrm_sparsity.criteo.data import CriteoSplit, load_split
-from dlrm_sparsity.evaluation import AUC_DROP_BUDGETS, quality_metrics, score_split, within_budget
-from dlrm_sparsity.inputs import metadata_item, resolve_inputs
-from dlrm_sparsity.model import DLRMNet
+from dlrm_sparsity.analysis import AUC_DROP_BUDGETS, CONFIG, against_base, highest_within
+from dlrm_sparsity.evaluation import quality_metrics, score_split
+from dlrm_sparsity.experiment import Experiment
 from dlrm_sparsity.plots import plot_quality
 from dlrm_sparsity.report import refresh_report
 from dlrm_sparsity.runner.cli import (
@@ -31,9 +26,9 @@ from dlrm_sparsity.runner.cli import (
     make_parser,
     positive_int,
 )
-from dlrm_sparsity.runner.outputs import KEY_COLUMNS, read_metadata
+from dlrm_sparsity.runner.outputs import KEY_COLUMNS
 from dlrm_sparsity.runner.session import Session
-from dlrm_sparsity.runner.sweep import Table
+from dlrm_sparsity.runner.sweep import Figure, Table
 
 METRICS = Table("sparse_model_metrics.csv", KEY_COLUMNS + [
     "precision", "recall", "f1", "roc_auc", "accuracy", "log_loss",  # the seed's
@@ -52,72 +47,44 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def score(path: str, test: CriteoSplit, labels: np.ndarray, batch_size: int,
-          device: torch.device) -> dict:
-    model = DLRMNet.from_state_dict(load_dlrm_state_dict(path)).to(device)
-    test.check_fits(model.config.table_sizes, path)
-    return quality_metrics(labels, score_split(model, test, batch_size))
-
-
 def add_drops(df: pd.DataFrame) -> pd.DataFrame:
     """accuracy_drop and auc_drop against the level-0.0 row of the same (norm, block)."""
     df = df.copy()
-    df["accuracy_drop"] = np.nan
-    df["auc_drop"] = np.nan
-    ok = df["accuracy"].notna() if "accuracy" in df else pd.Series(False, index=df.index)
-    for _, part in df[ok].groupby(["norm", "sparse_block_shape"]):
-        base = part[part["sparsity_level"] == 0.0]
-        if base.empty:
-            continue
-        df.loc[part.index, "accuracy_drop"] = base["accuracy"].iloc[0] - part["accuracy"]
-        df.loc[part.index, "auc_drop"] = base["roc_auc"].iloc[0] - part["roc_auc"]
+    level0 = df["sparsity_level"] == 0.0
+    df["accuracy_drop"] = against_base(df, CONFIG, level0, "accuracy")
+    df["auc_drop"] = against_base(df, CONFIG, level0, "roc_auc")
     return df
 
 
-def highest_levels_within(df: pd.DataFrame) -> list[str]:
-    lines = []
-    for (norm, block), part in df.dropna(subset=["auc_drop"]).groupby(
-            ["norm", "sparse_block_shape"]):
-        found = []
-        for budget in AUC_DROP_BUDGETS:
-            within = within_budget(part, budget)["sparsity_level"]
-            found.append(f"{within.max():g}" if len(within) else "none")
-        lines.append(f"{norm} {block}: highest level with AUC drop <= "
-                     f"{AUC_DROP_BUDGETS[0]}: {found[0]}, <= {AUC_DROP_BUDGETS[1]}: {found[1]}")
-    return lines
-
-
 def summary(df: pd.DataFrame) -> str:
-    table = df.pivot_table(index="sparsity_level", columns=["norm", "sparse_block_shape"],
-                           values="roc_auc")
-    return "\n".join([table.to_string(float_format="{:.4f}".format), "(ROC AUC)",
-                      *highest_levels_within(df)])
+    table = df.pivot_table(index="sparsity_level", columns=CONFIG, values="roc_auc")
+    lines = [table.to_string(float_format="{:.4f}".format), "(ROC AUC)"]
+    found = [highest_within(df, budget) for budget in AUC_DROP_BUDGETS]
+    for norm, block in found[0]:
+        levels = [f"{f[(norm, block)]['sparsity_level']:g}" if f[(norm, block)] is not None
+                  else "none" for f in found]
+        lines.append(f"{norm} {block}: highest level with AUC drop " + ", ".join(
+            f"<= {b}: {lv}" for b, lv in zip(AUC_DROP_BUDGETS, levels, strict=True)))
+    return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     with Session(argv, args.output_dir, args.device, args.overwrite) as run:
-        inputs = resolve_inputs(args.raw_data_file, args.processed_data_file, args.metadata,
-                                run.output_dir, args.skip_bad_lines, run.ctx)
-        evaluate_disk_savings.ensure_metadata(inputs, run.output_dir, args.device)
-        metadata = read_metadata(inputs.metadata).to_dict("records")
-        test = load_split(inputs.processed, inputs.raw, "test", args.limit)
-        data = {"data": test.fingerprint(), "split": "test", "batch_size": args.batch_size,
-                "device": run.device.type}
-        test = test.to(run.device)
-        labels = test.labels.cpu().numpy()
-        items = [metadata_item(m, data, n_samples=len(test), batch_size=args.batch_size,
-                               limit=args.limit, processed_data_file=inputs.processed,
-                               **run.environment()) for m in metadata]
+        exp = Experiment(run, args, test_limit=args.limit)
+        labels = exp.test.labels.cpu().numpy()
+        items = exp.items(exp.metadata, {"split": "test", "limit": args.limit},
+                          n_samples=len(exp.test))
 
         def compute(item):
-            return score(item.payload["checkpoint"], test, labels, args.batch_size, run.device)
+            scores = score_split(exp.model(item.payload), exp.test, args.batch_size)
+            return quality_metrics(labels, scores)
 
         result = run.sweep(items, compute, tables=[METRICS], label="scoring",
                            describe=lambda item, rows: f"{item.fields['checkpoint']}: "
                                                        f"AUC {rows[0]['roc_auc']:.4f}")
-        run.finish(result, [METRICS], derive=add_drops, plot=(plot_quality, "accuracy.png"),
-                   summary=summary)
+        run.finish(result, [METRICS], derive=add_drops,
+                   plot=Figure(plot_quality, "accuracy.png"), summary=summary)
         refresh_report(run.output_dir, args.report, run.is_main)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from dlrm_sparsity.evaluation import AUC_DROP_BUDGETS
+from dlrm_sparsity.analysis import AUC_DROP_BUDGETS
 from dlrm_sparsity.report import write_report
 from dlrm_sparsity.runner.cli import make_parser
 

@@ -12,7 +12,7 @@ from dlrm_sparsity.demo import ensure_processed
 from dlrm_sparsity.device import DEVICES
 from dlrm_sparsity.errors import UserInputError
 from dlrm_sparsity.runner.cli import add_data_args, exit_for, make_parser, positive_int
-from dlrm_sparsity.training import train_and_save
+from dlrm_sparsity.training import Recipe, train_and_save
 
 
 def parse_args(argv=None):
@@ -44,11 +44,11 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     try:
         ensure_processed(args.raw_data_file, args.processed_data_file, args.skip_bad_lines)
-        result = train_and_save(
-            args.processed_data_file, args.raw_data_file, args.save_model,
-            args.arch_sparse_feature_size, args.arch_mlp_bot, args.arch_mlp_top,
-            args.learning_rate, args.mini_batch_size, args.test_mini_batch_size, args.seed,
-            args.num_batches, args.device)
+        recipe = Recipe(args.arch_sparse_feature_size, args.arch_mlp_bot, args.arch_mlp_top,
+                        args.learning_rate, args.mini_batch_size, args.test_mini_batch_size,
+                        args.seed, args.num_batches)
+        result = train_and_save(args.processed_data_file, args.raw_data_file,
+                                args.save_model, recipe, args.device)
     except (UserInputError, KeyboardInterrupt) as exc:
         exit_for(exc)
     print(f"test accuracy {result['accuracy']:.4f}, AUC {result['roc_auc']:.4f}, "

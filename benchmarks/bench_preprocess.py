@@ -1,9 +1,9 @@
 """Raw Criteo -> dlrm's processed files: throughput and peak memory, and the per-line loop.
 
-Writes (or takes) a raw train.txt, builds the processed npz with criteo_preprocess, and reports
-lines per second and peak resident memory. On the first --loop-lines lines it also runs, side
-by side, a per-line Python loop with dlrm's semantics (what dlrm's data_utils does) and checks
-both give the same arrays.
+Writes (or takes) a raw train.txt, builds the processed npz with dlrm_sparsity.criteo.preprocess,
+and reports lines per second and peak resident memory. On the first --loop-lines lines it also
+runs, side by side, a per-line Python loop with dlrm's semantics (what dlrm's data_utils does)
+and checks both give the same arrays.
 
     python benchmarks/bench_preprocess.py --lines 2000000
     python benchmarks/bench_preprocess.py --raw train.txt          # the real Kaggle file

@@ -27,7 +27,7 @@ MODES = {"default": "glibc default", "threshold": "fixed threshold, trimming on"
 
 
 def child(mode: str, min_run_time: float) -> None:
-    from dlrm_forward_time import DENSE, forward_fn, measure, steady_cpu_allocator
+    from dlrm_forward_time import Dense, Timing, measure, steady_cpu_allocator
     from dlrm_sparsity.checkpoints import load_dlrm_state_dict
     from dlrm_sparsity.criteo.data import load_split
     from dlrm_sparsity.demo import ensure_demo
@@ -40,8 +40,9 @@ def child(mode: str, min_run_time: float) -> None:
     paths = ensure_demo()
     batch = next(load_split(paths.processed, paths.raw, "test", limit=16384).batches(16384))
     model = DLRMNet.from_state_dict(load_dlrm_state_dict(paths.model)).eval()
-    fn = forward_fn(model, batch, DENSE)
-    medians = [measure(fn, "dense", torch.get_num_threads(), min_run_time).median * 1e3
+    fn = Dense(model).on(batch)
+    timing = Timing(torch.get_num_threads(), min_run_time)
+    medians = [measure(fn, "dense", timing).median * 1e3
                for _ in range(REPEATS)]
     spread = (max(medians) - min(medians)) / min(medians)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB

@@ -28,11 +28,6 @@ from dlrm_sparsity.errors import CheckpointError
 from dlrm_sparsity.model import DLRMConfig
 from dlrm_sparsity.runner.atomic import atomic_path
 
-# zipfile takes its CRC-32 from the stdlib's zlib, on the thread that writes the member.
-# zlib-ng's gives the same values 2.6-3.8x as fast (benchmarks/bench_deflate.py), and the
-# CRC of a 2 GB checkpoint is CPU time the deflate threads want. Same values: a drop-in.
-zipfile.crc32 = zlib_ng.crc32
-
 COMPRESSORS = ("zlib-ng", "zlib")
 _TORCH_ZIP_MARKER = "data.pkl"  # every torch.save zip archive has <prefix>/data.pkl
 
@@ -225,20 +220,35 @@ def copy_zip_renamed(source: str | os.PathLike, zip_path: str | os.PathLike) -> 
 
 
 class _InPieces:
-    """Hands a zip member's writer large writes in pieces of at most 16 MiB. torch.save
-    writes each storage in one call, and zipfile's writer returns a call's whole deflated
-    output at once: for a 618 MiB table, up to twice its compressed size held in memory
-    before it reaches the file."""
+    """Writes into a zip member in pieces of at most 16 MiB, with zlib-ng's CRC-32.
+
+    torch.save writes each storage in one call, and zipfile's writer returns a call's whole
+    deflated output at once: for a 618 MiB table, up to twice its compressed size held in
+    memory before it reaches the file. And zipfile takes the member's CRC-32 from the stdlib's
+    zlib on the writing thread, where zlib-ng's gives the same values several times as fast
+    (benchmarks/bench_deflate.py): on a 2 GB checkpoint, CPU time the deflate threads want.
+    So each piece goes through zipfile's own write steps here, with zlib-ng's CRC, for this
+    member alone (zipfile has no public hook for either).
+    """
 
     PIECE = 16 * 2**20
+    _STEPS = ("_file_size", "_crc", "_compressor", "_compress_size", "_fileobj")
 
     def __init__(self, member):
+        if not all(hasattr(member, a) for a in self._STEPS):
+            raise RuntimeError("this Python's zipfile writes members in a way the suite does "
+                               "not know; use a Python from 3.10 to 3.13")
         self.member = member
 
     def write(self, data) -> int:
-        view = memoryview(data).cast("B")
+        view, m = memoryview(data).cast("B"), self.member
         for start in range(0, len(view), self.PIECE):
-            self.member.write(view[start:start + self.PIECE])
+            piece = view[start:start + self.PIECE]
+            m._file_size += len(piece)
+            m._crc = zlib_ng.crc32(piece, m._crc)
+            deflated = m._compressor.compress(piece)
+            m._compress_size += len(deflated)
+            m._fileobj.write(deflated)
         return len(view)
 
     def flush(self) -> None:
@@ -257,7 +267,7 @@ def save_state_dict_zip(state_dict: Mapping[str, torch.Tensor], zip_path: str | 
     the default of both. With threads > 1 the member is deflated on that many threads into
     one standard stream (deflate.ParallelDeflate), a few bytes per MiB larger.
     """
-    label = compressor_label(compressor)  # an unknown name fails before anything is written
+    compressor_label(compressor)  # an unknown name fails before anything is written
     zip_path = Path(zip_path)
     # A fixed timestamp makes the zip a function of the weights and its name alone: a rerun
     # writes byte-identical files (and sha256s).
@@ -270,16 +280,13 @@ def save_state_dict_zip(state_dict: Mapping[str, torch.Tensor], zip_path: str | 
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED,
                              compresslevel=compresslevel) as zf:
             with zf.open(member, "w", force_zip64=True) as f:
+                writer = _InPieces(f)
                 module = zlib_ng if compressor == "zlib-ng" else zlib
                 if compressor == "zlib-ng" or threads > 1:
                     # zipfile deflates with the stdlib's zlib on one thread; hand this
                     # member's stream to another compressor (raw deflate, as zipfile's own)
-                    if not hasattr(f, "_compressor"):
-                        raise RuntimeError(f"this Python's zipfile cannot use {label}"
-                                           f"{' on threads' if threads > 1 else ''}; use "
-                                           "--compressor zlib --deflate-threads 1")
                     f._compressor = (ParallelDeflate(module, compresslevel, threads)
                                      if threads > 1 else
                                      module.compressobj(compresslevel, module.DEFLATED, -15))
-                torch.save(dict(state_dict), _InPieces(f))
+                torch.save(dict(state_dict), writer)
     return zip_path.stat().st_size

@@ -15,13 +15,13 @@ from filelock import FileLock
 from dlrm_sparsity.criteo.preprocess import preprocess_raw
 from dlrm_sparsity.criteo.synthetic import write_synthetic_raw
 from dlrm_sparsity.errors import DataError
-from dlrm_sparsity.training import train_and_save
+from dlrm_sparsity.training import Recipe, train_and_save
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / ".demo"
 DEMO_LINES = 500_000
 DEMO_SEED = 0
 DEMO_MAX_CARDINALITY = 20_000
-DEMO_ARCH = {"embedding_dim": 16, "bottom": "13-64-16", "top": "64-1"}
+DEMO_RECIPE = Recipe(embedding_dim=16, bottom="13-64-16", top="64-1")
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def ensure_demo(root: Path = DEMO_DIR, num_lines: int = DEMO_LINES) -> DemoPaths
             write_synthetic_raw(paths.raw, num_lines, DEMO_SEED, DEMO_MAX_CARDINALITY)
         ensure_processed(paths.raw, paths.processed)
         result = train_and_save(str(paths.processed), str(paths.raw), str(paths.model),
-                                device="cpu", print_every=0, **DEMO_ARCH)
+                                DEMO_RECIPE, device="cpu", print_every=0)
         print(f"demo model: test accuracy {result['accuracy']:.4f}, AUC "
               f"{result['roc_auc']:.4f} ({time.time() - t0:.0f} s to prepare)", flush=True)
     return paths

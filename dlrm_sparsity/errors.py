@@ -1,7 +1,7 @@
 """The one exception type for mistakes a user can make (bad file, bad flag, bad data).
 
 Library code raises it with a message that names what is wrong and where; the scripts'
-`main()` turns it into one line on stderr and exit code 2 (see cli_common.run_main).
+`main()` turns it into one line on stderr and exit code 2 (runner/cli.py, exit_for).
 """
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import torch
 from sklearn import metrics
 
@@ -11,8 +10,6 @@ from dlrm_sparsity.criteo.data import CriteoSplit
 from dlrm_sparsity.model import DLRMNet
 
 THRESHOLD = 0.5  # the seed's: a sample is predicted a click when p > 0.5
-AUC_DROP_BUDGETS = (0.005, 0.01)  # the drops every summary and the report answer for
-_BUDGET_TOLERANCE = 1e-12  # drops are differences of floats: a drop of 0.005 is within 0.005
 
 
 @torch.inference_mode()
@@ -44,7 +41,3 @@ def quality_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
         if both_classes else float("nan"),
     }
 
-
-def within_budget(df: pd.DataFrame, budget: float, drop: str = "auc_drop") -> pd.DataFrame:
-    """The rows whose AUC drop stays within budget: the one rule for every summary."""
-    return df[df[drop] <= budget + _BUDGET_TOLERANCE]

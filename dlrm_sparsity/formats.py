@@ -22,6 +22,8 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from dlrm_sparsity.errors import UserInputError
+
 
 def _bag_of_each_id(offsets: torch.Tensor, n_ids: int) -> torch.Tensor:
     """For every id, the bag it belongs to (offsets are each bag's first id)."""
@@ -302,3 +304,23 @@ def hold(cls, tables: list[torch.Tensor], budget: int) -> tuple[PerTable | Quant
 FORMATS = {cls.name: cls for cls in (Dense, Coo, Csr, Csr64, RowPruned, Int8, Int4,
                                      RowPrunedInt8)}
 NEEDS_FBGEMM = {name for name, cls in FORMATS.items() if issubclass(cls, Quantized)}
+
+
+def choose_formats(asked: list[str] | None, device: torch.device) -> list[str]:
+    """The formats to measure: those asked for (a UserInputError for an unknown one, or for
+    one whose FBGEMM is missing), or all, less those needing a missing FBGEMM (with a note)."""
+    names = asked or list(FORMATS)
+    unknown = [n for n in names if n not in FORMATS]
+    if unknown:
+        raise UserInputError(f"--formats: unknown format {unknown[0]!r}; expected some of "
+                             f"{', '.join(FORMATS)}")
+    missing = [n for n in names if n in NEEDS_FBGEMM] if not fbgemm_available(device) else []
+    if asked and missing:
+        raise UserInputError(f"--formats {missing[0]}: needs FBGEMM, which is not installed "
+                             f"for {device.type} (fbgemm-gpu-cpu on a CPU, fbgemm-gpu on CUDA)")
+    if missing:
+        print(f"note: {', '.join(missing)} skipped: FBGEMM is not installed for "
+              f"{device.type} (fbgemm-gpu-cpu on a CPU, fbgemm-gpu, of the release that "
+              "matches torch, on CUDA)")
+        names = [n for n in names if n not in NEEDS_FBGEMM]
+    return list(dict.fromkeys(names))

@@ -1,5 +1,4 @@
-"""Where an experiment's data and pruned models come from: the user's files, or the demo's;
-and the sweep items for the pruned models of a metadata CSV."""
+"""Where an experiment's data and pruned models come from: the user's files, or the demo's."""
 
 from __future__ import annotations
 
@@ -10,8 +9,7 @@ from dlrm_sparsity.checkpoints import sha256_of_file
 from dlrm_sparsity.demo import ensure_demo, ensure_processed
 from dlrm_sparsity.errors import UserInputError
 from dlrm_sparsity.runner.distributed import DistContext
-from dlrm_sparsity.runner.outputs import KEY_COLUMNS, METADATA_CSV
-from dlrm_sparsity.runner.sweep import Item
+from dlrm_sparsity.runner.outputs import METADATA_CSV
 
 
 @dataclass(frozen=True)
@@ -19,12 +17,7 @@ class Inputs:
     raw: str
     processed: str
     metadata: Path
-    demo_model: Path | None  # the demo's model when no data was given, else None
-
-    @property
-    def needs_disk_step(self) -> bool:
-        """A no-argument run without metadata: the disk-savings step has to run first."""
-        return self.demo_model is not None and not self.metadata.exists()
+    demo_model: Path | None  # the demo's model when neither data nor metadata was given
 
 
 def resolve_inputs(raw_data_file: str | None, processed_data_file: str | None,
@@ -57,14 +50,3 @@ def checkpoint_sha256(meta: dict) -> str | None:
     path = Path(meta["checkpoint"])
     return sha256_of_file(path) if path.is_file() else None
 
-
-def metadata_item(meta: dict, determinants: dict, **fields) -> Item:
-    """A sweep item for one pruned model of sparse_model_metadata.csv.
-
-    Its rows depend on the model's content (its sha256) and on the given determinants (the
-    data's fingerprint, the flags that change results); every row names the checkpoint.
-    """
-    sha = checkpoint_sha256(meta)
-    return Item({**{c: meta[c] for c in KEY_COLUMNS}, "checkpoint": meta["path"],
-                 "checkpoint_sha256": sha, **fields},
-                {"checkpoint_sha256": sha, **determinants}, payload=meta)

@@ -120,7 +120,7 @@ def _make_mlp(widths: Sequence[int], final_sigmoid: bool) -> nn.Sequential:
 
 
 class DLRMNet(nn.Module):
-    """DLRM with dot interaction (the seed's torch.sparse variant is in dlrm_forward_time.py).
+    """DLRM with dot interaction (the forward variants built on its stages are in variants.py).
 
     Inputs of a batch of B samples and K tables:
         dense_x: (B, 13) float, log(1 + count) features

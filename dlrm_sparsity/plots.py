@@ -1,4 +1,5 @@
-"""The figures of the three experiments, one line per (norm, block shape) configuration."""
+"""The experiments' figures and the report's trade-off figure, one line or colour per (norm,
+block shape) configuration."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from dlrm_sparsity.runner.atomic import atomic_path  # noqa: E402
+from dlrm_sparsity.variants import COMPACT, DENSE, MASKED, MASKED_SPARSE, SPARSE  # noqa: E402
 
 
 def _config_lines(ax, df: pd.DataFrame, y: str, label_suffix: str = "", **style) -> None:
@@ -61,7 +63,7 @@ def plot_quality(df: pd.DataFrame, path: str | os.PathLike) -> None:
 def plot_forward_time(df: pd.DataFrame, stages: pd.DataFrame, path: str | os.PathLike) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
     ax = axes[0]
-    for dlrm_type, style in (("without_torch_sparse", "-"), ("with_torch_sparse", "--")):
+    for dlrm_type, style in ((DENSE, "-"), (SPARSE, "--")):
         part = df[df["dlrm_type"] == dlrm_type].copy()
         part["time_ms"] = part["time_median_s"] * 1e3
         _config_lines(ax, part, "time_ms", f", {dlrm_type.replace('_', ' ')}", linestyle=style)
@@ -85,7 +87,7 @@ def _plot_stages(ax, stages: pd.DataFrame) -> None:
     order = [s for s in ("bottom_mlp", "embedding", "interaction", "to_sparse_coo", "top_mlp")
              if s in table.columns]
     table = table[order]
-    labels = [f"{lvl:g}\n{'sparse' if t == 'with_torch_sparse' else 'dense'}"
+    labels = [f"{lvl:g}\n{'sparse' if t == SPARSE else 'dense'}"
               for lvl, t in table.index]
     bottom = None
     for stage in order:
@@ -103,18 +105,18 @@ def plot_activation_sparsity(df: pd.DataFrame, path: str | os.PathLike) -> None:
     models = df.groupby(["norm", "sparse_block_shape", "sparsity_level"], sort=True)
     for (norm, block, emb), part in models:
         label = "dense model" if emb == 0.0 else f"{norm} {block}, embeddings {emb:g}"
-        one = part[part["variant"] == "dense"].sort_values("activation_level")
+        one = part[part["variant"] == MASKED].sort_values("activation_level")
         axes[0].plot(one["activation_level"], one["roc_auc"], marker="o", markersize=3,
                      label=label)
     axes[0].set(xlabel="activation sparsity level (columns of z masked)", ylabel="ROC AUC",
                 title="Quality with the interaction output masked")
     axes[0].legend(fontsize=7)
     first = df[df["sparsity_level"] == df["sparsity_level"].min()]
-    for variant, style in (("dense", "-"), ("torch_sparse", "--"), ("compact", "-.")):
+    for variant, style in ((MASKED, "-"), (MASKED_SPARSE, "--"), (COMPACT, "-.")):
         part = first[first["variant"] == variant].sort_values("activation_level")
         axes[1].plot(part["activation_level"], part["time_median_s"] * 1e3, style, marker="o",
                      markersize=3, label=variant)
-    compact = first[first["variant"] == "compact"].sort_values("activation_level")
+    compact = first[first["variant"] == COMPACT].sort_values("activation_level")
     faster = compact[compact["speedup_vs_dense"] > 1.0]
     if not faster.empty:
         level = faster["activation_level"].iloc[0]
@@ -157,7 +159,7 @@ def plot_tradeoffs(scored: pd.DataFrame, front: pd.DataFrame, memory: pd.DataFra
         ax.legend(fontsize=7)
     if activation is not None:
         ax = axes[0][-1]
-        compact = activation[activation["variant"] == "compact"]
+        compact = activation[activation["variant"] == COMPACT]
         for (norm, block, emb), part in compact.groupby(["norm", "sparse_block_shape",
                                                          "sparsity_level"], sort=True):
             label = "dense model" if emb == 0.0 else f"{norm} {block}, embeddings {emb:g}"

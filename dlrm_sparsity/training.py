@@ -9,6 +9,7 @@ so the suite and dlrm's own scripts read it alike.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,13 +46,15 @@ def build_config(train: CriteoSplit, embedding_dim: int, bottom: str, top: str) 
                       (probe.interaction_width,) + parse_widths(top, "--arch-mlp-top"))
 
 
-def train_one_epoch(model: DLRMNet, train: CriteoSplit, batch_size: int, lr: float,
-                    seed: int, num_batches: int = 0, print_every: int = 1000) -> float:
-    """SGD over a shuffled pass of the training split; returns the mean training loss."""
+def train_one_epoch(model: DLRMNet, train: CriteoSplit, recipe: Recipe,
+                    print_every: int = 1000) -> float:
+    """SGD over a shuffled pass of the training split (the first recipe.num_batches batches
+    of it, when that is positive); returns the mean training loss."""
     model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    batch_size, num_batches = recipe.batch_size, recipe.num_batches
+    optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr)
     loss_fn = nn.BCELoss()
-    order = torch.from_numpy(np.random.default_rng(seed).permutation(len(train)))
+    order = torch.from_numpy(np.random.default_rng(recipe.seed).permutation(len(train)))
     order = order.to(train.dense.device)
     steps = len(train) // batch_size  # dlrm drops the last partial batch
     if steps == 0:
@@ -93,21 +96,34 @@ def save_dlrm_checkpoint(path: str | Path, model: DLRMNet, train_loss: float,
         torch.save(state, tmp)
 
 
-def train_and_save(processed: str, raw: str, save_path: str, embedding_dim: int = 16,
-                   bottom: str = "13-512-256-64-16", top: str = "512-256-1", lr: float = 0.1,
-                   batch_size: int = 128, test_batch_size: int = 16384, seed: int = 0,
-                   num_batches: int = 0, device: str | None = None,
-                   print_every: int = 1000) -> dict[str, float]:
+@dataclass(frozen=True)
+class Recipe:
+    """The architecture and the training recipe (the defaults are the seed's: dlrm's Kaggle
+    architecture, SGD at 0.1, batches of 128, one epoch; num_batches 0: the whole epoch)."""
+
+    embedding_dim: int = 16
+    bottom: str = "13-512-256-64-16"
+    top: str = "512-256-1"
+    lr: float = 0.1
+    batch_size: int = 128
+    test_batch_size: int = 16384
+    seed: int = 0
+    num_batches: int = 0
+
+
+def train_and_save(processed: str, raw: str, save_path: str, recipe: Recipe = Recipe(),
+                   device: str | None = None, print_every: int = 1000) -> dict[str, float]:
     """The whole recipe; returns the test metrics of the trained model."""
-    torch.manual_seed(seed)
+    torch.manual_seed(recipe.seed)
     dev = resolve_device(device)
     train = load_split(processed, raw, "train").to(dev)
     test = load_split(processed, raw, "test").to(dev)
-    config = build_config(train, embedding_dim, bottom, top)
+    config = build_config(train, recipe.embedding_dim, recipe.bottom, recipe.top)
     model = DLRMNet(config, sparse_grad=True).to(dev)
-    loss = train_one_epoch(model, train, batch_size, lr, seed, num_batches, print_every)
-    scores = score_split(model, test, test_batch_size)
+    loss = train_one_epoch(model, train, recipe, print_every)
+    scores = score_split(model, test, recipe.test_batch_size)
     quality = quality_metrics(test.labels.cpu().numpy(), scores)
     save_dlrm_checkpoint(save_path, model.cpu(), loss, quality["accuracy"],
-                         len(train) // batch_size, -(-len(test) // test_batch_size))
+                         len(train) // recipe.batch_size,
+                         -(-len(test) // recipe.test_batch_size))
     return {"train_loss": loss, **quality}

@@ -63,7 +63,7 @@ def tiny_pipeline(tmp_path_factory):
     """Raw file -> processed file -> a briefly trained DLRM, all tiny, shared by the tests."""
     from dlrm_sparsity.criteo.preprocess import preprocess_raw
     from dlrm_sparsity.criteo.synthetic import write_synthetic_raw
-    from dlrm_sparsity.training import train_and_save
+    from dlrm_sparsity.training import Recipe, train_and_save
 
     root = tmp_path_factory.mktemp("pipeline")
     raw = write_synthetic_raw(root / "train.txt", 4000, seed=3, max_cardinality=60,
@@ -71,6 +71,7 @@ def tiny_pipeline(tmp_path_factory):
     processed = root / "processed.npz"
     preprocess_raw(raw, processed, show_progress=False)
     model = root / "model.ckpt"
-    train_and_save(str(processed), str(raw), str(model), embedding_dim=4,
-                   bottom="13-8-4", top="8-1", num_batches=30, device="cpu", print_every=0)
+    train_and_save(str(processed), str(raw), str(model),
+                   Recipe(embedding_dim=4, bottom="13-8-4", top="8-1", num_batches=30),
+                   device="cpu", print_every=0)
     return {"root": root, "raw": raw, "processed": processed, "model": model}

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from conftest import random_batch, tiny_config
-from dlrm_forward_time import DENSE, SPARSE, forward
+from dlrm_forward_time import Dense, TorchSparseTop
 from dlrm_sparsity.criteo.data import Batch
 from dlrm_sparsity.errors import CheckpointError
 from dlrm_sparsity.model import DLRMConfig, DLRMNet, embedding_names
@@ -66,8 +66,8 @@ def test_torch_sparse_variant_gives_the_same_output(tiny_model):
     batch = Batch(dense, offsets, indices, torch.zeros(64))
     with torch.no_grad():
         dense_out = tiny_model(dense, offsets, indices)
-        sparse_out = forward(tiny_model, batch, SPARSE)
-    assert torch.equal(forward(tiny_model, batch, DENSE), dense_out)
+        sparse_out = TorchSparseTop(tiny_model).on(batch)()
+        assert torch.equal(Dense(tiny_model).on(batch)(), dense_out)
     assert (dense_out - sparse_out).abs().max() <= 1e-6
 
 

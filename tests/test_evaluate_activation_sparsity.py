@@ -8,8 +8,12 @@ import torch
 import evaluate_activation_sparsity as act
 import evaluate_disk_savings
 from conftest import random_batch, run_script, tiny_config
-from dlrm_forward_time import COMPACT, MASKED_VARIANTS, CompactForward, masked_forward_fn
+from dlrm_forward_time import COMPACT, MASKED_VARIANTS, Compact, masked_variants
+from dlrm_sparsity.activation import FUNCTIONS, calibrate, calibration_shape, drop_lowest
+from dlrm_sparsity.analysis import faster_from
+from dlrm_sparsity.checkpoints import load_state_dict
 from dlrm_sparsity.criteo.data import Batch, CriteoSplit, load_split, split_bounds
+from dlrm_sparsity.evaluation import quality_metrics, score_split
 from dlrm_sparsity.model import DLRMNet
 
 
@@ -31,7 +35,7 @@ def test_the_stock_sparsifier_masks_exactly_the_lowest_scoring_columns():
               for b in calibration.batches(16)]
         scores = torch.stack([z.abs() for z in zs]).sum(0).mean(0)
     for level in (0.0, 0.3, 0.5, 1.0):
-        sparsifier = act.calibrate(model, calibration, 16, level)
+        sparsifier = calibrate(model, calibration, 16, level)
         mask = sparsifier.get_mask(layer=model.top_l[0])
         dropped = set(torch.nonzero(mask == 0).view(-1).tolist())
         expected = set(torch.argsort(scores)[:round(level * 10)].tolist())
@@ -40,7 +44,7 @@ def test_the_stock_sparsifier_masks_exactly_the_lowest_scoring_columns():
 
 
 def test_drop_lowest_breaks_ties_in_column_order():
-    mask = act.drop_lowest(torch.tensor([1.0, 0.0, 0.0, 2.0, 0.0]), sparsity_level=0.4)
+    mask = drop_lowest(torch.tensor([1.0, 0.0, 0.0, 2.0, 0.0]), sparsity_level=0.4)
     assert mask.tolist() == [1.0, 0.0, 0.0, 1.0, 1.0]
 
 
@@ -50,7 +54,7 @@ def test_three_variants_agree_and_compact_keeps_exactly_the_unmasked_columns():
     batch = Batch(dense, offsets, indices, torch.zeros(32))
     mask = torch.ones(10)
     mask[[1, 4, 7, 8]] = 0  # one column of x, three pairs
-    compact = CompactForward(model, mask)
+    compact = Compact(model, mask)
     assert compact.kept.tolist() == [0, 2, 3, 5, 6, 9]
     assert compact.kept_x.tolist() == [0, 2, 3]
     pairs = [(int(i), int(j)) for i, j in zip(compact.pair_i, compact.pair_j, strict=True)]
@@ -60,7 +64,7 @@ def test_three_variants_agree_and_compact_keeps_exactly_the_unmasked_columns():
         z = model.interact(model.bottom(dense), model.embed(offsets, indices))
         torch.testing.assert_close(compact.interact(model.bottom(dense),
                                                     model.embed(offsets, indices)), z[:, mask > 0])
-        outs = [masked_forward_fn(model, batch, mask, v, compact)() for v in MASKED_VARIANTS]
+        outs = [f.on(batch)() for f in masked_variants(model, mask).values()]
         reference = model.top_l(z * mask)
     for out in outs:
         torch.testing.assert_close(out, reference, atol=1e-6, rtol=1e-5)
@@ -98,7 +102,7 @@ def test_a_row_per_model_level_and_variant_with_metrics(run, tiny_pipeline):
     assert code == 0 and len(df) == 2 * 3 * 3
     assert set(df["variant"]) == set(MASKED_VARIANTS)
     assert set(df["sparsity_level"]) == {0.0, 0.9}  # the dense model and L1 (1, 4) at 0.9
-    assert (df["sparsifier_functions"] == act.FUNCTIONS).all()
+    assert (df["sparsifier_functions"] == FUNCTIONS).all()
     assert (df["max_abs_diff"] <= 1e-5).all() and (df["time_median_s"] > 0).all()
     full = df[df["activation_level"] == 1.0]
     assert (full["z_density"] == 0).all() and (full["kept_columns"] == 0).all()
@@ -106,12 +110,11 @@ def test_a_row_per_model_level_and_variant_with_metrics(run, tiny_pipeline):
 
 
 def test_level_zero_gives_the_unmasked_models_metrics(run, tiny_pipeline):
-    from evaluate_model_metrics import score
     _, out, _, df = run
     test = load_split(tiny_pipeline["processed"], tiny_pipeline["raw"], "test")
     meta = pd.read_csv(out / "sparse_model_metadata.csv")
-    unmasked = score(str(out / meta["path"][0]), test, test.labels.numpy(), 128,
-                     torch.device("cpu"))
+    model = DLRMNet.from_state_dict(load_state_dict(out / meta["path"][0]))
+    unmasked = quality_metrics(test.labels.numpy(), score_split(model, test, 128))
     level0 = df[(df["sparsity_level"] == 0.0) & (df["activation_level"] == 0.0)]
     assert level0["roc_auc"].tolist() == [unmasked["roc_auc"]] * 3
     assert (level0["auc_drop"] == 0).all()
@@ -159,6 +162,31 @@ def test_a_model_whose_top_layer_does_not_fit_the_interaction_is_an_error_row(
 
 def test_faster_from_ignores_a_noisy_dip_below_the_last_slower_level():
     speedup = pd.Series([1.02, 0.98, 1.3, 1.4, 5.0], index=[0.0, 0.5, 0.9, 0.95, 1.0])
-    assert act.faster_from(speedup) == 0.9
-    assert act.faster_from(pd.Series([1.1, 1.2], index=[0.0, 1.0])) == 0.0
-    assert act.faster_from(pd.Series([1.1, 0.9], index=[0.0, 1.0])) is None
+    assert faster_from(speedup) == 0.9
+    assert faster_from(pd.Series([1.1, 1.2], index=[0.0, 1.0])) == 0.0
+    assert faster_from(pd.Series([1.1, 0.9], index=[0.0, 1.0])) is None
+
+
+def test_the_default_calibration_takes_what_a_small_data_set_holds():
+    assert calibration_shape(40_000, None, None, (16, 2048)) == (16, 2048, None)
+    batches, size, note = calibration_shape(5_000, None, None, (16, 2048))
+    assert (batches, size) == (2, 2048)
+    assert note == ("note: the training days hold 5000 samples, fewer than the default "
+                    "16 x 2048: calibrating on 2 x 2048")
+    assert calibration_shape(100, None, None, (16, 2048))[:2] == (1, 100)
+    with pytest.raises(ValueError, match="32768 calibration samples asked for, but the "
+                                         "training days hold 5000"):
+        calibration_shape(5_000, 16, None, (16, 2048))
+
+
+def test_the_defaults_run_on_a_data_set_smaller_than_them(run, tmp_path, capsys):
+    """The tiny data set's training days hold far fewer than 16 x 2048 samples."""
+    _, out, args, _ = run
+    code = run_script(act, [*args[:4], "--output-dir", tmp_path, "--device", "cpu",
+                            "--sparse-model-metadata", out / "sparse_model_metadata.csv",
+                            "--levels", "0", "0.5", "--batch-size", "128",
+                            "--min-run-time", "0.01", "--threads", "1"])
+    assert code == 0
+    assert "note: the training days hold" in capsys.readouterr().out
+    df = pd.read_csv(tmp_path / "activation_sparsity.csv")
+    assert "error" not in df and df["calibration_samples"].iloc[0] > 0

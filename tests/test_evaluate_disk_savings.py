@@ -1,17 +1,21 @@
 import shutil
+import subprocess
+import sys
 import zipfile
+from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
 import evaluate_disk_savings
-import sparse_utils
 from conftest import run_script
+from dlrm_sparsity import disk, pruning
 from dlrm_sparsity.checkpoints import load_state_dict, save_state_dict_zip, sha256_of_file
 from dlrm_sparsity.runner.outputs import METADATA_COLUMNS, read_metadata
 from sparse_utils import GridPoint, sparsify_embeddings
 
+REPO = Path(__file__).resolve().parent.parent
 GRID = ["--sparsity-levels", "0.0", "0.5", "1.0", "--norms", "L1", "L2",
         "--block-shapes", "1x1", "1x4"]
 
@@ -137,17 +141,17 @@ def test_large_model_path_reads_tables_from_the_file_and_writes_the_same_zips(
     pruned at a time: the same bytes out as two workers pruning side by side in memory."""
     _, out, df = run
     mapped = load_state_dict(tiny_pipeline["model"], mmap=True)
-    held = sparse_utils.hold_model(mapped, tiny_pipeline["model"], 0)
+    held = pruning.hold_model(mapped, tiny_pipeline["model"], 0)
     assert held.read_table is None  # small model: held in memory
-    monkeypatch.setattr(sparse_utils, "LARGE_MODEL_BYTES", 0)
-    held = sparse_utils.hold_model(mapped, tiny_pipeline["model"], 0)
+    monkeypatch.setattr(pruning, "LARGE_MODEL_BYTES", 0)
+    held = pruning.hold_model(mapped, tiny_pipeline["model"], 0)
     tables = held.state_dict
     assert {v.device.type for k, v in tables.items() if "emb_l" in k} == {"meta"}
     assert {v.device.type for k, v in tables.items() if "emb_l" not in k} == {"cpu"}
-    assert sparse_utils.hold_model(mapped, tiny_pipeline["model"], 1).read_table is None
+    assert pruning.hold_model(mapped, tiny_pipeline["model"], 1).read_table is None
     zipped = tmp_path / "model.zip"  # a zip cannot be mapped: held in memory
     save_state_dict_zip(mapped, zipped)
-    assert sparse_utils.hold_model(load_state_dict(zipped), zipped, 0).read_table is None
+    assert pruning.hold_model(load_state_dict(zipped), zipped, 0).read_table is None
     args = ["--model-path", tiny_pipeline["model"], "--output-dir", tmp_path, "--device", "cpu",
             "--workers", "0", *GRID]
     assert run_script(evaluate_disk_savings, args) == 0
@@ -158,7 +162,7 @@ def test_large_model_path_reads_tables_from_the_file_and_writes_the_same_zips(
 
 def test_default_workers_keep_a_large_model_to_one_point_unless_cores_and_ram_allow_more():
     gib = 2**30
-    workers = evaluate_disk_savings.default_workers
+    workers = disk.default_workers
     assert workers(gib // 2, cpus=2, ram_bytes=24 * gib) == 2  # small: min(4, CPUs)
     assert workers(gib // 2, cpus=64, ram_bytes=24 * gib) == 4
     kaggle = int(2.16 * gib)
@@ -177,7 +181,7 @@ def test_pruning_on_the_calling_thread_as_on_a_gpu_writes_the_same_zips(
     """The GPU's arrangement (the calling thread prunes, two workers zip), here on the CPU."""
     _, out, df = run
     calls = []
-    monkeypatch.setattr(evaluate_disk_savings, "prunes_on_workers",
+    monkeypatch.setattr(disk, "prunes_on_workers",
                         lambda device, workers: calls.append((device.type, workers)) or False)
     args = ["--model-path", tiny_pipeline["model"], "--output-dir", tmp_path, "--device", "cpu",
             "--workers", "2", *GRID]
@@ -225,3 +229,51 @@ def test_zips_deflated_on_threads_hold_the_same_weights(run, tiny_pipeline, tmp_
             assert zf.testzip() is None
         a, b = load_state_dict(tmp_path / mine), load_state_dict(out / theirs)
         assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def hold_folder(folder) -> subprocess.Popen:
+    """Another process inside a session on folder, as any script's run holds it."""
+    code = ("import sys, time\nfrom dlrm_sparsity.runner.session import Session\n"
+            "with Session(['evaluate_disk_savings.py', '--other'], sys.argv[1]):\n"
+            "    print('held', flush=True)\n    time.sleep(120)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(folder)], cwd=REPO,
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_in_one_line_naming_the_first(
+        tiny_pipeline, tmp_path, capsys):
+    stale = tmp_path / ".sparse_model_metadata.csv.0123456789ab.tmp"
+    holder = hold_folder(tmp_path)
+    try:
+        stale.write_text("the holder's temporary")
+        args = ["--model-path", tiny_pipeline["model"], "--output-dir", tmp_path,
+                "--device", "cpu", *GRID]
+        assert run_script(evaluate_disk_savings, args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"pid {holder.pid} on " in err[0]
+        assert "another run is writing there" in err[0] and "--other" in err[0]
+        assert stale.exists() and not (tmp_path / "sparse_model_metadata.csv").exists()
+    finally:
+        holder.kill()  # killed: the system gives its lock up with it
+        holder.wait()
+    assert run_script(evaluate_disk_savings, args) == 0
+    assert not stale.exists()  # cleared by the lock's new holder
+    assert "error" not in pd.read_csv(tmp_path / "sparse_model_metadata.csv")
+
+
+def test_a_dump_folder_outside_the_output_folder_is_locked_too(tiny_pipeline, tmp_path,
+                                                                capsys):
+    dump = tmp_path / "zips"
+    dump.mkdir()
+    holder = hold_folder(dump)
+    try:
+        args = ["--model-path", tiny_pipeline["model"], "--output-dir", tmp_path / "out",
+                "--sparsified-model-dump-path", dump, "--device", "cpu", *GRID]
+        assert run_script(evaluate_disk_savings, args) == 2
+        assert f"{dump}: another run is writing there (pid {holder.pid}" in \
+            capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()

@@ -7,7 +7,17 @@ import torch
 import evaluate_disk_savings
 import evaluate_forward_time
 from conftest import run_script
-from dlrm_forward_time import DENSE, SPARSE, check_agreement, forward_fn, measure, stage_fns
+from dlrm_forward_time import (
+    DENSE,
+    SPARSE,
+    Dense,
+    Timing,
+    TorchSparseTop,
+    max_difference,
+    measure,
+    measure_fixed,
+    stage_calls,
+)
 from dlrm_sparsity.checkpoints import load_state_dict
 from dlrm_sparsity.criteo.data import load_split
 from dlrm_sparsity.model import DLRMNet
@@ -25,8 +35,8 @@ def test_the_default_timer_synchronises_the_device_before_every_reading(monkeypa
     monkeypatch.setattr(torch.accelerator, "synchronize", lambda *a: calls.append("sync"))
     monkeypatch.setattr(timeit, "default_timer",
                         lambda: (calls.append("clock"), calls.count("fn") * 1e-3)[1])
-    m = measure(lambda: calls.append("fn"), "fake", threads=1, min_run_time=0.05,
-                fixed_blocks=fixed_blocks)
+    how = measure_fixed if fixed_blocks else measure
+    m = how(lambda: calls.append("fn"), "fake", Timing(threads=1, min_run_time=0.05))
     reads = [i for i, c in enumerate(calls) if c == "clock"]
     assert reads and all(calls[i - 1] == "sync" for i in reads)
     assert calls.count("fn") > 2 and len(m.times) >= 3
@@ -44,18 +54,20 @@ def model_and_batch(tiny_pipeline):
 
 def test_dense_and_sparse_variants_agree(model_and_batch):
     model, batch = model_and_batch
-    assert check_agreement(model, batch) <= 1e-6
+    assert max_difference(Dense(model), TorchSparseTop(model), batch) <= 1e-6
     with torch.inference_mode():
-        assert forward_fn(model, batch, SPARSE)().shape == (len(batch.labels), 1)
+        assert TorchSparseTop(model).on(batch)().shape == (len(batch.labels), 1)
 
 
 def test_stage_times_are_positive_and_add_up_to_about_the_whole(model_and_batch):
     model, batch = model_and_batch
     fns: dict[str, dict] = {}
-    for variant, stage, fn in stage_fns(model, batch):
-        fns.setdefault(variant, {})[stage] = measure(fn, stage, 1, 0.05).median
+    timing = Timing(threads=1, min_run_time=0.05)
+    for variant, stage, fn in stage_calls(model, batch):
+        fns.setdefault(variant, {})[stage] = measure(fn, stage, timing).median
+    forwards = {DENSE: Dense(model), SPARSE: TorchSparseTop(model)}
     for variant, stages in fns.items():
-        whole = measure(forward_fn(model, batch, variant), variant, 1, 0.05).median
+        whole = measure(forwards[variant].on(batch), variant, timing).median
         assert all(s > 0 for s in stages.values())
         assert 0.3 * whole < sum(stages.values()) < 3 * whole, (variant, stages, whole)
     assert set(fns[SPARSE]) == {"bottom_mlp", "embedding", "interaction", "to_sparse_coo",

@@ -6,6 +6,7 @@ import pytest
 import evaluate_disk_savings
 import evaluate_memory_savings as mem
 from conftest import run_script
+from dlrm_sparsity import formats
 from dlrm_sparsity.formats import FORMATS, fbgemm_available
 
 
@@ -82,7 +83,7 @@ def test_an_unknown_format_is_one_line_and_exit_2(run, capsys):
 
 def test_without_fbgemm_its_formats_are_skipped_with_a_notice(run, tmp_path, monkeypatch,
                                                                capsys):
-    monkeypatch.setattr(mem, "fbgemm_available", lambda device: False)
+    monkeypatch.setattr(formats, "fbgemm_available", lambda device: False)
     _, out, args, _ = run
     args = [*args[:4], "--output-dir", tmp_path, *args[6:],
             "--sparse-model-metadata", out / "sparse_model_metadata.csv"]

@@ -12,7 +12,7 @@ from dlrm_sparsity.checkpoints import load_state_dict
 from dlrm_sparsity.criteo.data import load_split
 from dlrm_sparsity.evaluation import quality_metrics, score_split
 from dlrm_sparsity.model import DLRMNet
-from evaluate_model_metrics import add_drops, highest_levels_within
+from evaluate_model_metrics import add_drops, summary
 
 
 def test_metrics_equal_independent_formulas_on_a_fixed_score_vector():
@@ -55,8 +55,8 @@ def test_drops_use_the_level_zero_row_of_the_same_config():
     assert out["accuracy_drop"].round(12).tolist()[:4] == [0.0, 0.1, 0.15, 0.0]
     assert out["auc_drop"].round(12).tolist()[:4] == [0.0, 0.01, 0.2, 0.0]
     assert np.isnan(out["auc_drop"][4])  # L1 (1, 4) has no level-0 row
-    assert highest_levels_within(out)[0] == ("L1 (1, 1): highest level with AUC drop <= "
-                                             "0.005: 0, <= 0.01: 0.9")
+    assert ("L1 (1, 1): highest level with AUC drop <= 0.005: 0, <= 0.01: 0.9"
+            in summary(out).splitlines())
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +169,25 @@ def test_seed_metadata_without_sha256_rescores_regenerated_checkpoints(tiny_pipe
     again = pd.read_csv(tmp_path / "sparse_model_metrics.csv")
     assert again["roc_auc"][0] == pytest.approx(first["roc_auc"][1])
     assert again["checkpoint_sha256"][0] == again["checkpoint_sha256"][1]
+
+
+def test_a_zip_replaced_after_the_disk_run_is_refused_naming_both_hashes(
+        tiny_pipeline, metadata, tmp_path, capsys):
+    """The same weights zipped again (another deflate level: another sha256) are not the
+    file the metadata describes: that row is an error naming the file and both hashes."""
+    from dlrm_sparsity.checkpoints import save_state_dict_zip, sha256_of_file
+    out = tmp_path / "out"
+    shutil.copytree(metadata, out)
+    meta = pd.read_csv(out / "sparse_model_metadata.csv")
+    replaced = out / meta["path"][1]
+    save_state_dict_zip(load_state_dict(replaced), replaced, compresslevel=1)
+    new_sha = sha256_of_file(replaced)
+    assert new_sha != meta["sha256"][1]
+    code = run_script(evaluate_model_metrics, [*data_args(tiny_pipeline), "--output-dir", out,
+                                               "--overwrite"])
+    df = pd.read_csv(out / "sparse_model_metrics.csv")
+    assert code == 2 and df["error"].isna().tolist() == [True, False]
+    error = df["error"][1]
+    assert str(replaced) in error and new_sha in error and meta["sha256"][1] in error
+    assert df["checkpoint_sha256"][1] == meta["sha256"][1]  # recorded, never scored
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import random_batch, tiny_config
-from dlrm_forward_time import check_agreement, forward_fn, measure
+from dlrm_forward_time import Dense, Timing, TorchSparseTop, max_difference, measure
 from dlrm_sparsity.criteo.data import Batch
 from dlrm_sparsity.mask_engine import SortOnceMasks
 from dlrm_sparsity.model import DLRMNet
@@ -27,13 +27,14 @@ def test_timing_synchronises_the_gpu_before_each_clock_reading(monkeypatch):
     real = torch.accelerator.synchronize
     monkeypatch.setattr(torch.accelerator, "synchronize",
                         lambda d=None: (calls.append(d), real(d)))
-    m = measure(forward_fn(model, batch, "without_torch_sparse"), "gpu", 1, 0.05)
+    m = measure(Dense(model).on(batch), "gpu", Timing(threads=1, min_run_time=0.05))
     assert m.median > 0 and len(m.times) >= 3 and len(calls) >= 2 * len(m.times)
 
 
 def test_variants_agree_on_the_gpu():
     model = DLRMNet(tiny_config(tables=(5000,) * 26, dim=16)).to(CUDA).eval()
-    assert check_agreement(model, cuda_batch(model.config)) <= 1e-5
+    assert max_difference(Dense(model), TorchSparseTop(model),
+                          cuda_batch(model.config)) <= 1e-5
 
 
 def test_pruning_on_the_gpu_gives_the_cpu_weights():

@@ -83,3 +83,20 @@ def test_the_checker_sees_function_level_imports(tmp_path):
                     "    from dlrm_sparsity import demo\n")
     assert imports_of(path, {"evaluate_disk_savings", "dlrm_sparsity.demo"}) == \
         {"evaluate_disk_savings", "dlrm_sparsity.demo"}
+
+
+EXPERIMENT_SCRIPTS = sorted(n for n in ROOT_SCRIPTS if n.startswith("evaluate_"))
+MAX_SCRIPT_LINES = 200
+
+
+def test_no_experiment_script_imports_another():
+    edges = graph()
+    for name in EXPERIMENT_SCRIPTS:
+        others = edges[name] & (set(EXPERIMENT_SCRIPTS) - {name})
+        assert not others, f"{name} imports {others}"
+
+
+def test_every_experiment_script_reads_in_one_sitting():
+    for name in EXPERIMENT_SCRIPTS:
+        lines = len((REPO / f"{name}.py").read_text().splitlines())
+        assert lines <= MAX_SCRIPT_LINES, f"{name}.py has {lines} lines"

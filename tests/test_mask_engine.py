@@ -16,16 +16,15 @@ from dlrm_sparsity.mask_engine import (
     sort_blocks,
 )
 from dlrm_sparsity.model import DLRMNet
-from sparse_utils import (
-    SEED_LEVELS,
-    GridPoint,
-    same_bits,
-    sparsify_embeddings,
-    sparsify_table,
+from dlrm_sparsity.pruning import Model
+from dlrm_sparsity.sort_once import (
+    StockCheck,
+    prune_sort_once,
     stock_check_fraction,
     stock_check_points,
     stock_check_rows,
 )
+from sparse_utils import SEED_LEVELS, GridPoint, same_bits, sparsify_embeddings, sparsify_table
 
 CPU = torch.device("cpu")
 CONFIGS = [("L1", (1, 1)), ("L1", (1, 4)), ("L2", (1, 4)), ("L2", (2, 3)), ("L1", (8, 8))]
@@ -66,15 +65,15 @@ def test_a_level_that_zeroes_no_block_needs_no_sort():
         stock, _ = sparsify_table(table.clone(), GridPoint("L1", (1, 4), level), "t", CPU)
         assert same_bits(ours, stock) and ours.data_ptr() != table.data_ptr()
     assert not engine.knows("t")  # the first point of a config (level 0) starts at once
-    sparsify_embeddings({"emb_l.0.weight": table}, GridPoint("L1", (1, 4), 0.0), CPU,
-                        engine=engine)
+    prune_sort_once(Model({"emb_l.0.weight": table}), GridPoint("L1", (1, 4), 0.0), CPU,
+                    engine)
     assert not engine.knows("emb_l.0.weight")
     assert same_bits(engine.pruned("t", table, 0.5), sparsify_table(
         table.clone(), GridPoint("L1", (1, 4), 0.5), "t", CPU)[0])
     assert engine.knows("t")
 
 
-def test_the_whole_model_through_sparsify_embeddings():
+def test_the_whole_model_through_prune_sort_once():
     """Every table of a DLRM, a table of one row among them (the engine defers to stock)."""
     torch.manual_seed(0)
     sd = DLRMNet(tiny_config(tables=(50, 3, 70, 20), dim=8)).state_dict()
@@ -84,8 +83,8 @@ def test_the_whole_model_through_sparsify_embeddings():
         engine = SortOnceMasks(norm, shape, SEED_LEVELS)
         for level in (0.0, 0.3, 0.9, 0.97, 1.0):
             point = GridPoint(norm, shape, level)
-            ours, stock_s, engine_s, check_s = sparsify_embeddings(
-                sd, point, CPU, engine=engine, check=level == 0.3)
+            ours, stock_s, engine_s, check_s = prune_sort_once(
+                Model(sd), point, CPU, engine, StockCheck() if level == 0.3 else None)
             stock = sparsify_embeddings(sd, point, CPU).weights
             assert all(same_bits(ours[k], stock[k]) for k in sd if k.startswith("emb_l"))
             assert engine_s >= 0 and (stock_s >= 0 if level == 0.3 else stock_s != stock_s)
@@ -110,8 +109,8 @@ def test_a_budgeted_check_prunes_as_the_whole_check_and_catches_a_bad_engine(mon
     sd = DLRMNet(tiny_config(tables=(400, 30, 700), dim=8)).state_dict()
     point = GridPoint("L1", (1, 4), 0.5)
     budget = 10 * 8 * 4 * 100  # 100 rows of width 8
-    ours, stock_s, _, _ = sparsify_embeddings(sd, point, CPU, engine=SortOnceMasks(
-        "L1", (1, 4), SEED_LEVELS), check=True, check_budget=budget)
+    ours, stock_s, _, _ = prune_sort_once(Model(sd), point, CPU, SortOnceMasks(
+        "L1", (1, 4), SEED_LEVELS), StockCheck(budget))
     stock = sparsify_embeddings(sd, point, CPU).weights
     assert stock_s > 0 and all(same_bits(ours[k], stock[k]) for k in sd if "emb_l" in k)
     real = mask_engine.apply_mask
@@ -123,8 +122,8 @@ def test_a_budgeted_check_prunes_as_the_whole_check_and_catches_a_bad_engine(mon
         return out
     monkeypatch.setattr(mask_engine, "apply_mask", wrong_beyond_row_50)
     with pytest.raises(StopRun, match=r"on the first 100 rows of emb_l\.0\.weight at L1"):
-        sparsify_embeddings(sd, point, CPU, engine=SortOnceMasks("L1", (1, 4), SEED_LEVELS),
-                            check=True, check_budget=budget)
+        prune_sort_once(Model(sd), point, CPU, SortOnceMasks("L1", (1, 4), SEED_LEVELS),
+                        StockCheck(budget))
 
 
 def test_the_order_is_kept_in_the_smallest_integer_type():

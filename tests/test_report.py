@@ -11,7 +11,8 @@ import torch
 import make_report
 from conftest import run_script, tiny_config
 from dlrm_sparsity.model import DLRMNet
-from dlrm_sparsity.report import pareto_front, write_report
+from dlrm_sparsity.plots import pareto_front
+from dlrm_sparsity.report import write_report
 
 LEVELS = [0.0, 0.5, 0.9, 1.0]
 CONFIGS = [("L1", "(1, 1)"), ("L1", "(1, 4)")]
@@ -146,7 +147,7 @@ def test_script_writes_one_answer_per_budget(tmp_path, budgets):
 def test_activation_answers_hold_the_budget_against_the_unpruned_model():
     """Masking a pruned model adds its drop to the pruning's: L1 (1, 1) at 0.9 loses 0.007 by
     pruning, so its masking at 0.5 (0.002 more, 0.009 in all) fits 0.01 but not 0.005."""
-    from dlrm_sparsity.report import activation_answer
+    from dlrm_sparsity.report.answer import activation_answer
     auc = {(0.0, 0.0): 0.800, (0.0, 0.5): 0.799, (0.9, 0.0): 0.793, (0.9, 0.5): 0.791}
     rows = [{"norm": "L1", "sparse_block_shape": "(1, 1)", "sparsity_level": emb,
              "activation_level": act, "variant": "compact", "roc_auc": a,

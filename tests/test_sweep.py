@@ -8,7 +8,7 @@ import pytest
 
 from dlrm_sparsity.errors import UserInputError
 from dlrm_sparsity.runner.distributed import DistContext
-from dlrm_sparsity.runner.sweep import Item, Table, run_sweep, write_outputs
+from dlrm_sparsity.runner.sweep import Item, Sweep, Table, run_sweep, write_outputs
 
 TABLES = [Table("out.csv", ["name"]), Table("side.csv", ["name", "part"])]
 
@@ -18,8 +18,8 @@ def items(n, **determinants):
 
 
 def sweep(tmp_path, its, compute, **options):
-    return run_sweep(DistContext(), tmp_path, False, its, compute, tables=TABLES,
-                     key_columns=["name"], label="test", **options)
+    return run_sweep(DistContext(), tmp_path, False,
+                     Sweep(its, compute, TABLES, "test", ["name"], **options))
 
 
 def compute(item):

@@ -1,6 +1,6 @@
 """dlrm's processed Criteo Kaggle data: the side files, the split, and tensors for evaluation.
 
-What dlrm writes (and criteo_preprocess.py reproduces):
+What dlrm writes (and preprocess.py reproduces):
 - `<raw_dir>/<raw_stem>_day_count.npz`: `total_per_file`, samples in each of the 7 "days";
 - `<raw_dir>/<raw_stem>_fea_count.npz`: `counts`, distinct ids of each categorical column;
 - the processed npz: `X_int` (N, 13), `X_cat` (N, 26), `y` (N,), `counts` (26,), days in order.

@@ -1,6 +1,6 @@
 """Build dlrm's processed Criteo files from a raw Kaggle `train.txt`, fast and in bounded memory.
 
-Same semantics as dlrm's data_utils (see criteo_data.py for the files): empty fields become 0,
+Same semantics as dlrm's data_utils (see data.py for the files): empty fields become 0,
 negative integers are clipped to 0, categorical hex values get per-column ids in order of first
 appearance in the file, and the samples are cut into 7 near-equal days. The file is read in
 chunks and parsed with vectorised numpy (no per-line Python), so the 45.8 M-line Kaggle file

@@ -24,7 +24,6 @@ class DistContext:
     world_size: int = 1
     local_rank: int = 0
     _objects_group: object = None
-    _owns_group: bool = False  # False when an enclosing session made the process group
 
     @property
     def enabled(self) -> bool:
@@ -51,27 +50,20 @@ class DistContext:
             dist.barrier(group=self._objects_group)
 
     def close(self) -> None:
-        if self._owns_group and dist.is_initialized():
+        if self.enabled and dist.is_initialized():
             dist.destroy_process_group()
 
 
-_GROUPS: dict[str, object] = {}  # the gloo group for result rows, made once per process
-
-
 def init_distributed(device_name: str | None) -> DistContext:
-    """This process's place under torchrun (a no-op without it); joins an existing group."""
+    """This process's place under torchrun (a no-op without it)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistContext()
     use_cuda = device_name != "cpu" and torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    owns = not dist.is_initialized()
-    if owns:
-        if use_cuda:
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo",
-                                timeout=timedelta(hours=2))
-        _GROUPS["objects"] = (dist.new_group(backend="gloo") if use_cuda
-                              else dist.group.WORLD)
-    return DistContext(dist.get_rank(), world_size, local_rank, _GROUPS["objects"], owns)
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timedelta(hours=2))
+    objects = dist.new_group(backend="gloo") if use_cuda else dist.group.WORLD
+    return DistContext(dist.get_rank(), world_size, local_rank, objects)
 

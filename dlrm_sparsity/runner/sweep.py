@@ -51,12 +51,28 @@ class Item:
         return signature_of(self.determinants)
 
 
+@dataclass(frozen=True)
+class Figure:
+    """A plot a sweep's outputs get: draw(*tables' good rows, path), saved as name."""
+
+    draw: Callable[..., None]
+    name: str
+
+
 @dataclass
 class SweepResult:
     tables: list[list[dict]]  # rows per table in item order; complete on rank 0 only
     kept: int  # items reused from an earlier run
     failed: int  # items whose function raised
     resume: Resume = field(repr=False)
+
+    def followed_by(self, later: "SweepResult", order: Callable[[dict], Any]) -> "SweepResult":
+        """This sweep and a later one over the same tables as one result, each table's rows
+        sorted by order(row)."""
+        tables = [sorted(a + b, key=order) for a, b in zip(self.tables, later.tables,
+                                                            strict=True)]
+        return SweepResult(tables, self.kept + later.kept, self.failed + later.failed,
+                           self.resume)
 
 
 @dataclass
@@ -128,31 +144,45 @@ def _schedule(todo: list, compute: Callable, prepare: Callable | None, workers: 
         yield from finished(0)
 
 
-def run_sweep(ctx: DistContext, output_dir: Path, overwrite: bool, items: Sequence[Item],
-              compute: Callable, *, tables: Sequence[Table], key_columns: Sequence[str],
-              label: str, describe: Callable[[Item, list[dict]], str] | None = None,
-              still_valid: Callable[[Item, list[list[dict]]], bool] | None = None,
-              prepare: Callable | None = None, workers: int = 0) -> SweepResult:
-    """compute(prepare(item)) for this rank's share of the items; all ranks' rows on rank 0.
+@dataclass(frozen=True)
+class Sweep:
+    """What a sweep runs: compute(prepare(item)) for every item, its rows going to tables.
 
+    describe(item, rows): the item's log line where no progress bar is drawn.
     still_valid(item, tables) may refuse an earlier item's rows (per table) that the signature
     cannot judge: a zip that has since been deleted, a stage breakdown now asked for.
+    prepare runs on the calling thread, compute on `workers` threads (none: both here).
     """
+
+    items: Sequence[Item]
+    compute: Callable
+    tables: Sequence[Table]
+    label: str
+    key_columns: Sequence[str]
+    describe: Callable[[Item, list[dict]], str] | None = None
+    still_valid: Callable[[Item, list[list[dict]]], bool] | None = None
+    prepare: Callable | None = None
+    workers: int = 0
+
+
+def run_sweep(ctx: DistContext, output_dir: Path, overwrite: bool, sweep: Sweep) -> SweepResult:
+    """The sweep over this rank's share of the items; all ranks' rows on rank 0."""
+    tables, key_columns, describe = sweep.tables, sweep.key_columns, sweep.describe
     resume = Resume([output_dir / t.name for t in tables], key_columns, ctx.rank, overwrite)
     done: list[tuple[int, list[list[dict]]]] = []
     todo, kept, n_failed = [], 0, 0
-    mine = ctx.shard(list(enumerate(items)))
+    mine = ctx.shard(list(enumerate(sweep.items)))
     for index, item in mine:
         old = resume.lookup(key_of(item.fields, key_columns), item.signature)
-        if old is not None and (still_valid is None or still_valid(item, old)):
+        if old is not None and (sweep.still_valid is None or sweep.still_valid(item, old)):
             done.append((index, old))
             kept += 1
         else:
             todo.append((index, item))
-    with tqdm(total=len(mine), initial=kept, desc=label, unit="item",
+    with tqdm(total=len(mine), initial=kept, desc=sweep.label, unit="item",
               disable=None if ctx.is_main else True) as bar:
         for finished, (index, item, outcome) in enumerate(
-                _schedule(todo, compute, prepare, workers), kept + 1):
+                _schedule(todo, sweep.compute, sweep.prepare, sweep.workers), kept + 1):
             signature = item.signature
             if outcome.error is None:
                 rows = _as_tables(outcome.value, len(tables))
@@ -183,7 +213,7 @@ def ok_rows(df: pd.DataFrame) -> pd.DataFrame:
 
 def write_outputs(ctx: DistContext, output_dir: Path, result: SweepResult,
                   tables: Sequence[Table], *, derive: Callable | None = None,
-                  plot: tuple[Callable, str] | None = None,
+                  plot: Figure | None = None,
                   summary: Callable[..., str] | None = None) -> int:
     """Rank 0 writes the CSVs (derive(df) adds columns to the first), the plot and the summary.
 
@@ -200,8 +230,8 @@ def write_outputs(ctx: DistContext, output_dir: Path, result: SweepResult,
         good = [ok_rows(f) for f in frames]
         written = [str(output_dir / t.name) for t in tables]
         if plot is not None and not good[0].empty:
-            plot[0](*good, output_dir / plot[1])
-            written.append(str(output_dir / plot[1]))
+            plot.draw(*good, output_dir / plot.name)
+            written.append(str(output_dir / plot.name))
         result.resume.close()
         if result.kept:
             print(f"resumed: kept {result.kept} finished item(s) of an earlier run "

@@ -1,0 +1,303 @@
+"""Experiment 1's body, the disk grid: prune every embedding table at every grid point and
+stream each pruned model into a deflated zip; one metadata row per point.
+
+Points that share their weights (level 0 and 1 of every config) are pruned once and copied.
+With the sort-once engine one point per config is also pruned by the stock sparsifier and
+compared bit for bit. How many points are in flight, and on how many threads, is decided here
+from the model's size and the machine (docs/usage.md explains the policy).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from dlrm_sparsity.checkpoints import (
+    compressor_label,
+    copy_zip_renamed,
+    load_dlrm_state_dict,
+    save_state_dict_zip,
+    sha256_of_file,
+)
+from dlrm_sparsity.demo import ensure_demo
+from dlrm_sparsity.grid import (
+    SEED_BLOCK_SHAPES,
+    SEED_LEVELS,
+    SEED_NORMS,
+    GridPoint,
+    block_label,
+    build_grid,
+    shared_weights,
+)
+from dlrm_sparsity.mask_engine import NAME as MASK_ENGINE
+from dlrm_sparsity.plots import plot_disk_savings
+from dlrm_sparsity.pruning import (
+    LARGE_MODEL_BYTES,
+    hold_model,
+    make_zeros_positive,
+    sparsify_embeddings,
+    tensor_bytes,
+    zero_fraction,
+)
+from dlrm_sparsity.runner.atomic import remove_stale_temporaries
+from dlrm_sparsity.runner.outputs import METADATA_COLUMNS, METADATA_CSV
+from dlrm_sparsity.runner.session import Session, ensure_writable
+from dlrm_sparsity.runner.sweep import Figure, Item, SweepResult, Table
+from dlrm_sparsity.sort_once import (
+    GridEngines,
+    StockCheck,
+    prune_sort_once,
+    stock_check_fraction,
+    stock_check_points,
+)
+
+METADATA = Table(METADATA_CSV, METADATA_COLUMNS)
+MB = 2**20  # the seed's MB
+PARALLEL_DEFLATE_BYTES = 64 * 2**20
+LARGE_MODEL_WORKERS_FROM_CPUS = 8
+# A point in flight holds a pruned copy of the model, and on a CPU the sparsifier's
+# temporaries beside it; with workers the original model is held too. Twice the model per
+# point in flight, and twice the model held, leave room for both.
+MODEL_COPIES_PER_WORKER = 2
+
+
+@dataclass(frozen=True)
+class GridSettings:
+    """What the disk grid's flags decide (the defaults are the seed's grid)."""
+
+    model_path: str | None = None  # None: the demo model
+    dump_dir: str | None = None  # None: OUTPUT_DIR/sparsified_models
+    levels: tuple[float, ...] = SEED_LEVELS
+    norms: tuple[str, ...] = SEED_NORMS
+    block_shapes: tuple[tuple[int, int], ...] = SEED_BLOCK_SHAPES
+    keep_l2_1x1: bool = False
+    workers: int | None = None  # None: default_workers
+    compressor: str = "zlib-ng"
+    deflate_threads: int | None = None  # None: deflate_threads
+    compress_level: int = 6
+    mask_engine: str = MASK_ENGINE
+    stock_check: bool = True
+    whole_stock_check: bool = False
+    positive_zeros: bool = False
+
+
+def usable_cpus() -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return cpus or 1
+
+
+def physical_memory() -> int:
+    """The machine's RAM in bytes (0 where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 0
+
+
+def default_workers(dense_bytes: int, cpus: int, ram_bytes: int) -> int:
+    """Points in flight when --workers is not given. A model under 1 GiB: min(4, CPUs). A
+    larger one, from 8 CPUs: two, and one per 16 CPUs beyond 32, up to 4 (all feed one pool
+    of deflate threads, so one zip's serial parts run while another's chunks are deflated),
+    as many as the RAM holds; none below 8 CPUs, where memory comes first and each point
+    reads its tables from the file."""
+    if dense_bytes <= LARGE_MODEL_BYTES:
+        return min(4, cpus)
+    workers = min(4, max(2, cpus // 16)) if cpus >= LARGE_MODEL_WORKERS_FROM_CPUS else 0
+    while workers and (workers + 1) * MODEL_COPIES_PER_WORKER * dense_bytes > ram_bytes:
+        workers -= 1
+    return workers
+
+
+def deflate_threads(asked: int | None, dense_bytes: int) -> int:
+    """Deflate threads, shared by the zips in flight: as asked, else every CPU for a model
+    whose zips are worth cutting into chunks."""
+    if asked is not None:
+        return asked
+    return 1 if dense_bytes < PARALLEL_DEFLATE_BYTES else usable_cpus()
+
+
+def prunes_on_workers(device: torch.device, workers: int) -> bool:
+    """On a GPU with workers, the calling thread prunes (one step at a time on the device)
+    and the workers only zip. On a CPU the workers take whole points."""
+    return device.type != "cuda" or workers == 0
+
+
+def step_threads(on_workers: bool, workers: int) -> int:
+    """When workers prune side by side, each step gets an equal share of torch's threads."""
+    threads = torch.get_num_threads()
+    return max(1, threads // workers) if on_workers and workers > 1 else threads
+
+
+@contextmanager
+def torch_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class DiskGrid:
+    """The grid of one model in one session: its items, and what is done with each."""
+
+    def __init__(self, run: Session, settings: GridSettings):
+        self.run, self.settings = run, settings
+        self.points, self.left_out = build_grid(settings.levels, settings.norms,
+                                                settings.block_shapes, settings.keep_l2_1x1)
+        self.dump_dir = ensure_writable(Path(settings.dump_dir) if settings.dump_dir
+                                        else run.output_dir / "sparsified_models", "dump folder")
+        run.lock(self.dump_dir)  # a no-op inside the output folder, whose lock is held
+        self.model_path = settings.model_path or str(ensure_demo().model)
+        mapped = load_dlrm_state_dict(self.model_path, mmap=True)  # nothing read yet
+        self.workers = (settings.workers if settings.workers is not None
+                        else default_workers(tensor_bytes(mapped), usable_cpus(),
+                                             physical_memory()))
+        self.model = hold_model(mapped, self.model_path, self.workers)
+        del mapped  # with it goes the map of the file
+        self.threads = deflate_threads(settings.deflate_threads, self.model.dense_bytes)
+        self.on_workers = prunes_on_workers(run.device, self.workers)
+        self.copies = shared_weights(self.points)
+        self.pruned_points = [p for p in self.points if p not in self.copies]
+        sort_once = settings.mask_engine == MASK_ENGINE
+        self.engines = GridEngines(self.pruned_points, self.model.dense_bytes >
+                                   LARGE_MODEL_BYTES) if sort_once else None
+        self.checked = (stock_check_points(self.pruned_points)
+                        if sort_once and settings.stock_check else set())
+        self.check = StockCheck(None if settings.whole_stock_check else self.model.dense_bytes)
+        self.setup = {"model_sha256": sha256_of_file(self.model_path),
+                      "compressor": compressor_label(settings.compressor),
+                      "compress_level": settings.compress_level,
+                      "positive_zeros": settings.positive_zeros, "deflate_threads": self.threads,
+                      "mask_engine": settings.mask_engine,
+                      "stock_check": sort_once and settings.stock_check,
+                      "whole_stock_check": settings.stock_check and settings.whole_stock_check}
+
+    def item(self, point: GridPoint) -> Item:
+        key = {"norm": point.norm, "sparse_block_shape": block_label(point.block_shape),
+               "sparsity_level": point.level}
+        threads = step_threads(self.on_workers, self.workers)
+        fields = {**key, "model_path": os.path.abspath(self.model_path), **self.setup,
+                  **self.run.provenance(threads=threads), "workers": self.workers}
+        determinants = {**self.setup,
+                        "dump_dir": os.path.relpath(self.dump_dir, self.run.output_dir)}
+        return Item(fields, determinants, payload=point)
+
+    def intact(self, _item: Item, tables: list[list[dict]]) -> bool:
+        """A kept row needs its zip as it was."""
+        row = tables[0][0]
+        zip_path = self.run.output_dir / str(row["path"])
+        return zip_path.is_file() and sha256_of_file(zip_path) == row["sha256"]
+
+    def prune(self, item: Item) -> tuple[GridPoint, dict, dict]:
+        """Every table pruned at the item's point (by the engine, or by the stock sparsifier
+        without one); the step's columns."""
+        point, device = item.payload, self.run.device
+        checked = point in self.checked
+        if self.engines is None:
+            pruning = sparsify_embeddings(self.model, point, device)
+        else:
+            pruning = prune_sort_once(self.model, point, device, self.engines(point),
+                                      self.check if checked else None)
+        if self.settings.positive_zeros:
+            make_zeros_positive(pruning.weights)
+        share = stock_check_fraction(self.model.state_dict, self.check.budget) if checked else 0.0
+        return point, pruning.weights, {
+            "step_time_sec": pruning.stock_s, "mask_time_sec": pruning.engine_s,
+            "stock_checked": checked, "stock_check_fraction": share,
+            "check_time_sec": pruning.check_s}
+
+    def zip_path(self, point: GridPoint) -> Path:
+        path = self.dump_dir / point.zip_relpath()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def zip_columns(self, zip_path: Path, size: int) -> dict:
+        dense = self.model.dense_bytes
+        return {"zip_file_size": size / MB, "zip_file_size_bytes": size,
+                "path": os.path.relpath(zip_path, self.run.output_dir),
+                "sha256": sha256_of_file(zip_path), "compression_ratio": dense / size,
+                "dense_size_bytes": dense}
+
+    def store(self, job: tuple[GridPoint, dict, dict]) -> dict:
+        """The pruned model streamed into its zip; the point's metadata row."""
+        point, pruned, step = job
+        zip_path, start = self.zip_path(point), time.perf_counter()
+        size = save_state_dict_zip(pruned, zip_path, self.settings.compress_level,
+                                   self.settings.compressor, self.threads)
+        return {**step, "zip_time_sec": time.perf_counter() - start,
+                "actual_sparsity": zero_fraction(pruned), **self.zip_columns(zip_path, size)}
+
+    def copy(self, point: GridPoint, first: dict) -> dict:
+        """A point whose weights equal an earlier point's: its zip copied, not pruned again."""
+        if "sha256" not in first:
+            raise RuntimeError(f"not copied: its weights come from {first['path']}, which failed")
+        zip_path = self.zip_path(point)
+        size = copy_zip_renamed(self.run.output_dir / first["path"], zip_path)
+        return {"step_time_sec": float("nan"), "mask_time_sec": float("nan"),
+                "actual_sparsity": first["actual_sparsity"], "copied_from": first["path"],
+                **self.zip_columns(zip_path, size)}
+
+    @staticmethod
+    def describe(item: Item, rows: list[dict]) -> str:
+        row = rows[0]
+        times = [f"{what} {row[col]:.3f} s" for what, col in
+                 (("stock step", "step_time_sec"), ("engine", "mask_time_sec"))
+                 if row.get(col) == row.get(col)]  # not nan
+        return (f"{item.payload.config} level {item.payload.level:g}: "
+                f"{row['zip_file_size']:.2f} MB, " + ", ".join(times))
+
+    def sweep(self) -> SweepResult:
+        """Prune and zip every point that needs it, then copy the rest; rows in grid order."""
+        if self.run.is_main:
+            remove_stale_temporaries(self.dump_dir, recursive=True)
+            if self.left_out:
+                print(f"skipping {', '.join(self.left_out)}: its masks equal L1 (1, 1)'s (|x| "
+                      "and x*x rank alike); --keep-l2-1x1 runs it")
+        self.run.ctx.barrier()
+        on_workers = self.on_workers
+        with torch_threads(step_threads(on_workers, self.workers)):
+            pruned = self.run.sweep(
+                [self.item(p) for p in self.pruned_points],
+                (lambda it: self.store(self.prune(it))) if on_workers else self.store,
+                prepare=None if on_workers else self.prune, workers=self.workers,
+                tables=[METADATA], label="pruning + zipping", still_valid=self.intact,
+                describe=self.describe)
+        firsts = {(r["norm"], r["sparse_block_shape"], r["sparsity_level"]): r
+                  for r in pruned.tables[0]}
+        copied = self.run.sweep(
+            [self.item(p) for p in self.copies],
+            lambda it: self.copy(it.payload, firsts[self.copies[it.payload].key]),
+            tables=[METADATA], label="copying shared weights", still_valid=self.intact,
+            workers=min(self.workers, len(self.copies)))  # each copy is a file copy and a hash
+        order = {p.key: i for i, p in enumerate(self.points)}
+        return pruned.followed_by(copied, lambda r: order[
+            (r["norm"], r["sparse_block_shape"], float(r["sparsity_level"]))])
+
+
+def summary(df: pd.DataFrame) -> str:
+    table = df.pivot_table(index="sparsity_level", columns=["norm", "sparse_block_shape"],
+                           values="zip_file_size")
+    return table.to_string(float_format=lambda v: f"{v:.3f}") + "\n(zipped checkpoint, MB)"
+
+
+def run_disk_grid(run: Session, settings: GridSettings) -> None:
+    """The disk grid in this session, its CSV, plot and summary written."""
+    result = DiskGrid(run, settings).sweep()
+    run.finish(result, [METADATA], plot=Figure(plot_disk_savings, "disk_savings.png"),
+               summary=summary)
+
+
+def ensure_demo_metadata(run: Session, metadata: Path) -> None:
+    """Another experiment's no-argument run that finds no metadata: the disk grid of the demo
+    model first, in the same session."""
+    if metadata.exists():
+        return
+    print(f"{metadata} not found: running the disk-savings step first", flush=True)
+    run_disk_grid(run, GridSettings())

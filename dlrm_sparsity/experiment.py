@@ -1,0 +1,106 @@
+"""One setup for the experiments that read the pruned models of sparse_model_metadata.csv.
+
+    with Session(argv, args.output_dir, args.device, args.overwrite) as run:
+        exp = Experiment(run, args)          # data, metadata, test split, timed batch
+        items = exp.items(exp.metadata, flags={...})
+        result = run.sweep(items, compute, tables=[TABLE], label="scoring")
+
+It resolves the inputs (the demo's when none are given, its metadata made by the disk grid in
+the same session), reads the metadata and the test split onto the device, takes the timed
+batch (the first test batch, as the seed), sets the steady CPU allocator for the experiments
+that time, and builds every row's provenance and every item's determinants the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from functools import lru_cache
+
+import torch
+
+from dlrm_sparsity.checkpoints import load_dlrm_state_dict, sha256_of_file
+from dlrm_sparsity.criteo.data import load_split, tensors_fingerprint
+from dlrm_sparsity.disk import ensure_demo_metadata
+from dlrm_sparsity.errors import UserInputError
+from dlrm_sparsity.inputs import checkpoint_sha256, resolve_inputs
+from dlrm_sparsity.model import DLRMNet
+from dlrm_sparsity.runner.outputs import KEY_COLUMNS, read_metadata
+from dlrm_sparsity.runner.session import Session
+from dlrm_sparsity.runner.sweep import Item
+from dlrm_sparsity.timing import Timing, steady_cpu_allocator
+
+
+class Experiment:
+    """The inputs of one experiment run: args needs the data and metadata flags, batch_size,
+    and for a timed experiment threads and min_run_time (and optionally steady_malloc)."""
+
+    def __init__(self, run: Session, args: argparse.Namespace, test_limit: int | None = None):
+        self.run, self.args = run, args
+        self.timed = hasattr(args, "min_run_time")
+        if self.timed:
+            torch.set_num_threads(args.threads)
+        self.steady_malloc = (self.timed and run.device.type == "cpu"
+                              and getattr(args, "steady_malloc", True) and steady_cpu_allocator())
+        self.inputs = resolve_inputs(args.raw_data_file, args.processed_data_file, args.metadata,
+                                     run.output_dir, args.skip_bad_lines, run.ctx)
+        if self.inputs.demo_model is not None:
+            ensure_demo_metadata(run, self.inputs.metadata)
+        self.metadata = read_metadata(self.inputs.metadata).to_dict("records")
+        test = load_split(self.inputs.processed, self.inputs.raw, "test", test_limit)
+        self.test = test.to(run.device)
+        self.batch = next(self.test.batches(args.batch_size))
+        self.data = {"test": test.fingerprint(), "batch_size": args.batch_size,
+                     "device": self.provenance()["device"]}
+        if self.timed:
+            self.data.update(timed_batch=tensors_fingerprint(self.batch.dense,
+                                                             self.batch.indices),
+                             threads=args.threads, min_run_time=args.min_run_time,
+                             steady_malloc=self.steady_malloc)
+
+    @property
+    def timing(self) -> Timing:
+        return Timing(self.args.threads, self.args.min_run_time)
+
+    def provenance(self) -> dict:
+        """Where, with what and how every row was made (the same columns in every CSV)."""
+        threads = self.args.threads if self.timed else None
+        return {**self.run.provenance(threads=threads, batch_size=self.args.batch_size),
+                "steady_malloc": self.steady_malloc,
+                "processed_data_file": self.inputs.processed}
+
+    def items(self, metadata: list[dict], flags: dict | None = None, **fields) -> list[Item]:
+        """A sweep item per pruned model: its rows depend on the model's content (its sha256),
+        the data, the timing settings and the flags; every row names the checkpoint."""
+        flags = flags or {}
+        shared = {**self.provenance(), **flags, **fields}
+        found = []
+        for meta in metadata:
+            sha = checkpoint_sha256(meta)
+            found.append(Item({**{c: meta[c] for c in KEY_COLUMNS}, "checkpoint": meta["path"],
+                               "checkpoint_sha256": sha, **shared},
+                              {"checkpoint_sha256": sha, **self.data, **flags, **fields},
+                              payload=meta))
+        return found
+
+    @lru_cache(maxsize=1)  # noqa: B019 (one Experiment per run; items of a model are adjacent)
+    def state_dict(self, path: str, recorded_sha256: str | None) -> dict:
+        """A pruned model's tensors, read once its file is checked to be the one the metadata
+        describes (a missing file is the loader's one-line error)."""
+        if recorded_sha256 and os.path.isfile(path):
+            actual = sha256_of_file(path)
+            if actual != recorded_sha256:
+                raise UserInputError(
+                    f"{path}: sha256 {actual} differs from the {recorded_sha256} that "
+                    f"{self.inputs.metadata} records; the file changed after the disk-savings "
+                    "run (rerun evaluate_disk_savings.py)")
+        return load_dlrm_state_dict(path)
+
+    def model(self, meta: dict) -> DLRMNet:
+        """The pruned model of a metadata row on the device, in eval mode, checked to fit the
+        data."""
+        path = meta["checkpoint"]
+        recorded = meta.get("sha256") if isinstance(meta.get("sha256"), str) else None
+        model = DLRMNet.from_state_dict(self.state_dict(path, recorded))
+        self.test.check_fits(model.config.table_sizes, path)
+        return model.to(self.run.device).eval()

@@ -1,0 +1,137 @@
+"""Pruning a DLRM's embedding tables with PyTorch's stock DataNormSparsifier, and the model a
+sweep prunes.
+
+Every `emb_l.*.weight` is pruned at one grid point with the stock sparsifier: add the table,
+step once, squash the mask. Only embedding weights are copied; the MLP tensors are shared with
+the source state dict. The sort-once engine that makes the same masks faster is in sort_once.py.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Mapping, NamedTuple
+
+import torch
+from torch.ao.pruning._experimental.data_sparsifier import DataNormSparsifier
+
+from dlrm_sparsity.checkpoints import CheckpointTables, is_torch_archive
+from dlrm_sparsity.grid import GridPoint
+from dlrm_sparsity.model import embedding_names
+
+LARGE_MODEL_BYTES = 2**30  # above this, memory comes before overlap
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # note: the step is asynchronous on a GPU
+
+
+def sparsify_table(table: torch.Tensor, point: GridPoint, name: str,
+                   device: torch.device) -> tuple[torch.Tensor, float]:
+    """Prune `table` (a copy the caller gives up, on `device`) in place.
+
+    Returns it on the CPU, with the seconds of the sparsifier's step.
+    """
+    sparsifier = DataNormSparsifier(sparsity_level=point.level,
+                                    sparse_block_shape=point.block_shape, norm=point.norm)
+    sparsifier.add_data(name.replace(".", "_"), table)  # the sparsifier refuses dots
+    synchronize(device)
+    start = time.perf_counter()
+    sparsifier.step()
+    synchronize(device)
+    step_s = time.perf_counter() - start
+    sparsifier.squash_mask()  # writes the masked values into `table` in place
+    return table.cpu(), step_s
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal to the bit: -0.0 is not 0.0 here, and a NaN equals the same NaN."""
+    return a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+class Pruning(NamedTuple):
+    """A model pruned at a grid point, and where the time went (nan where a part did not run).
+
+    stock_s: the stock sparsifier's steps; engine_s: the sort-once engine's sorts and masks;
+    check_s: the rest of the stock check (its copies, the engine on the checked rows, with a
+    sort of its own where only leading rows are checked, and the comparison).
+    """
+
+    weights: dict[str, torch.Tensor]
+    stock_s: float
+    engine_s: float
+    check_s: float
+
+
+@dataclass(frozen=True)
+class Model:
+    """The model a sweep prunes: its tensors, and a reader when its tables stay in the file.
+
+    read_table(name, copy) gives one original table, a fresh copy or (copy False) a view of
+    the checkpoint file; the state dict's tables are then only shapes, on the meta device.
+    """
+
+    state_dict: dict
+    read_table: Callable[[str, bool], torch.Tensor] | None = None
+    dense_bytes: int = 0
+
+    def original(self, name: str, device: torch.device, copy: bool = True) -> torch.Tensor:
+        """An original table on device: a copy the caller may prune in place, or (copy False)
+        the table where it lies, to be read only."""
+        if self.read_table is None:
+            return self.state_dict[name].to(device, copy=copy)
+        return self.read_table(name, copy).to(device)
+
+
+def sparsify_embeddings(model: Model | Mapping[str, torch.Tensor], point: GridPoint,
+                        device: torch.device) -> Pruning:
+    """Every embedding table pruned by the stock sparsifier, one table at a time (so its
+    temporaries exist for one table at once), MLP tensors shared; with the steps' seconds."""
+    if not isinstance(model, Model):
+        model = Model(dict(model))
+    pruned, stock_s = dict(model.state_dict), 0.0
+    for name in embedding_names(model.state_dict):
+        pruned[name], seconds = sparsify_table(model.original(name, device), point, name, device)
+        stock_s += seconds
+    return Pruning(pruned, stock_s, float("nan"), float("nan"))
+
+
+def hold_model(mapped: dict, model_path: str, workers: int) -> Model:
+    """What the sweep keeps in memory.
+
+    Workers need the original tables at hand, so they are read in. Without them, a large
+    model's tables stay in the checkpoint file and each grid point reads them one at a time:
+    the process then holds one pruned model and one table with the sparsifier's temporaries
+    (several times that table), not the model twice.
+    """
+    dense_bytes = tensor_bytes(mapped)
+    if not is_torch_archive(model_path):  # a zip or legacy file: already read into memory
+        return Model(mapped, None, dense_bytes)
+    if workers == 0 and dense_bytes > LARGE_MODEL_BYTES:
+        tables = set(embedding_names(mapped))
+        held = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") if k in tables
+                else v.clone() for k, v in mapped.items()}
+        return Model(held, CheckpointTables(model_path).read, dense_bytes)
+    return Model({k: v.clone() for k, v in mapped.items()}, None, dense_bytes)
+
+
+def make_zeros_positive(state_dict: dict[str, torch.Tensor]) -> None:
+    """Turn the -0.0 left by the sparsifier's mask multiply into +0.0, in place.
+
+    -0.0 == 0.0 in every computation the model does, but the sign bits survive compression.
+    """
+    for name in embedding_names(state_dict):
+        table = state_dict[name]
+        table.masked_fill_(table == 0, 0.0)
+
+
+def zero_fraction(state_dict: Mapping[str, torch.Tensor]) -> float:
+    """Fraction of exactly-zero values over all embedding weights."""
+    names = embedding_names(state_dict)  # count_nonzero: no boolean copy of each table
+    zeros = sum(state_dict[n].numel() - int(torch.count_nonzero(state_dict[n])) for n in names)
+    return zeros / sum(state_dict[n].numel() for n in names)
+
+
+def tensor_bytes(state_dict: Mapping[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in state_dict.values())

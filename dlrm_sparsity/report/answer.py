@@ -1,0 +1,104 @@
+"""The report's answer: for each AUC budget, how far each config can be pruned and the best
+point for each resource (disk, forward time, memory, activation sparsity)."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from dlrm_sparsity.analysis import MODEL, highest_within, smallest_within, within_budget
+from dlrm_sparsity.report.results import Results
+from dlrm_sparsity.variants import COMPACT, DENSE
+
+
+def config_name(norm: str, block: str) -> str:
+    return f"{norm} {block}"
+
+
+def answer(results: Results, budgets: tuple[float, ...]) -> list[str]:
+    scored = results.scored_with_size()
+    if scored is None or "auc_drop" not in scored:
+        return ["The quality experiment has not run (`evaluate_model_metrics.py`), so no "
+                "pruning can be judged against an AUC budget yet.", ""]
+    lines = []
+    for budget in budgets:
+        lines.append(f"**AUC drop at most {budget}:**")
+        lines += highest_levels(scored, budget)
+        lines += smallest_zip(scored, budget)
+        lines += fastest_forward(results.ok("forward"), within_budget(scored, budget))
+        lines += activation_answer(results.ok("activation"), budget)
+        lines += smallest_in_memory(results.ok("memory"), budget)
+        lines.append("")
+    return lines
+
+
+def highest_levels(scored: pd.DataFrame, budget: float) -> list[str]:
+    lines = []
+    for (norm, block), top in highest_within(scored, budget).items():
+        if top is None:
+            lines.append(f"- {config_name(norm, block)}: no level stays within budget")
+            continue
+        size = (f", zip {top['zip_file_size']:.2f} MB" if pd.notna(top.get("zip_file_size"))
+                else "")
+        lines.append(f"- {config_name(norm, block)}: up to level {top['sparsity_level']:g} "
+                     f"(AUC {top['roc_auc']:.4f}{size})")
+    return lines
+
+
+def smallest_zip(scored: pd.DataFrame, budget: float) -> list[str]:
+    if "zip_file_size" not in scored:
+        return []
+    best = smallest_within(scored, budget, "zip_file_size")
+    if best is None:
+        return []
+    return [f"- smallest zip: {config_name(best['norm'], best['sparse_block_shape'])} at level "
+            f"{best['sparsity_level']:g}, {best['zip_file_size']:.2f} MB, "
+            f"AUC {best['roc_auc']:.4f}"]
+
+
+def fastest_forward(forward: pd.DataFrame | None, within: pd.DataFrame) -> list[str]:
+    if forward is None:
+        return []
+    dense = forward[forward["dlrm_type"] == DENSE].merge(within[MODEL + ["roc_auc"]], on=MODEL)
+    if dense.empty:
+        return []
+    best = dense.loc[dense["time_median_s"].idxmin()]
+    return [f"- fastest forward: {config_name(best['norm'], best['sparse_block_shape'])} at "
+            f"level {best['sparsity_level']:g}, {best['time_median_s'] * 1e3:.2f} ms (dense "
+            f"forward, batch {int(best['batch_size'])}), AUC {best['roc_auc']:.4f}"]
+
+
+def activation_answer(df: pd.DataFrame | None, budget: float) -> list[str]:
+    """Per model, the highest activation level within budget of the unpruned model unmasked:
+    on a pruned model, the masking's drop comes on top of the pruning's."""
+    if df is None:
+        return []
+    if "auc_drop_vs_level0" not in df or df["auc_drop_vs_level0"].isna().all():
+        return ["- activation sparsity: no unpruned model in `activation_sparsity.csv` to "
+                "measure the AUC drops against"]
+    lines = []
+    compact = df[df["variant"] == COMPACT]
+    found = highest_within(compact, budget, MODEL, "activation_level", "auc_drop_vs_level0")
+    for (norm, block, emb), top in found.items():
+        if top is None:
+            continue
+        model = "the dense model" if emb == 0.0 else f"{config_name(norm, block)} at {emb:g}"
+        lines.append(f"- activation sparsity on {model}: up to level "
+                     f"{top['activation_level']:g} (AUC {top['roc_auc']:.4f}, a drop of "
+                     f"{top['auc_drop_vs_level0']:.4f} from the unpruned model), where the "
+                     f"compact forward takes {top['time_median_s'] * 1e3:.2f} ms, "
+                     f"{top['speedup_vs_dense']:.2f}x faster than the masked dense one")
+    return lines
+
+
+def smallest_in_memory(memory: pd.DataFrame | None, budget: float) -> list[str]:
+    if memory is None:
+        return ["- smallest in memory: experiment 4 (memory savings) has not run"]
+    if "auc_drop_vs_level0" not in memory:
+        return []
+    best = smallest_within(memory, budget, "bytes", "auc_drop_vs_level0")
+    if best is None:
+        return []
+    return [f"- smallest in memory: {config_name(best['norm'], best['sparse_block_shape'])} "
+            f"at level {best['sparsity_level']:g} stored as {best['format']}, "
+            f"{best['bytes'] / 2**20:.2f} MiB ({best['bytes_ratio']:.3f} of the dense tables), "
+            f"AUC {best['roc_auc']:.4f}"]
