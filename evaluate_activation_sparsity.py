@@ -5,9 +5,9 @@ output z. Calibration batches from the training days (never the test split) run 
 model; the sparsifier scores each column of z and masks the lowest-scoring fraction at the
 requested level (dlrm_sparsity/activation.py). With the mask in place the model is scored on
 the whole test split, and three forward variants that must agree are timed on the first test
-batch: dense (the mask multiplies z, as the sparsifier does), torch_sparse (the seed's COO
-path on the masked z) and compact (the masked columns removed from the interaction and from
-top_l.0's weight).
+batch, in alternating rounds (ratios with 95% intervals, under the drift guard): dense (the
+mask multiplies z, as the sparsifier does), torch_sparse (the seed's COO path on the masked z)
+and compact (the masked columns removed from the interaction and from top_l.0's weight).
 
 Models: the dense (level-0) model of sparse_model_metadata.csv, and the pruned models at the
 --embedding-levels (one per config), so that both sparsities combine. Writes
@@ -16,12 +16,10 @@ activation_sparsity.csv and activation_sparsity.png. With no arguments it runs o
 
 from __future__ import annotations
 
-import operator
-
 import pandas as pd
 import torch
 
-from dlrm_sparsity.activation import FUNCTIONS, calibrate, calibration_shape
+from dlrm_sparsity.activation import FUNCTIONS, Calibration, calibrate
 from dlrm_sparsity.analysis import (
     AUC_DROP_BUDGETS,
     MODEL,
@@ -29,7 +27,6 @@ from dlrm_sparsity.analysis import (
     faster_from,
     highest_within,
 )
-from dlrm_sparsity.criteo.data import load_split, read_day_counts, split_bounds
 from dlrm_sparsity.errors import UserInputError
 from dlrm_sparsity.evaluation import quality_metrics, score_split
 from dlrm_sparsity.experiment import Experiment
@@ -46,7 +43,7 @@ from dlrm_sparsity.runner.cli import (
 )
 from dlrm_sparsity.runner.session import Session
 from dlrm_sparsity.runner.sweep import Figure, Table
-from dlrm_sparsity.timing import AGREEMENT_TOLERANCE, measure, timing_columns
+from dlrm_sparsity.timing import AGREEMENT_TOLERANCE, measure_paired
 from dlrm_sparsity.variants import COMPACT, MASKED, MASKED_SPARSE, masked_variants
 
 KEYS = MODEL + ["activation_level"]
@@ -92,10 +89,16 @@ def evaluate_level(exp: Experiment, meta: dict, level: float, calibration) -> li
     if not max(diffs.values()) <= AGREEMENT_TOLERANCE:
         raise RuntimeError(f"level {level:g}: variants differ from the sparsifier's output "
                            f"by {diffs} (> {AGREEMENT_TOLERANCE}); not timed")
-    return [{"variant": v, **quality,  # the agreement check was each variant's first call
-             **timing_columns(measure(f.on(batch), v, exp.timing, called=1)),
+    paired, guarded = exp.guard.guarded(lambda: measure_paired(  # the agreement check was
+        {v: f.on(batch) for v, f in variants.items()}, exp.timing, exp.args.rounds, called=1))
+    rows = [{"variant": v, **quality, **paired.columns(v, None if v == MASKED else MASKED),
              "z_density": density, "kept_columns": int(variants[COMPACT].kept.numel()),
-             "max_abs_diff": diffs[v]} for v, f in variants.items()]
+             "max_abs_diff": diffs[v], **guarded} for v in variants]  # each one's first call
+    for row in rows:  # dense over the variant: above 1 is faster; the interval turned over
+        row.update(speedup_vs_dense=1 / row.get("ratio_median", 1.0),
+                   speedup_low=1 / row.get("ratio_high", 1.0),
+                   speedup_high=1 / row.get("ratio_low", 1.0))
+    return rows
 
 
 def select_models(metadata: list[dict], embedding_levels: set[float], origin) -> list[dict]:
@@ -112,7 +115,7 @@ def select_models(metadata: list[dict], embedding_levels: set[float], origin) ->
 def add_drops(df: pd.DataFrame) -> pd.DataFrame:
     """Drops against the same model unmasked (auc_drop, accuracy_drop, log_loss_increase);
     the AUC drop against the unpruned model unmasked (auc_drop_vs_level0: what pruning and
-    masking add up to, the drop the report's budgets hold); speed-ups against dense."""
+    masking add up to, the drop the report's budgets hold)."""
     if "variant" not in df:  # every item failed: error rows only
         return df
     df = df.copy()
@@ -122,8 +125,6 @@ def add_drops(df: pd.DataFrame) -> pd.DataFrame:
     df["log_loss_increase"] = -against_base(df, MODEL, unmasked, "log_loss")
     df["auc_drop_vs_level0"] = against_base(df, [], unmasked & (df["sparsity_level"] == 0.0),
                                             "roc_auc")
-    df["speedup_vs_dense"] = against_base(df, KEYS, df["variant"] == MASKED, "time_median_s",
-                                          operator.truediv)
     return df
 
 
@@ -140,33 +141,13 @@ def summary(df: pd.DataFrame) -> str:
                                  for b, top in zip(AUC_DROP_BUDGETS, tops, strict=True)))
         for variant in (COMPACT, MASKED_SPARSE):
             one = part[part["variant"] == variant].set_index("activation_level").sort_index()
-            start = faster_from(one["speedup_vs_dense"])
+            start = faster_from(one["speedup_low"])  # faster: the whole interval above 1
             lines.append(f"  {variant} / dense time: {1 / one['speedup_vs_dense'].max():.2f}x at "
                          f"best, {1 / one['speedup_vs_dense'].min():.2f}x at worst; " +
-                         ("not faster at the highest level" if start is None else
+                         ("not faster beyond noise at the highest level" if start is None else
                           f"faster at every level from {start:g} (AUC drop there "
                           f"{one.loc[start, 'auc_drop']:.4f})"))
     return "\n".join(lines)
-
-
-class Calibration:
-    """The training samples the sparsifier aggregates over, in whole batches."""
-
-    def __init__(self, exp: Experiment, batches: int | None, batch_size: int | None):
-        inputs = exp.inputs
-        start, stop = split_bounds(read_day_counts(inputs.raw), "train")
-        available = stop - start
-        try:
-            n, self.batch_size, note = calibration_shape(available, batches, batch_size,
-                                                         CALIBRATION_DEFAULTS)
-        except ValueError as exc:
-            raise UserInputError(f"{inputs.processed}: {exc}") from None
-        if note and exp.run.is_main:
-            print(note)
-        self.samples = n * self.batch_size
-        split = load_split(inputs.processed, inputs.raw, "train", self.samples)
-        self.fingerprint = split.fingerprint()
-        self.split = split.to(exp.run.device)
 
 
 def main(argv=None) -> None:
@@ -176,7 +157,8 @@ def main(argv=None) -> None:
         embedding_levels = {parse_level(x) for x in args.embedding_levels}
         exp = Experiment(run, args)
         models = select_models(exp.metadata, embedding_levels, exp.inputs.metadata)
-        calibration = Calibration(exp, args.calibration_batches, args.calibration_batch_size)
+        calibration = Calibration(exp, args.calibration_batches, args.calibration_batch_size,
+                                  CALIBRATION_DEFAULTS)
         flags = {"calibration": calibration.fingerprint, "functions": FUNCTIONS}
         items = [item for meta in models for lv in levels for item in exp.items(
             [meta], flags, activation_level=lv, sparsifier_functions=FUNCTIONS,
@@ -193,6 +175,8 @@ def main(argv=None) -> None:
         run.finish(result, [ACTIVATION], derive=add_drops,
                    plot=Figure(plot_activation_sparsity, "activation_sparsity.png"),
                    summary=summary)
+        if run.is_main:
+            print(exp.guard.summary())
         refresh_report(run.output_dir, args.report, run.is_main)
 
 

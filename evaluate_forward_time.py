@@ -1,10 +1,13 @@
 """Experiment 3, forward time: the dense DLRM vs the seed's torch.sparse variant, measured right.
 
 For each pruned model of sparse_model_metadata.csv, both variants run on the first test batch
-(16384 samples, as the seed). Each is timed with torch.utils.benchmark (warm-up, blocked runs,
-device synchronised before every clock reading) after checking that both give the same output.
+(16384 samples, as the seed), after a check that both give the same output. They are timed in
+alternating rounds (warm-up first, the device synchronised before every clock reading), so
+that the torch.sparse/dense ratio comes from neighbouring blocks, with a 95% interval; a drift
+guard re-times the unpruned model around every point and measures a disturbed point again.
 dlrm_forward_time_info.csv holds the seed's columns (time_taken is the mean) plus median, IQR,
-runs, and the densities of the embeddings and of the interaction output. A per-stage breakdown
+rounds, the ratio and its interval, the guard's columns, and the densities of the embeddings
+and of the interaction output. A per-stage breakdown
 (bottom MLP, embedding lookups, interaction, COO conversion, top MLP) for chosen levels goes to
 dlrm_forward_stage_times.csv; forward_time.png plots both.
 
@@ -30,7 +33,13 @@ from dlrm_sparsity.runner.cli import (
 from dlrm_sparsity.runner.outputs import KEY_COLUMNS
 from dlrm_sparsity.runner.session import Session
 from dlrm_sparsity.runner.sweep import Figure, Table
-from dlrm_sparsity.timing import AGREEMENT_TOLERANCE, Timing, measure, timing_columns
+from dlrm_sparsity.timing import (
+    AGREEMENT_TOLERANCE,
+    Timing,
+    measure,
+    measure_paired,
+    timing_columns,
+)
 from dlrm_sparsity.variants import (
     DENSE,
     SPARSE,
@@ -73,11 +82,11 @@ def time_model(exp: Experiment, meta: dict, with_stages: bool) -> tuple[list[dic
     common = {"interaction_density": interaction_density(model, batch),
               "embedding_density": 1.0 - zero_fraction(model.state_dict()),
               "max_abs_diff": diff}
-    rows = []
-    for variant in variants:
-        m = measure(variant.on(batch), variant.label, timing)
-        rows.append({"time_taken": m.mean, "dlrm_type": variant.label, **timing_columns(m),
-                     **common})
+    paired, guarded = exp.guard.guarded(lambda: measure_paired(
+        {v.label: v.on(batch) for v in variants}, timing, exp.args.rounds))
+    rows = [{"time_taken": paired.mean(v.label), "dlrm_type": v.label,
+             **paired.columns(v.label, None if v.label == DENSE else DENSE), **common,
+             **guarded} for v in variants]
     whole = {r["dlrm_type"]: r["time_median_s"] for r in rows}
     stage_timing = Timing(timing.threads, timing.min_run_time / 2)
     config = f"{meta['norm']} {meta['sparse_block_shape']}"
@@ -91,19 +100,25 @@ def time_model(exp: Experiment, meta: dict, with_stages: bool) -> tuple[list[dic
 def summary(times: pd.DataFrame, stages: pd.DataFrame) -> str:
     table = times.pivot_table(index="sparsity_level", values="time_median_s",
                               columns=["norm", "sparse_block_shape", "dlrm_type"]) * 1e3
-    median = times.groupby("dlrm_type")["time_median_s"].median()
-    return (table.to_string(float_format="{:.2f}".format) + "\n(median ms per forward)\n"
-            f"torch.sparse variant / dense: {median[SPARSE] / median[DENSE]:.2f}x "
-            "the time (median over models)")
+    sparse = times[times["dlrm_type"] == SPARSE]
+    verdicts = sparse["ratio_verdict"].value_counts()
+    dense = times[times["dlrm_type"] == DENSE]["time_median_s"]
+    return "\n".join([
+        table.to_string(float_format="{:.2f}".format), "(median ms per forward)",
+        f"torch.sparse / dense, per model (95% intervals over rounds): median "
+        f"{sparse['ratio_median'].median():.2f}x; " + ", ".join(
+            f"{verdicts.get(v, 0)} of {len(sparse)} {v}" for v in ("slower", "same", "faster")),
+        f"the dense forward (the same computation at every level): median "
+        f"{dense.median() * 1e3:.2f} ms, max/min {dense.max() / dense.min():.2f} over "
+        f"{len(dense)} models",
+        *disturbed_points(times)])
 
 
-def repeatability(exp: Experiment, meta: dict) -> str:
-    """The first model's dense forward measured twice more: the timings' stability."""
-    call = Dense(exp.model(meta)).on(exp.batch)
-    first, again = (measure(call, "repeat", exp.timing).median for _ in range(2))
-    return (f"repeatability: {meta['checkpoint']} dense forward measured twice: medians "
-            f"{first * 1e3:.3f} ms and {again * 1e3:.3f} ms "
-            f"({abs(again - first) / first:.1%} apart)")
+def disturbed_points(times: pd.DataFrame) -> list[str]:
+    flagged = times[times["disturbed"].eq(True) & times["dlrm_type"].eq(DENSE)]
+    return [f"disturbed (kept, flagged): {r['norm']} {r['sparse_block_shape']} level "
+            f"{r['sparsity_level']:g}, reference {r['reference_drift']:.0%} off"
+            for r in flagged.to_dict("records")]
 
 
 def main(argv=None) -> None:
@@ -131,11 +146,9 @@ def main(argv=None) -> None:
         result.tables[1] = [r for r in result.tables[1] if staged(r)]  # the levels asked for
         run.finish(result, [TIMES, STAGES], plot=Figure(plot_forward_time, "forward_time.png"),
                    summary=summary)
+        if run.is_main:
+            print(exp.guard.summary())
         refresh_report(run.output_dir, args.report, run.is_main)
-        timed = [r for r in result.tables[0] if "time_median_s" in r]
-        if run.is_main and timed and not run.ctx.enabled:
-            print(repeatability(exp, next(m for m in exp.metadata
-                                          if m["path"] == timed[0]["checkpoint"])))
 
 
 if __name__ == "__main__":

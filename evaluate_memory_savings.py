@@ -5,10 +5,11 @@ dlrm_sparsity/formats.py: dense, coo, csr (int32 indices), csr_int64, row_pruned
 FBGEMM int8, int4 and row_pruned_int8), the tables are built in that format one at a time and
 measured: the exact bytes of every tensor the format keeps, and their ratio to the dense
 float32 tables; the embedding stage's time on the timed test batch and, at --forward-levels,
-the whole forward with that format. Lossless formats must give the dense pruned model's
-outputs on that batch (within 1e-5); lossy (quantized) ones are scored on the whole test
-split. A format larger than the dense tables is counted table by table but never held whole,
-nor timed. Writes sparse_model_memory.csv and memory_savings.png.
+the whole forward with that format, each timed in alternating rounds against the dense
+tables' (a ratio with its 95% interval), under the drift guard. Lossless formats must give the
+dense pruned model's outputs on that batch (within 1e-5); lossy (quantized) ones are scored on
+the whole test split. A format larger than the dense tables is counted table by table but
+never held whole, nor timed. Writes sparse_model_memory.csv and memory_savings.png.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from dlrm_sparsity.analysis import (
 from dlrm_sparsity.evaluation import quality_metrics, score_split
 from dlrm_sparsity.experiment import Experiment
 from dlrm_sparsity.formats import FORMATS, choose_formats, hold
-from dlrm_sparsity.model import DLRMNet
 from dlrm_sparsity.plots import plot_memory_savings
 from dlrm_sparsity.pruning import LARGE_MODEL_BYTES
 from dlrm_sparsity.report import refresh_report
@@ -40,13 +40,14 @@ from dlrm_sparsity.runner.cli import (
 from dlrm_sparsity.runner.outputs import KEY_COLUMNS
 from dlrm_sparsity.runner.session import Session
 from dlrm_sparsity.runner.sweep import Figure, Table
-from dlrm_sparsity.timing import AGREEMENT_TOLERANCE, Timing, measure_fixed, trim_heap
+from dlrm_sparsity.timing import AGREEMENT_TOLERANCE, Timing, measure_paired, trim_heap
 from dlrm_sparsity.variants import FormatTables
 
 MEMORY = Table("sparse_model_memory.csv", KEY_COLUMNS + [
-    "format", "bytes", "bytes_ratio", "lookup_median_s", "lookup_iqr_s", "forward_median_s",
-    "forward_iqr_s", "max_abs_diff", "roc_auc", "quality_source", "auc_drop_vs_dense",
-    "auc_drop_vs_level0"])
+    "format", "bytes", "bytes_ratio", "lookup_median_s", "lookup_iqr_s", "lookup_ratio_median",
+    "lookup_ratio_low", "lookup_ratio_high", "forward_median_s", "forward_iqr_s",
+    "forward_ratio_median", "forward_ratio_low", "forward_ratio_high", "max_abs_diff", "roc_auc",
+    "quality_source", "auc_drop_vs_dense", "auc_drop_vs_level0"])
 
 
 def parse_args(argv=None):
@@ -64,10 +65,10 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def measure_format(exp: Experiment, name: str, model: DLRMNet, reference: torch.Tensor,
+def measure_format(exp: Experiment, name: str, dense: FormatTables, reference: torch.Tensor,
                    timed_forward: bool) -> dict:
-    """One format's row."""
-    cls, batch = FORMATS[name], exp.batch
+    """One format's row; dense: the model with its tables in the dense format."""
+    cls, batch, model = FORMATS[name], exp.batch, dense.model
     tables = [bag.weight.detach() for bag in model.emb_l]
     dense_bytes = sum(t.nbytes for t in tables)
     held, nbytes = hold(cls, tables, dense_bytes)
@@ -81,16 +82,27 @@ def measure_format(exp: Experiment, name: str, model: DLRMNet, reference: torch.
     if not cls.lossy and not row["max_abs_diff"] <= AGREEMENT_TOLERANCE:
         raise RuntimeError(f"format {name}: outputs differ from the dense model's by "
                            f"{row['max_abs_diff']:.3g} (> {AGREEMENT_TOLERANCE})")
-    # hundreds of short measurements: a warm-up as long as the timing itself and fixed blocks
-    timing = Timing(exp.args.threads, exp.args.min_run_time, warmup_s=exp.args.min_run_time)
-    lookup = measure_fixed(lambda: served.embed(batch.offsets, batch.indices), name, timing)
-    row.update(lookup_median_s=lookup.median, lookup_iqr_s=lookup.iqr)
+    row.update(timed(exp, "lookup", {v.label: lambda v=v: v.embed(batch.offsets, batch.indices)
+                                     for v in (dense, served)}, name))
     if timed_forward:
-        whole = measure_fixed(served.on(batch), name, timing)
-        row.update(forward_median_s=whole.median, forward_iqr_s=whole.iqr)
+        row.update(timed(exp, "forward", {v.label: v.on(batch) for v in (dense, served)}, name))
     if cls.lossy:
         row.update(score(exp, served), quality_source="scored in this format")
     return row
+
+
+def timed(exp: Experiment, what: str, calls: dict, name: str) -> dict:
+    """A format's calls against the dense format's, in alternating rounds under the drift
+    guard (hundreds of short measurements: a warm-up as long as the timing itself); the
+    format's median, IQR and ratio to dense, as what_* columns."""
+    timing = Timing(exp.args.threads, exp.args.min_run_time, warmup_s=exp.args.min_run_time)
+    calls = {v: calls[v] for v in dict.fromkeys(["dense", name])}
+    paired, guarded = exp.guard.guarded(lambda: measure_paired(calls, timing, exp.args.rounds))
+    columns = paired.columns(name, "dense" if name != "dense" else None)
+    keep = ("time_median_s", "time_iqr_s", "ratio_median", "ratio_low", "ratio_high",
+            "ratio_verdict")
+    found = {f"{what}_{k.replace('time_', '')}": v for k, v in columns.items() if k in keep}
+    return {**found, **{f"{what}_{k}": v for k, v in guarded.items()}}
 
 
 def score(exp: Experiment, model: torch.nn.Module) -> dict:
@@ -120,10 +132,13 @@ def summary(df: pd.DataFrame) -> str:
                                                       "bytes_ratio").items():
             lines.append(f"{norm} {block}: {fmt} " + (f"smaller than dense from level "
                          f"{level:g}" if level is not None else "never smaller than dense"))
-    cost = df.pivot_table(index=KEY_COLUMNS, columns="format", values="lookup_median_s")
-    if "dense" in cost:
-        lines.append("lookup time / dense, median over models: " + ", ".join(
-            f"{f} {(cost[f] / cost['dense']).median():.2f}x" for f in cost.columns))
+    if "lookup_ratio_median" in df:
+        lines.append("lookup time / dense (per model, 95% intervals over rounds): " + "; ".join(
+            f"{f} median {part['lookup_ratio_median'].median():.2f}x, slower at "
+            f"{part['lookup_ratio_verdict'].eq('slower').sum()}, faster at "
+            f"{part['lookup_ratio_verdict'].eq('faster').sum()} of {len(part)}"
+            for f, part in df.dropna(subset=["lookup_ratio_median"]).groupby("format",
+                                                                           sort=False)))
     for budget in AUC_DROP_BUDGETS:
         best = smallest_within(df, budget, "bytes", "auc_drop_vs_level0")
         lines.append(f"AUC drop <= {budget}: no scored model within budget" if best is None
@@ -142,11 +157,11 @@ def main(argv=None) -> None:
                           else {float(x) for x in args.forward_levels})
         exp = Experiment(run, args)
 
-        def timed(meta) -> bool:
+        def forward_timed(meta) -> bool:
             return forward_levels is None or float(meta["sparsity_level"]) in forward_levels
 
         items = [item for meta in exp.metadata for item in exp.items(
-            [meta], {"formats": formats, "forward": timed(meta)})]
+            [meta], {"formats": formats, "forward": forward_timed(meta)})]
 
         def compute(item):
             model = exp.model(item.payload)
@@ -154,9 +169,12 @@ def main(argv=None) -> None:
                 reference = model(exp.batch.dense, exp.batch.offsets, exp.batch.indices)
             dense = score(exp, model)
             large = sum(bag.weight.nbytes for bag in model.emb_l) > LARGE_MODEL_BYTES
+            tables = [bag.weight.detach() for bag in model.emb_l]
+            dense_tables = FormatTables(model, hold(FORMATS["dense"], tables, 2**62)[0], "dense")
             rows = []
             for name in formats:
-                rows.append(measure_format(exp, name, model, reference, timed(item.payload)))
+                rows.append(measure_format(exp, name, dense_tables, reference,
+                                           forward_timed(item.payload)))
                 if large:  # freed tables must not stay resident under the next format's
                     trim_heap()  # (small models: regrowing the heap costs)
             for row in rows:  # held lossless formats give the dense model's outputs, checked
@@ -171,6 +189,8 @@ def main(argv=None) -> None:
         result = run.sweep(items, compute, tables=[MEMORY], label="formats", describe=describe)
         run.finish(result, [MEMORY], derive=add_drops,
                    plot=Figure(plot_memory_savings, "memory_savings.png"), summary=summary)
+        if run.is_main:
+            print(exp.guard.summary())
         refresh_report(run.output_dir, args.report, run.is_main)
 
 

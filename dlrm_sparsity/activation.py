@@ -14,7 +14,9 @@ from torch.ao.pruning._experimental.activation_sparsifier.activation_sparsifier 
     ActivationSparsifier,
 )
 
-from dlrm_sparsity.criteo.data import CriteoSplit
+from dlrm_sparsity.criteo.data import CriteoSplit, load_split, read_day_counts, split_bounds
+from dlrm_sparsity.errors import UserInputError
+from dlrm_sparsity.experiment import Experiment
 from dlrm_sparsity.model import DLRMNet
 
 
@@ -75,3 +77,24 @@ def calibration_shape(available: int, batches: int | None, batch_size: int | Non
     return batches, batch_size, (
         f"note: the training days hold {available} samples, fewer than the default "
         f"{defaults[0]} x {defaults[1]}: calibrating on {batches} x {batch_size}")
+
+
+class Calibration:
+    """The training samples the sparsifier aggregates over, in whole batches."""
+
+    def __init__(self, exp: Experiment, batches: int | None, batch_size: int | None,
+                 defaults: tuple[int, int]):
+        inputs = exp.inputs
+        start, stop = split_bounds(read_day_counts(inputs.raw), "train")
+        available = stop - start
+        try:
+            n, self.batch_size, note = calibration_shape(available, batches, batch_size,
+                                                         defaults)
+        except ValueError as exc:
+            raise UserInputError(f"{inputs.processed}: {exc}") from None
+        if note and exp.run.is_main:
+            print(note)
+        self.samples = n * self.batch_size
+        split = load_split(inputs.processed, inputs.raw, "train", self.samples)
+        self.fingerprint = split.fingerprint()
+        self.split = split.to(exp.run.device)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import torch
 
@@ -28,7 +28,8 @@ from dlrm_sparsity.model import DLRMNet
 from dlrm_sparsity.runner.outputs import KEY_COLUMNS, read_metadata
 from dlrm_sparsity.runner.session import Session
 from dlrm_sparsity.runner.sweep import Item
-from dlrm_sparsity.timing import Timing, steady_cpu_allocator
+from dlrm_sparsity.timing import DriftGuard, Timing, steady_cpu_allocator
+from dlrm_sparsity.variants import Dense
 
 
 class Experiment:
@@ -56,11 +57,24 @@ class Experiment:
             self.data.update(timed_batch=tensors_fingerprint(self.batch.dense,
                                                              self.batch.indices),
                              threads=args.threads, min_run_time=args.min_run_time,
-                             steady_malloc=self.steady_malloc)
+                             rounds=args.rounds, steady_malloc=self.steady_malloc)
 
     @property
     def timing(self) -> Timing:
         return Timing(self.args.threads, self.args.min_run_time)
+
+    @cached_property
+    def guard(self) -> DriftGuard:
+        """The run's drift guard, its reference the unpruned model's dense forward on the
+        timed batch (the metadata's first level-0 model, else its first)."""
+        base = next((m for m in self.metadata if float(m["sparsity_level"]) == 0.0),
+                    self.metadata[0])
+        try:
+            reference = Dense(self.model(base)).on(self.batch)
+        except UserInputError as exc:
+            raise UserInputError(f"the drift guard's reference cannot be loaded: {exc}") from None
+        return DriftGuard(reference, self.timing, self.args.drift_margin,
+                          self.args.drift_retries)
 
     def provenance(self) -> dict:
         """Where, with what and how every row was made (the same columns in every CSV)."""

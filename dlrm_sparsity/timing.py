@@ -13,8 +13,9 @@ import ctypes
 import ctypes.util
 import timeit
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping, Sequence, TypeVar
 
+import numpy as np
 import torch
 from torch.utils import benchmark
 from torch.utils.benchmark.utils.common import TaskSpec, set_torch_threads
@@ -48,9 +49,9 @@ def steady_cpu_allocator() -> bool:
     serves them either from reused heap memory or from new, page-faulting mappings, switching
     between the two unpredictably, so the same forward takes one of two times. A fixed
     threshold, and no trimming of the heap's top, make every run pay the same, lower cost;
-    both are needed (benchmarks/bench_timing_stability.py). At 64 MiB the threshold keeps a
-    batch's activations on the heap while embedding tables larger than that are still mapped
-    on their own and given back to the system when freed.
+    both are needed (benchmarks/bench_timing_stability.py --allocator-modes). At 64 MiB the
+    threshold keeps a batch's activations on the heap while embedding tables larger than that
+    are still mapped on their own and given back to the system when freed.
     """
     try:
         libc = _libc()
@@ -122,3 +123,160 @@ def timing_columns(m: benchmark.Measurement) -> dict:
     """A Measurement as CSV columns (seconds per call)."""
     return {"time_median_s": m.median, "time_iqr_s": m.iqr, "time_mean_s": m.mean,
             "n_runs": len(m.times), "number_per_run": m.number_per_run}
+
+
+ROUNDS = 5
+BOOTSTRAP_SAMPLES = 2000
+BOOTSTRAP_SEED = 0
+
+
+def round_order(labels: Sequence[str], round_index: int) -> list[str]:
+    """The variants' order in one round: the list rotated by one more place each round, so
+    that each variant is timed first, last and between the others equally often."""
+    shift = round_index % len(labels)
+    return list(labels[shift:]) + list(labels[:shift])
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """One variant's time over another's: the median of the per-round ratios, and a 95%
+    interval from a bootstrap over the rounds (the rounds resampled with replacement)."""
+
+    median: float
+    low: float
+    high: float
+
+    @property
+    def verdict(self) -> str:
+        """"slower" or "faster" only where the interval excludes 1."""
+        return "slower" if self.low > 1.0 else "faster" if self.high < 1.0 else "same"
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Variants of one computation timed in alternating rounds: per variant, the seconds per
+    call of its block in every round (in round order), and the calls per block."""
+
+    times: dict[str, list[float]]
+    numbers: dict[str, int]
+
+    def median(self, label: str) -> float:
+        return float(np.median(self.times[label]))
+
+    def iqr(self, label: str) -> float:
+        q1, q3 = np.percentile(self.times[label], [25, 75])
+        return float(q3 - q1)
+
+    def mean(self, label: str) -> float:
+        return float(np.mean(self.times[label]))
+
+    def ratio(self, label: str, base: str) -> Ratio:
+        """label's time over base's, round by round: neighbouring blocks, so that a slow
+        minute of the machine slows both sides of each ratio."""
+        per_round = np.asarray(self.times[label]) / np.asarray(self.times[base])
+        rng = np.random.default_rng(BOOTSTRAP_SEED)
+        picks = rng.integers(0, len(per_round), (BOOTSTRAP_SAMPLES, len(per_round)))
+        low, high = np.percentile(np.median(per_round[picks], axis=1), [2.5, 97.5])
+        return Ratio(float(np.median(per_round)), float(low), float(high))
+
+    def columns(self, label: str, base: str | None = None) -> dict:
+        """One variant's CSV columns; with base, its ratio to base and the interval."""
+        found = {"time_median_s": self.median(label), "time_iqr_s": self.iqr(label),
+                 "time_mean_s": self.mean(label), "n_runs": len(self.times[label]),
+                 "number_per_run": self.numbers[label]}
+        if base is not None:
+            r = self.ratio(label, base)
+            found.update(ratio_median=r.median, ratio_low=r.low, ratio_high=r.high,
+                         ratio_verdict=r.verdict)
+        return found
+
+
+def measure_paired(calls: Mapping[str, Callable[[], object]], timing: Timing,
+                   rounds: int = ROUNDS, called: int = 0,
+                   timer: Callable[[], float] = synchronising_timer) -> Paired:
+    """Each variant warmed up, then timed in `rounds` rounds of one block each, in an order
+    rotated every round (round_order). A block lasts about min_run_time / rounds (one call at
+    least), so each variant gets about min_run_time of timed calls in all."""
+    labels = list(calls)
+    with torch.inference_mode():
+        per_call = {v: _warm_up(calls[v], timing, called, timer) for v in labels}
+        numbers = {v: max(1, round(timing.min_run_time / rounds / max(per_call[v], 1e-9)))
+                   for v in labels}
+        # the stdlib's timeit on the synchronising timer, as measure_fixed
+        clocks = {v: timeit.Timer(calls[v], timer=timer) for v in labels}
+        times: dict[str, list[float]] = {v: [] for v in labels}
+        with set_torch_threads(timing.threads):
+            for r in range(rounds):
+                for v in round_order(labels, r):
+                    times[v].append(clocks[v].timeit(numbers[v]) / numbers[v])
+    return Paired(times, numbers)
+
+
+T = TypeVar("T")
+
+
+class DriftGuard:
+    """A fixed reference (the unpruned dense model's forward on the timed batch) read before
+    and after every measurement. A measurement taken while the reference was more than
+    `margin` off its run median is taken again, up to `retries` times; if it is still
+    disturbed it is kept and flagged. The run median is that of the readings around the
+    measurements kept undisturbed (and of three at the start): a long disturbance does not
+    become the norm."""
+
+    def __init__(self, reference: Callable[[], object], timing: Timing, margin: float = 0.10,
+                 retries: int = 2, timer: Callable[[], float] = synchronising_timer):
+        self.margin, self.retries, self.timer = margin, retries, timer
+        with torch.inference_mode():
+            per_call = _warm_up(reference, timing, 0, timer)
+        self.number = max(1, round(timing.min_run_time / ROUNDS / max(per_call, 1e-9)))
+        self.clock = timeit.Timer(reference, timer=timer)
+        self.threads = timing.threads
+        self.readings: list[float] = []  # every reading
+        self.baseline: list[float] = []  # the readings the run median is taken over
+        self.measured_again = 0
+        self.flagged = 0
+        for _ in range(3):  # the run's first median
+            self.baseline.append(self.read())
+
+    def read(self) -> float:
+        """One block of the reference: seconds per call, kept among the readings."""
+        with torch.inference_mode(), set_torch_threads(self.threads):
+            seconds = self.clock.timeit(self.number) / self.number
+        self.readings.append(seconds)
+        return seconds
+
+    def drift(self, seconds: float) -> float:
+        """How far a reading is off the run median (0.1: 10%)."""
+        return abs(seconds / float(np.median(self.baseline)) - 1.0)
+
+    def guarded(self, measure: Callable[[], T]) -> tuple[T, dict]:
+        """measure() with the reference read around it; its result and the guard's columns:
+        the reference's seconds and largest drift around the kept attempt, the attempts made
+        again, and whether it stayed disturbed."""
+        again = 0
+        while True:
+            before = self.read()
+            result = measure()
+            after = self.read()
+            drift = max(self.drift(before), self.drift(after))
+            if drift <= self.margin or again == self.retries:
+                break
+            again += 1
+        disturbed = drift > self.margin
+        if not disturbed:
+            self.baseline += [before, after]
+        self.measured_again += again
+        self.flagged += disturbed
+        return result, {"reference_s": (before + after) / 2, "reference_drift": drift,
+                        "measured_again": again, "disturbed": disturbed}
+
+    def spread(self) -> float:
+        """The reference's max / min over the run."""
+        return max(self.readings) / min(self.readings)
+
+    def summary(self) -> str:
+        return (f"drift guard: reference {np.median(self.baseline) * 1e3:.2f} ms (median of "
+                f"{len(self.baseline)} undisturbed readings), max/min {self.spread():.2f} over "
+                f"all {len(self.readings)}; {self.measured_again} measurement(s) taken again, "
+                f"{self.flagged} flagged "
+                f"as disturbed (> {self.margin:.0%} off)")

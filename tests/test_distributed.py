@@ -10,7 +10,9 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 TIMING = {"step_time_sec", "mask_time_sec", "check_time_sec", "zip_time_sec", "time_taken",
           "time_median_s", "time_iqr_s", "time_mean_s", "n_runs", "number_per_run", "command",
-          "whole_forward_median_s", "num_threads"}  # torchrun sets OMP_NUM_THREADS=1
+          "whole_forward_median_s", "num_threads",  # torchrun sets OMP_NUM_THREADS=1
+          "ratio_median", "ratio_low", "ratio_high", "ratio_verdict", "reference_s",
+          "reference_drift", "measured_again", "disturbed"}
 
 
 def launch(script, args, nproc=None):

@@ -18,7 +18,7 @@ from dlrm_sparsity.model import DLRMConfig
 from dlrm_sparsity.plots import pareto_front, plot_tradeoffs
 from dlrm_sparsity.report.answer import answer
 from dlrm_sparsity.report.results import EXPERIMENTS, Results
-from dlrm_sparsity.report.sections import SECTIONS
+from dlrm_sparsity.report.sections import SECTIONS, stability_section
 from dlrm_sparsity.runner.atomic import atomic_path
 
 TRADEOFFS = "report_tradeoffs.png"
@@ -131,6 +131,11 @@ def build(results: Results, budgets: tuple[float, ...], report_dir: Path
         if (results.folder / exp.png).is_file():
             figures.append(exp.png)
             parts += [f"![{heading}]({exp.png})", ""]
+    stability = stability_section(results)
+    if stability:
+        parts += ["## Timing stability", "", "Every timed experiment re-times a reference "
+                  "around each point and measures a point again while the reference is off "
+                  "its run median (drift guard):", "", *stability, ""]
     failed = failures(results)
     if failed:
         parts += ["## Rows that failed", "", *failed, ""]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from dlrm_sparsity.analysis import CONFIG, MODEL, first_level_below
+from dlrm_sparsity.analysis import CONFIG, first_level_below
 from dlrm_sparsity.report.answer import config_name
 from dlrm_sparsity.variants import COMPACT, DENSE, MASKED, SPARSE
 
@@ -50,25 +50,50 @@ def quality_section(df: pd.DataFrame) -> list[str]:
     return [f"ROC AUC{samples}:", "", pivot(df, "roc_auc", 4), "", " ".join(sentences)]
 
 
+def verdicts(part: pd.DataFrame, column: str = "ratio_verdict") -> str:
+    """How many rows' intervals put the variant above, around or below dense."""
+    counts = part[column].value_counts()
+    return ", ".join(f"{what} at {counts.get(v, 0)}" for v, what in (
+        ("slower", "slower"), ("same", "not distinguishable"), ("faster", "faster")))
+
+
+def dense_forward(df: pd.DataFrame) -> str:
+    """The dense forward is the same computation at every level: its spread, not a ranking."""
+    dense = df[df["dlrm_type"] == DENSE]["time_median_s"] * 1e3
+    return (f"The dense forward is the same computation at every level (pruning zeroes "
+            f"weights, it removes no work): {dense.median():.2f} ms median over the "
+            f"{len(dense)} models, max/min {dense.max() / dense.min():.2f}; its differences "
+            "between models are the machine's noise, not the pruning's doing.")
+
+
 def forward_section(df: pd.DataFrame) -> list[str]:
-    times = df.pivot_table(index=MODEL, columns="dlrm_type", values="time_median_s").dropna()
-    if times.empty or SPARSE not in times or DENSE not in times:
+    sparse = df[df["dlrm_type"] == SPARSE]
+    if sparse.empty or "ratio_median" not in sparse or sparse["ratio_median"].isna().all():
         return ["Not enough timed rows for a comparison."]
-    ratio = (times[SPARSE] / times[DENSE]).reset_index(name="ratio")
     sentences = []
-    for (norm, block), part in ratio.groupby(CONFIG):
+    for (norm, block), part in sparse.groupby(CONFIG):
         part = part.sort_values("sparsity_level")
         first, last = part.iloc[0], part.iloc[-1]
-        verdict = ("slower than dense at every level" if (part["ratio"] > 1).all() else
-                   "faster than dense at some levels" if (part["ratio"] < 1).any() else
-                   "never faster than dense")
-        sentences.append(f"{config_name(norm, block)}: the torch.sparse variant is {verdict}, "
-                         f"from {first['ratio']:.1f}x the time at level "
-                         f"{first['sparsity_level']:g} to {last['ratio']:.1f}x at level "
-                         f"{last['sparsity_level']:g}.")
-    dense = df[df["dlrm_type"] == DENSE].copy()
-    dense["ms"] = dense["time_median_s"] * 1e3
-    return ["Dense forward, median ms:", "", pivot(dense, "ms", 2), "", " ".join(sentences)]
+        sentences.append(f"{config_name(norm, block)}: the torch.sparse variant takes "
+                         f"{first['ratio_median']:.1f}x the dense time at level "
+                         f"{first['sparsity_level']:g} and {last['ratio_median']:.1f}x at level "
+                         f"{last['sparsity_level']:g}; by its 95% interval it is "
+                         f"{verdicts(part)} of {len(part)} levels.")
+    table = sparse.assign(shown=[f"{m:.2f} [{lo:.2f}, {hi:.2f}]" for m, lo, hi in zip(
+        sparse["ratio_median"], sparse["ratio_low"], sparse["ratio_high"], strict=True)])
+    return ["torch.sparse time / dense time, median of the rounds [95% interval]:", "",
+            text_pivot(table, "shown"), "", " ".join(sentences), "", dense_forward(df)]
+
+
+def text_pivot(df: pd.DataFrame, value: str, columns=CONFIG) -> str:
+    """pivot for a column of text."""
+    table = df.pivot_table(index="sparsity_level", columns=columns, values=value,
+                           aggfunc="first")
+    heads = [" ".join(str(c) for c in col) for col in table.columns]
+    lines = ["| level | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
+    for level, row in table.iterrows():
+        lines.append(f"| {level:g} | " + " | ".join(str(v) for v in row) + " |")
+    return "\n".join(lines)
 
 
 def memory_section(df: pd.DataFrame) -> list[str]:
@@ -82,11 +107,12 @@ def memory_section(df: pd.DataFrame) -> list[str]:
                              f"from level {level:g}." if level is not None else
                              f"{config_name(norm, block)}: {name} never holds fewer bytes "
                              "than dense.")
-    cost = df.pivot_table(index=MODEL, columns="format", values="lookup_median_s")
-    if "dense" in cost:
-        sentences.append("Lookup time against dense (median over models): " + ", ".join(
-            f"{f} {(cost[f] / cost['dense']).median():.2f}x" for f in cost.columns
-            if f != "dense") + ".")
+    if "lookup_ratio_verdict" in df:
+        timed = df.dropna(subset=["lookup_ratio_median"])
+        sentences.append("Lookup time against dense, by each model's 95% interval: " + "; ".join(
+            f"{f} {part['lookup_ratio_median'].median():.2f}x (median), "
+            f"{verdicts(part, 'lookup_ratio_verdict')} of {len(part)} models"
+            for f, part in timed.groupby("format", sort=False)) + ".")
     return lines + [" ".join(sentences)]
 
 
@@ -102,12 +128,35 @@ def activation_section(df: pd.DataFrame) -> list[str]:
         lines.append(f"| {level:g} | {fmt(auc.get(level))} | "
                      + " | ".join(fmt(v, 2) for v in row) + " |")
     compact = one[one["variant"] == COMPACT].set_index("activation_level")
-    faster = compact[compact["speedup_vs_dense"] > 1.0]
-    if not faster.empty:
+    if "ratio_verdict" in compact:
         top = compact.index.max()
-        lines += ["", f"The compact forward is faster than the masked dense one at "
-                      f"{len(faster)} of {len(compact)} levels, "
-                      f"{compact.loc[top, 'speedup_vs_dense']:.2f}x at level {top:g}."]
+        lines += ["", f"By its 95% interval the compact forward is {verdicts(compact)} of "
+                      f"{len(compact)} levels against the masked dense one; at level {top:g} "
+                      f"it takes {compact.loc[top, 'ratio_median']:.2f}x the dense time "
+                      f"[{compact.loc[top, 'ratio_low']:.2f}, "
+                      f"{compact.loc[top, 'ratio_high']:.2f}]."]
+    return lines
+
+
+def stability_section(results) -> list[str]:
+    """The drift guard of every timed experiment: the reference's spread, the points measured
+    again, and those flagged."""
+    lines = []
+    for name in ("forward", "memory", "activation"):
+        df = results.ok(name)
+        prefix = "lookup_" if name == "memory" else ""
+        if df is None or f"{prefix}reference_s" not in df:
+            continue
+        ref = df[f"{prefix}reference_s"].dropna()
+        flagged = df[df[f"{prefix}disturbed"].eq(True)]
+        lines.append(f"- {name}: the reference (the unpruned model's dense forward) read "
+                     f"{ref.median() * 1e3:.2f} ms median, max/min {ref.max() / ref.min():.2f} "
+                     f"over the run; {int(df[f'{prefix}measured_again'].sum())} measurement(s) "
+                     f"taken again; {len(flagged)} row(s) flagged as disturbed"
+                     + (": " + ", ".join(sorted({f"{r['norm']} {r['sparse_block_shape']} "
+                                                 f"level {r['sparsity_level']:g}"
+                                                 for r in flagged.to_dict("records")}))
+                        if len(flagged) else ""))
     return lines
 
 

@@ -76,7 +76,14 @@ def add_timing_args(p: argparse.ArgumentParser, min_run_time: float, why: str = 
     p.add_argument("--threads", type=positive_int, default=torch.get_num_threads(),
                    help="CPU threads for torch, recorded in the CSV (default: torch's)")
     p.add_argument("--min-run-time", type=float, default=min_run_time,
-                   help="seconds of timed runs per measurement, after a warm-up" + why)
+                   help="seconds of timed runs per variant and measurement, after a warm-up"
+                        + why)
+    p.add_argument("--rounds", type=positive_int, default=5,
+                   help="alternating rounds the variants compared are timed in")
+    p.add_argument("--drift-margin", type=float, default=0.10,
+                   help="how far the reference may drift before a point is measured again")
+    p.add_argument("--drift-retries", type=int, default=2, choices=range(0, 11), metavar="N",
+                   help="times a disturbed point is measured again before it is flagged")
 
 
 def positive_int(text: str) -> int:
