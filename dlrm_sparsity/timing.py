@@ -223,18 +223,22 @@ class DriftGuard:
     measurements kept undisturbed (and of three at the start): a long disturbance does not
     become the norm."""
 
-    def __init__(self, reference: Callable[[], object], timing: Timing, margin: float = 0.10,
-                 retries: int = 2, timer: Callable[[], float] = synchronising_timer):
+    def __init__(self, reference: Callable[[], object] | None, timing: Timing,
+                 margin: float = 0.10, retries: int = 2,
+                 timer: Callable[[], float] = synchronising_timer):
+        """reference None: no guard (every measurement kept as it is, with no columns)."""
         self.margin, self.retries, self.timer = margin, retries, timer
+        self.readings: list[float] = []  # every reading
+        self.baseline: list[float] = []  # the readings the run median is taken over
+        self.measured_again = 0
+        self.flagged = 0
+        if reference is None:
+            return
         with torch.inference_mode():
             per_call = _warm_up(reference, timing, 0, timer)
         self.number = max(1, round(timing.min_run_time / ROUNDS / max(per_call, 1e-9)))
         self.clock = timeit.Timer(reference, timer=timer)
         self.threads = timing.threads
-        self.readings: list[float] = []  # every reading
-        self.baseline: list[float] = []  # the readings the run median is taken over
-        self.measured_again = 0
-        self.flagged = 0
         for _ in range(3):  # the run's first median
             self.baseline.append(self.read())
 
@@ -253,6 +257,8 @@ class DriftGuard:
         """measure() with the reference read around it; its result and the guard's columns:
         the reference's seconds and largest drift around the kept attempt, the attempts made
         again, and whether it stayed disturbed."""
+        if not self.readings:  # no reference: no guard
+            return measure(), {}
         again = 0
         while True:
             before = self.read()
@@ -275,6 +281,8 @@ class DriftGuard:
         return max(self.readings) / min(self.readings)
 
     def summary(self) -> str:
+        if not self.readings:
+            return "drift guard: off (no reference model could be loaded)"
         return (f"drift guard: reference {np.median(self.baseline) * 1e3:.2f} ms (median of "
                 f"{len(self.baseline)} undisturbed readings), max/min {self.spread():.2f} over "
                 f"all {len(self.readings)}; {self.measured_again} measurement(s) taken again, "

@@ -124,3 +124,9 @@ def test_a_quiet_machine_passes_the_guard_at_once():
     assert columns == {"reference_s": pytest.approx(0.01), "reference_drift": 0.0,
                        "measured_again": 0, "disturbed": False}
     assert guard.spread() == pytest.approx(1.0)
+
+
+def test_without_a_reference_the_guard_measures_once_and_says_it_is_off():
+    guard = DriftGuard(None, TIMING)
+    assert guard.guarded(lambda: 7) == (7, {})
+    assert guard.summary() == "drift guard: off (no reference model could be loaded)"
