@@ -75,7 +75,7 @@ class Experiment:
             print(f"note: timings are not guarded against drift (its reference: {exc})")
             reference = None
         return DriftGuard(reference, self.timing, self.args.drift_margin,
-                          self.args.drift_retries)
+                          self.args.drift_retries, self.args.drift_wait)
 
     def provenance(self) -> dict:
         """Where, with what and how every row was made (the same columns in every CSV)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import time
 import timeit
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence, TypeVar
@@ -126,6 +127,7 @@ def timing_columns(m: benchmark.Measurement) -> dict:
 
 
 ROUNDS = 5
+WAIT_STEP_S = 0.25  # between the drift guard's readings while it waits for calm
 BOOTSTRAP_SAMPLES = 2000
 BOOTSTRAP_SEED = 0
 
@@ -218,16 +220,19 @@ T = TypeVar("T")
 class DriftGuard:
     """A fixed reference (the unpruned dense model's forward on the timed batch) read before
     and after every measurement. A measurement taken while the reference was more than
-    `margin` off its run median is taken again, up to `retries` times; if it is still
-    disturbed it is kept and flagged. The run median is that of the readings around the
+    `margin` off its run median is taken again, up to `retries` times, each time once the
+    reference is back within the margin (waiting at most `wait_s` in all over the run); if it
+    is still disturbed it is kept and flagged. The run median is that of the readings around the
     measurements kept undisturbed (and of three at the start): a long disturbance does not
     become the norm."""
 
     def __init__(self, reference: Callable[[], object] | None, timing: Timing,
-                 margin: float = 0.10, retries: int = 2,
+                 margin: float = 0.10, retries: int = 2, wait_s: float = 120.0,
                  timer: Callable[[], float] = synchronising_timer):
-        """reference None: no guard (every measurement kept as it is, with no columns)."""
-        self.margin, self.retries, self.timer = margin, retries, timer
+        """reference None: no guard (every measurement kept as it is, with no columns).
+        wait_s: the most the run waits, in all, for a disturbance to pass before a retry."""
+        self.margin, self.retries = margin, retries
+        self.wait_left_s = wait_s
         self.readings: list[float] = []  # every reading
         self.baseline: list[float] = []  # the readings the run median is taken over
         self.measured_again = 0
@@ -268,6 +273,7 @@ class DriftGuard:
             if drift <= self.margin or again == self.retries:
                 break
             again += 1
+            self.wait_for_calm()
         disturbed = drift > self.margin
         if not disturbed:
             self.baseline += [before, after]
@@ -275,6 +281,16 @@ class DriftGuard:
         self.flagged += disturbed
         return result, {"reference_s": (before + after) / 2, "reference_drift": drift,
                         "measured_again": again, "disturbed": disturbed}
+
+    def wait_for_calm(self) -> None:
+        """Before measuring again: read the reference every WAIT_STEP_S until it is back within
+        the margin, for at most what is left of the run's wait budget (a machine that stays
+        busy spends the budget once, then its points are measured and flagged at once)."""
+        start = time.monotonic()
+        while self.wait_left_s > 0 and self.drift(self.read()) > self.margin:
+            time.sleep(min(WAIT_STEP_S, self.wait_left_s))
+            self.wait_left_s -= time.monotonic() - start
+            start = time.monotonic()
 
     def spread(self) -> float:
         """The reference's max / min over the run."""

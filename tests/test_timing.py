@@ -4,6 +4,8 @@ A fake clock stands in for the machine: every call of a timed function advances 
 function's cost times the machine's current slowdown, so disturbances are injected exactly.
 """
 
+import time
+
 import pytest
 
 from dlrm_sparsity.timing import DriftGuard, Paired, Timing, measure_paired, round_order
@@ -105,7 +107,7 @@ def test_the_guard_measures_a_disturbed_point_again_and_keeps_a_clean_one():
 
 def test_the_guard_flags_a_point_that_stays_disturbed_after_its_retries():
     m = Machine()
-    guard = guard_on(m, retries=2)
+    guard = guard_on(m, retries=2, wait_s=0.3)  # the load outlasts the run's wait budget
     calls = []
 
     def point():
@@ -115,6 +117,26 @@ def test_the_guard_flags_a_point_that_stays_disturbed_after_its_retries():
     assert len(calls) == 3 and columns["measured_again"] == 2 and columns["disturbed"]
     assert columns["reference_drift"] > 0.10
     assert guard.flagged == 1 and "1 flagged as disturbed" in guard.summary()
+    assert guard.wait_left_s <= 0  # spent once: the next disturbed point does not wait
+    start = time.monotonic()
+    guard.guarded(point)
+    assert time.monotonic() - start < 0.2 and guard.flagged == 2
+
+
+def test_the_guard_waits_for_a_load_to_pass_before_measuring_again():
+    """A load that outlasts the point's own readings: the guard reads the reference until the
+    load is gone, then the retry is clean."""
+    m = Machine()
+    guard = guard_on(m, wait_s=5.0)
+    attempts = []
+
+    def point():
+        attempts.append(1)
+        if len(attempts) == 1:
+            m.load_for(0.2, 2.0)  # about ten of the reference's readings
+    _, columns = guard.guarded(point)
+    assert len(attempts) == 2 and columns["measured_again"] == 1 and not columns["disturbed"]
+    assert len(guard.readings) > 3 + 2 + 2 + 3  # the start, both attempts, and the waiting
 
 
 def test_a_quiet_machine_passes_the_guard_at_once():

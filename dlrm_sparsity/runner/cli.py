@@ -84,6 +84,8 @@ def add_timing_args(p: argparse.ArgumentParser, min_run_time: float, why: str = 
                    help="how far the reference may drift before a point is measured again")
     p.add_argument("--drift-retries", type=int, default=2, choices=range(0, 11), metavar="N",
                    help="times a disturbed point is measured again before it is flagged")
+    p.add_argument("--drift-wait", type=float, default=120.0, metavar="SECONDS",
+                   help="the most a run waits, in all, for a disturbance to pass")
 
 
 def positive_int(text: str) -> int:
