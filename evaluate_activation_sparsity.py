@@ -28,7 +28,6 @@ from dlrm_sparsity.analysis import (
     highest_within,
 )
 from dlrm_sparsity.errors import UserInputError
-from dlrm_sparsity.evaluation import quality_metrics, score_split
 from dlrm_sparsity.experiment import Experiment
 from dlrm_sparsity.grid import SEED_LEVELS, parse_level
 from dlrm_sparsity.plots import plot_activation_sparsity
@@ -77,8 +76,7 @@ def evaluate_level(exp: Experiment, meta: dict, level: float, calibration) -> li
     model, batch = exp.model(meta), exp.batch
     sparsifier = calibrate(model, calibration.split, calibration.batch_size, level)
     mask = sparsifier.get_mask(layer=model.top_l[0]).detach().clone()
-    scores = score_split(model, exp.test, len(batch.labels))
-    quality = quality_metrics(exp.test.labels.cpu().numpy(), scores)
+    quality = exp.score(model)
     with torch.inference_mode():
         reference = model(batch.dense, batch.offsets, batch.indices)  # the sparsifier's hook
         sparsifier.squash_mask(attach_sparsify_hook=False)  # the variants mask z themselves

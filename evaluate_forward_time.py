@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from dlrm_sparsity.analysis import verdict_counts
 from dlrm_sparsity.errors import UserInputError
 from dlrm_sparsity.experiment import Experiment
 from dlrm_sparsity.plots import plot_forward_time
@@ -101,13 +102,11 @@ def summary(times: pd.DataFrame, stages: pd.DataFrame) -> str:
     table = times.pivot_table(index="sparsity_level", values="time_median_s",
                               columns=["norm", "sparse_block_shape", "dlrm_type"]) * 1e3
     sparse = times[times["dlrm_type"] == SPARSE]
-    verdicts = sparse["ratio_verdict"].value_counts()
     dense = times[times["dlrm_type"] == DENSE]["time_median_s"]
     return "\n".join([
         table.to_string(float_format="{:.2f}".format), "(median ms per forward)",
         f"torch.sparse / dense, per model (95% intervals over rounds): median "
-        f"{sparse['ratio_median'].median():.2f}x; " + ", ".join(
-            f"{verdicts.get(v, 0)} of {len(sparse)} {v}" for v in ("slower", "same", "faster")),
+        f"{sparse['ratio_median'].median():.2f}x; {verdict_counts(sparse)} of {len(sparse)}",
         f"the dense forward (the same computation at every level): median "
         f"{dense.median() * 1e3:.2f} ms, max/min {dense.max() / dense.min():.2f} over "
         f"{len(dense)} models",

@@ -1,15 +1,15 @@
 """Experiment 4, memory savings: what pruned embedding tables cost in RAM, in every format.
 
-For every pruned model of sparse_model_metadata.csv and every storage format (see
-dlrm_sparsity/formats.py: dense, coo, csr (int32 indices), csr_int64, row_pruned, and with
-FBGEMM int8, int4 and row_pruned_int8), the tables are built in that format one at a time and
-measured: the exact bytes of every tensor the format keeps, and their ratio to the dense
-float32 tables; the embedding stage's time on the timed test batch and, at --forward-levels,
-the whole forward with that format, each timed in alternating rounds against the dense
-tables' (a ratio with its 95% interval), under the drift guard. Lossless formats must give the
-dense pruned model's outputs on that batch (within 1e-5); lossy (quantized) ones are scored on
-the whole test split. A format larger than the dense tables is counted table by table but
-never held whole, nor timed. Writes sparse_model_memory.csv and memory_savings.png.
+For every pruned model of sparse_model_metadata.csv and every storage format of
+dlrm_sparsity/formats.py (dense, coo, csr, csr_int64, row_pruned; with FBGEMM int8, int4 and
+row_pruned_int8), the tables are built in that format one at a time: the exact bytes of every
+tensor it keeps, their ratio to the dense float32 tables, and the embedding stage's time on
+the timed batch (at --forward-levels also the whole forward's), each timed in alternating
+rounds against the dense tables' (ratios with 95% intervals; each model's formats one point
+for the drift guard). Lossless formats must give the dense pruned model's outputs (within
+1e-5); lossy (quantized) ones are scored on the whole test split. A format larger than the
+dense tables is counted but never held whole, nor timed. Writes sparse_model_memory.csv and
+memory_savings.png.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from dlrm_sparsity.analysis import (
     against_base,
     first_level_below,
     smallest_within,
+    verdict_counts,
 )
-from dlrm_sparsity.evaluation import quality_metrics, score_split
 from dlrm_sparsity.experiment import Experiment
 from dlrm_sparsity.formats import FORMATS, choose_formats, hold
 from dlrm_sparsity.plots import plot_memory_savings
@@ -87,28 +87,21 @@ def measure_format(exp: Experiment, name: str, dense: FormatTables, reference: t
     if timed_forward:
         row.update(timed(exp, "forward", {v.label: v.on(batch) for v in (dense, served)}, name))
     if cls.lossy:
-        row.update(score(exp, served), quality_source="scored in this format")
+        row.update(exp.score(served), quality_source="scored in this format")
     return row
 
 
 def timed(exp: Experiment, what: str, calls: dict, name: str) -> dict:
-    """A format's calls against the dense format's, in alternating rounds under the drift
-    guard (hundreds of short measurements: a warm-up as long as the timing itself); the
-    format's median, IQR and ratio to dense, as what_* columns."""
+    """A format's calls against the dense format's, in alternating rounds (hundreds of short
+    measurements: a warm-up as long as the timing itself); the format's median, IQR and ratio
+    to dense, as what_* columns."""
     timing = Timing(exp.args.threads, exp.args.min_run_time, warmup_s=exp.args.min_run_time)
     calls = {v: calls[v] for v in dict.fromkeys(["dense", name])}
-    paired, guarded = exp.guard.guarded(lambda: measure_paired(calls, timing, exp.args.rounds))
+    paired = measure_paired(calls, timing, exp.args.rounds)
     columns = paired.columns(name, "dense" if name != "dense" else None)
     keep = ("time_median_s", "time_iqr_s", "ratio_median", "ratio_low", "ratio_high",
             "ratio_verdict")
-    found = {f"{what}_{k.replace('time_', '')}": v for k, v in columns.items() if k in keep}
-    return {**found, **{f"{what}_{k}": v for k, v in guarded.items()}}
-
-
-def score(exp: Experiment, model: torch.nn.Module) -> dict:
-    """A model's metrics on the whole test split."""
-    return quality_metrics(exp.test.labels.cpu().numpy(),
-                           score_split(model, exp.test, len(exp.batch.labels)))
+    return {f"{what}_{k.replace('time_', '')}": v for k, v in columns.items() if k in keep}
 
 
 def add_drops(df: pd.DataFrame) -> pd.DataFrame:
@@ -132,13 +125,10 @@ def summary(df: pd.DataFrame) -> str:
                                                       "bytes_ratio").items():
             lines.append(f"{norm} {block}: {fmt} " + (f"smaller than dense from level "
                          f"{level:g}" if level is not None else "never smaller than dense"))
-    if "lookup_ratio_median" in df:
-        lines.append("lookup time / dense (per model, 95% intervals over rounds): " + "; ".join(
-            f"{f} median {part['lookup_ratio_median'].median():.2f}x, slower at "
-            f"{part['lookup_ratio_verdict'].eq('slower').sum()}, faster at "
-            f"{part['lookup_ratio_verdict'].eq('faster').sum()} of {len(part)}"
-            for f, part in df.dropna(subset=["lookup_ratio_median"]).groupby("format",
-                                                                           sort=False)))
+    timed = df.dropna(subset=["lookup_ratio_median"]) if "lookup_ratio_median" in df else df[:0]
+    lines += [f"lookup time / dense, {f}: median {part['lookup_ratio_median'].median():.2f}x; "
+              f"{verdict_counts(part, 'lookup_ratio_verdict')} of {len(part)} models"
+              for f, part in timed.groupby("format", sort=False)]
     for budget in AUC_DROP_BUDGETS:
         best = smallest_within(df, budget, "bytes", "auc_drop_vs_level0")
         lines.append(f"AUC drop <= {budget}: no scored model within budget" if best is None
@@ -167,17 +157,23 @@ def main(argv=None) -> None:
             model = exp.model(item.payload)
             with torch.inference_mode():
                 reference = model(exp.batch.dense, exp.batch.offsets, exp.batch.indices)
-            dense = score(exp, model)
+            dense = exp.score(model)
             large = sum(bag.weight.nbytes for bag in model.emb_l) > LARGE_MODEL_BYTES
             tables = [bag.weight.detach() for bag in model.emb_l]
             dense_tables = FormatTables(model, hold(FORMATS["dense"], tables, 2**62)[0], "dense")
-            rows = []
-            for name in formats:
-                rows.append(measure_format(exp, name, dense_tables, reference,
-                                           forward_timed(item.payload)))
-                if large:  # freed tables must not stay resident under the next format's
-                    trim_heap()  # (small models: regrowing the heap costs)
-            for row in rows:  # held lossless formats give the dense model's outputs, checked
+            def every_format() -> list[dict]:  # one at a time: the next built once one is freed
+                rows = []
+                for name in formats:
+                    rows.append(measure_format(exp, name, dense_tables, reference,
+                                               forward_timed(item.payload)))
+                    if large:  # freed tables must not stay resident under the next format's
+                        trim_heap()  # (small models: regrowing the heap costs)
+                return rows
+            # one model's formats are one point for the drift guard: hundreds of short
+            # measurements, each read around, would cost more than they measure
+            rows, guarded = exp.guard.guarded(every_format)
+            for row in rows:
+                row.update(guarded)  # held lossless formats give the dense model's outputs, checked
                 if not row["lossy"] and row["held"]:
                     row.update(dense, quality_source="dense model (outputs agree)")
             return rows

@@ -15,7 +15,6 @@ from __future__ import annotations
 import pandas as pd
 
 from dlrm_sparsity.analysis import AUC_DROP_BUDGETS, CONFIG, against_base, highest_within
-from dlrm_sparsity.evaluation import quality_metrics, score_split
 from dlrm_sparsity.experiment import Experiment
 from dlrm_sparsity.plots import plot_quality
 from dlrm_sparsity.report import refresh_report
@@ -72,15 +71,11 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     with Session(argv, args.output_dir, args.device, args.overwrite) as run:
         exp = Experiment(run, args, test_limit=args.limit)
-        labels = exp.test.labels.cpu().numpy()
         items = exp.items(exp.metadata, {"split": "test", "limit": args.limit},
                           n_samples=len(exp.test))
 
-        def compute(item):
-            scores = score_split(exp.model(item.payload), exp.test, args.batch_size)
-            return quality_metrics(labels, scores)
-
-        result = run.sweep(items, compute, tables=[METRICS], label="scoring",
+        result = run.sweep(items, lambda item: exp.score(exp.model(item.payload)),
+                           tables=[METRICS], label="scoring",
                            describe=lambda item, rows: f"{item.fields['checkpoint']}: "
                                                        f"AUC {rows[0]['roc_auc']:.4f}")
         run.finish(result, [METRICS], derive=add_drops,

@@ -9,9 +9,12 @@ it at its end (--no-report skips that).
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from dlrm_sparsity.analysis import AUC_DROP_BUDGETS
+from dlrm_sparsity.errors import UserInputError
 from dlrm_sparsity.report import write_report
+from dlrm_sparsity.report.readme import refresh_readme
 from dlrm_sparsity.runner.cli import make_parser
 
 
@@ -22,6 +25,8 @@ def parse_args(argv=None):
                    help="where report.md and its images go (default: OUTPUT_DIR)")
     p.add_argument("--auc-budgets", nargs="+", type=float, default=list(AUC_DROP_BUDGETS),
                    metavar="DROP", help="AUC drops the answer is given for")
+    p.add_argument("--readme", default=None, metavar="README",
+                   help="also copy the report's answer into this README's marked block")
     return p.parse_args(argv)
 
 
@@ -33,6 +38,13 @@ def main(argv=None) -> None:
               "evaluate_disk_savings.py first)", file=sys.stderr)
         raise SystemExit(2)
     print(f"wrote {path}")
+    if args.readme:
+        try:
+            refresh_readme(Path(args.readme), path)
+        except (UserInputError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        print(f"refreshed the demo's answer in {args.readme}")
 
 
 if __name__ == "__main__":

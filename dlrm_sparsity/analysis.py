@@ -66,6 +66,13 @@ def first_level_below(df: pd.DataFrame, column: str, limit: float = 1.0,
     return found
 
 
+def verdict_counts(df: pd.DataFrame, column: str = "ratio_verdict") -> str:
+    """How many rows' intervals put a variant above, around or below its base."""
+    counts = df[column].value_counts()
+    return ", ".join(f"{what} at {counts.get(v, 0)}" for v, what in (
+        ("slower", "slower"), ("same", "not distinguishable"), ("faster", "faster")))
+
+
 def faster_from(speedup: pd.Series) -> float | None:
     """The lowest level (the index, sorted) from which the speed-up is above 1 at that level
     and every level above (a dip lower down does not count); None if not at the top."""

@@ -23,6 +23,7 @@ from dlrm_sparsity.checkpoints import load_dlrm_state_dict, sha256_of_file
 from dlrm_sparsity.criteo.data import load_split, tensors_fingerprint
 from dlrm_sparsity.disk import ensure_demo_metadata
 from dlrm_sparsity.errors import UserInputError
+from dlrm_sparsity.evaluation import quality_metrics, score_split
 from dlrm_sparsity.inputs import checkpoint_sha256, resolve_inputs
 from dlrm_sparsity.model import DLRMNet
 from dlrm_sparsity.runner.outputs import KEY_COLUMNS, read_metadata
@@ -58,6 +59,12 @@ class Experiment:
                                                              self.batch.indices),
                              threads=args.threads, min_run_time=args.min_run_time,
                              rounds=args.rounds, steady_malloc=self.steady_malloc)
+
+    def score(self, model: torch.nn.Module) -> dict:
+        """A model's quality metrics on the whole test split, in batches of the timed one's
+        size."""
+        return quality_metrics(self.test.labels.cpu().numpy(),
+                               score_split(model, self.test, len(self.batch.labels)))
 
     @property
     def timing(self) -> Timing:

@@ -128,6 +128,9 @@ def timing_columns(m: benchmark.Measurement) -> dict:
 
 ROUNDS = 5
 WAIT_STEP_S = 0.25  # between the drift guard's readings while it waits for calm
+# a reading of the reference lasts this long at least: a block of a few microseconds (a tiny
+# model, or a short --min-run-time) is mostly the clock's own noise, not the machine's
+GUARD_BLOCK_S = 0.01
 BOOTSTRAP_SAMPLES = 2000
 BOOTSTRAP_SEED = 0
 
@@ -221,18 +224,19 @@ class DriftGuard:
     """A fixed reference (the unpruned dense model's forward on the timed batch) read before
     and after every measurement. A measurement taken while the reference was more than
     `margin` off its run median is taken again, up to `retries` times, each time once the
-    reference is back within the margin (waiting at most `wait_s` in all over the run); if it
-    is still disturbed it is kept and flagged. The run median is that of the readings around the
-    measurements kept undisturbed (and of three at the start): a long disturbance does not
-    become the norm."""
+    reference is back within the margin (waiting, in all over the run, at most `wait_s` and
+    never longer than the guarded measurements have taken so far, so that waiting can at most
+    double a run's timing); if it is still disturbed it is kept and flagged. The run median is
+    that of the readings around the measurements kept undisturbed (and of five at the start):
+    a long disturbance does not become the norm."""
 
     def __init__(self, reference: Callable[[], object] | None, timing: Timing,
                  margin: float = 0.10, retries: int = 2, wait_s: float = 120.0,
                  timer: Callable[[], float] = synchronising_timer):
         """reference None: no guard (every measurement kept as it is, with no columns).
         wait_s: the most the run waits, in all, for a disturbance to pass before a retry."""
-        self.margin, self.retries = margin, retries
-        self.wait_left_s = wait_s
+        self.margin, self.retries, self.wait_s = margin, retries, wait_s
+        self.waited_s = self.measured_s = 0.0
         self.readings: list[float] = []  # every reading
         self.baseline: list[float] = []  # the readings the run median is taken over
         self.measured_again = 0
@@ -241,10 +245,11 @@ class DriftGuard:
             return
         with torch.inference_mode():
             per_call = _warm_up(reference, timing, 0, timer)
-        self.number = max(1, round(timing.min_run_time / ROUNDS / max(per_call, 1e-9)))
+        block_s = max(timing.min_run_time / ROUNDS, GUARD_BLOCK_S)
+        self.number = max(1, round(block_s / max(per_call, 1e-9)))
         self.clock = timeit.Timer(reference, timer=timer)
         self.threads = timing.threads
-        for _ in range(3):  # the run's first median
+        for _ in range(5):  # the run's first median
             self.baseline.append(self.read())
 
     def read(self) -> float:
@@ -255,8 +260,10 @@ class DriftGuard:
         return seconds
 
     def drift(self, seconds: float) -> float:
-        """How far a reading is off the run median (0.1: 10%)."""
-        return abs(seconds / float(np.median(self.baseline)) - 1.0)
+        """How much slower a reading is than the run median (0.1: 10%; 0 if not slower). Only
+        slowness counts: a load slows the reference down, while a reading faster than the
+        median means the median was taken on a slower machine (one still warming up)."""
+        return max(0.0, seconds / float(np.median(self.baseline)) - 1.0)
 
     def guarded(self, measure: Callable[[], T]) -> tuple[T, dict]:
         """measure() with the reference read around it; its result and the guard's columns:
@@ -266,8 +273,9 @@ class DriftGuard:
             return measure(), {}
         again = 0
         while True:
-            before = self.read()
+            before, start = self.read(), time.monotonic()
             result = measure()
+            self.measured_s += time.monotonic() - start
             after = self.read()
             drift = max(self.drift(before), self.drift(after))
             if drift <= self.margin or again == self.retries:
@@ -282,14 +290,18 @@ class DriftGuard:
         return result, {"reference_s": (before + after) / 2, "reference_drift": drift,
                         "measured_again": again, "disturbed": disturbed}
 
+    @property
+    def wait_left_s(self) -> float:
+        return min(self.wait_s, self.measured_s) - self.waited_s
+
     def wait_for_calm(self) -> None:
         """Before measuring again: read the reference every WAIT_STEP_S until it is back within
         the margin, for at most what is left of the run's wait budget (a machine that stays
-        busy spends the budget once, then its points are measured and flagged at once)."""
+        busy spends the budget, then its points are measured and flagged at once)."""
         start = time.monotonic()
         while self.wait_left_s > 0 and self.drift(self.read()) > self.margin:
             time.sleep(min(WAIT_STEP_S, self.wait_left_s))
-            self.wait_left_s -= time.monotonic() - start
+            self.waited_s += time.monotonic() - start
             start = time.monotonic()
 
     def spread(self) -> float:

@@ -1,5 +1,6 @@
 """The scripts under torchrun (2 CPU processes, gloo) give the single-process CSVs."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,10 +17,15 @@ TIMING = {"step_time_sec", "mask_time_sec", "check_time_sec", "zip_time_sec", "t
 
 
 def launch(script, args, nproc=None):
+    """The script alone, or under torchrun; both on one thread per process, as torchrun sets
+    it: the comparison is of the sharding and gathering, and a model's scores may differ in
+    their last bits between thread counts (seen here as a 6e-5 AUC change on a model whose
+    scores tie)."""
     prefix = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={nproc}"] if nproc else [sys.executable])
     proc = subprocess.run(prefix + [str(REPO / script), *map(str, args)], capture_output=True,
-                          text=True, timeout=300, cwd=REPO)
+                          text=True, timeout=300, cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 

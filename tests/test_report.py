@@ -114,7 +114,9 @@ def test_a_report_elsewhere_copies_its_images_and_links_them_relatively(tmp_path
     write_quality(tmp_path)
     report = write_report(tmp_path, report_dir=tmp_path / "docs" / "report")
     assert all((report.parent / src).is_file() for src in images_of(report))
-    assert "`../../model.ckpt`" in report.read_text()
+    text = report.read_text()
+    assert "from the CSVs of `../..` (seen from this report)" in text
+    assert "- **Model**: `model.ckpt`" in text  # named from the CSVs' folder
 
 
 def test_only_the_disk_experiment_still_renders_and_names_what_is_missing(tmp_path):

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from dlrm_sparsity import timing
 from dlrm_sparsity.timing import DriftGuard, Paired, Timing, measure_paired, round_order
 
 
@@ -117,26 +118,29 @@ def test_the_guard_flags_a_point_that_stays_disturbed_after_its_retries():
     assert len(calls) == 3 and columns["measured_again"] == 2 and columns["disturbed"]
     assert columns["reference_drift"] > 0.10
     assert guard.flagged == 1 and "1 flagged as disturbed" in guard.summary()
-    assert guard.wait_left_s <= 0  # spent once: the next disturbed point does not wait
+    assert guard.wait_left_s <= 0  # spent (the point took no time): the next does not wait
     start = time.monotonic()
     guard.guarded(point)
     assert time.monotonic() - start < 0.2 and guard.flagged == 2
 
 
-def test_the_guard_waits_for_a_load_to_pass_before_measuring_again():
+def test_the_guard_waits_for_a_load_to_pass_before_measuring_again(monkeypatch):
     """A load that outlasts the point's own readings: the guard reads the reference until the
-    load is gone, then the retry is clean."""
+    load is gone, then the retry is clean. Waiting never outlasts the measuring so far: the
+    point takes 0.3 s of real time, which allows the ten readings 0.01 s apart."""
+    monkeypatch.setattr(timing, "WAIT_STEP_S", 0.01)
     m = Machine()
     guard = guard_on(m, wait_s=5.0)
     attempts = []
 
     def point():
         attempts.append(1)
+        time.sleep(0.3)
         if len(attempts) == 1:
             m.load_for(0.2, 2.0)  # about ten of the reference's readings
     _, columns = guard.guarded(point)
     assert len(attempts) == 2 and columns["measured_again"] == 1 and not columns["disturbed"]
-    assert len(guard.readings) > 3 + 2 + 2 + 3  # the start, both attempts, and the waiting
+    assert len(guard.readings) > 5 + 2 + 2 + 3  # the start, both attempts, and the waiting
 
 
 def test_a_quiet_machine_passes_the_guard_at_once():
@@ -152,3 +156,15 @@ def test_without_a_reference_the_guard_measures_once_and_says_it_is_off():
     guard = DriftGuard(None, TIMING)
     assert guard.guarded(lambda: 7) == (7, {})
     assert guard.summary() == "drift guard: off (no reference model could be loaded)"
+
+
+def test_a_reference_faster_than_its_median_is_no_disturbance():
+    """The first readings of a run can be slow (a machine warming up): a faster reference
+    later is calm, and its readings join the run median."""
+    m = Machine()
+    m.slowdown = 1.3
+    guard = guard_on(m)
+    m.slowdown = 1.0
+    _, columns = guard.guarded(lambda: None)
+    assert columns["reference_drift"] == 0.0 and not columns["disturbed"]
+    assert len(guard.baseline) == 5 + 2

@@ -24,10 +24,10 @@ from dlrm_sparsity.runner.atomic import atomic_path
 TRADEOFFS = "report_tradeoffs.png"
 
 
-def shown_path(path: str, report_dir: Path) -> str:
-    """A file as seen from the report's folder, so that no machine's layout is printed."""
+def shown_path(path: str, base: Path) -> str:
+    """A file as seen from base, so that no machine's layout is printed."""
     try:
-        return os.path.relpath(str(path), report_dir)
+        return os.path.relpath(str(path), base)
     except ValueError:  # another drive
         return str(path)
 
@@ -50,10 +50,11 @@ def architecture(model_path: str) -> list[str]:
 
 def header(results: Results, report_dir: Path) -> list[str]:
     lines = [f"Made {datetime.datetime.now():%Y-%m-%d %H:%M} from the CSVs of "
-             f"`{shown_path(str(results.folder), report_dir)}`.", ""]
+             f"`{shown_path(str(results.folder), report_dir)}` (seen from this report); the "
+             "files below are named relative to that folder.", ""]
     disk = results.rows.get("disk")
     if disk is not None and "model_path" in disk:
-        model = shown_path(disk["model_path"].iloc[0], report_dir)
+        model = shown_path(disk["model_path"].iloc[0], results.folder)
         sha = disk["model_sha256"].iloc[0] if "model_sha256" in disk else "not recorded"
         lines.append(f"- **Model**: `{model}` (sha256 {sha})")
         if "dense_size_bytes" in disk:
@@ -62,7 +63,7 @@ def header(results: Results, report_dir: Path) -> list[str]:
         lines += architecture(str(disk["model_path"].iloc[0]))
     quality = results.rows.get("quality")
     if quality is not None and "n_samples" in quality:
-        data = (shown_path(quality["processed_data_file"].iloc[0], report_dir)
+        data = (shown_path(quality["processed_data_file"].iloc[0], results.folder)
                 if "processed_data_file" in quality else "not recorded")
         lines.append(f"- **Data**: `{data}`, {int(quality['n_samples'].iloc[0]):,} test samples")
     envs = set()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from dlrm_sparsity.analysis import CONFIG, first_level_below
+from dlrm_sparsity.analysis import CONFIG, MODEL, first_level_below
+from dlrm_sparsity.analysis import verdict_counts as verdicts
 from dlrm_sparsity.report.answer import config_name
 from dlrm_sparsity.variants import COMPACT, DENSE, MASKED, SPARSE
 
@@ -48,13 +49,6 @@ def quality_section(df: pd.DataFrame) -> list[str]:
                          f"{last['sparsity_level']:g}.")
     samples = f" on {int(df['n_samples'].iloc[0]):,} test samples" if "n_samples" in df else ""
     return [f"ROC AUC{samples}:", "", pivot(df, "roc_auc", 4), "", " ".join(sentences)]
-
-
-def verdicts(part: pd.DataFrame, column: str = "ratio_verdict") -> str:
-    """How many rows' intervals put the variant above, around or below dense."""
-    counts = part[column].value_counts()
-    return ", ".join(f"{what} at {counts.get(v, 0)}" for v, what in (
-        ("slower", "slower"), ("same", "not distinguishable"), ("faster", "faster")))
 
 
 def dense_forward(df: pd.DataFrame) -> str:
@@ -144,14 +138,14 @@ def stability_section(results) -> list[str]:
     lines = []
     for name in ("forward", "memory", "activation"):
         df = results.ok(name)
-        prefix = "lookup_" if name == "memory" else ""
-        if df is None or f"{prefix}reference_s" not in df:
+        if df is None or "reference_s" not in df:
             continue
-        ref = df[f"{prefix}reference_s"].dropna()
-        flagged = df[df[f"{prefix}disturbed"].eq(True)]
+        df = df.drop_duplicates(subset=[c for c in MODEL + ["activation_level"] if c in df])
+        ref = df["reference_s"].dropna()  # one row per point: its variants share the guard
+        flagged = df[df["disturbed"].eq(True)]
         lines.append(f"- {name}: the reference (the unpruned model's dense forward) read "
                      f"{ref.median() * 1e3:.2f} ms median, max/min {ref.max() / ref.min():.2f} "
-                     f"over the run; {int(df[f'{prefix}measured_again'].sum())} measurement(s) "
+                     f"over the run; {int(df['measured_again'].sum())} measurement(s) "
                      f"taken again; {len(flagged)} row(s) flagged as disturbed"
                      + (": " + ", ".join(sorted({f"{r['norm']} {r['sparse_block_shape']} "
                                                  f"level {r['sparsity_level']:g}"
