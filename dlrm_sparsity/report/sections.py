@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import pandas as pd
 
 from dlrm_sparsity.analysis import CONFIG, MODEL, first_level_below
@@ -39,12 +41,17 @@ def disk_section(df: pd.DataFrame) -> list[str]:
             " ".join(sentences)]
 
 
-def quality_section(df: pd.DataFrame) -> list[str]:
-    sentences = []
+def per_config(df: pd.DataFrame) -> Iterator[tuple[str, pd.DataFrame, pd.Series, pd.Series]]:
+    """Per config: its name, its rows by level, and its first and last row."""
     for (norm, block), part in df.groupby(CONFIG):
         part = part.sort_values("sparsity_level")
-        first, last = part.iloc[0], part.iloc[-1]
-        sentences.append(f"{config_name(norm, block)}: ROC AUC {first['roc_auc']:.4f} at level "
+        yield config_name(norm, block), part, part.iloc[0], part.iloc[-1]
+
+
+def quality_section(df: pd.DataFrame) -> list[str]:
+    sentences = []
+    for name, _, first, last in per_config(df):
+        sentences.append(f"{name}: ROC AUC {first['roc_auc']:.4f} at level "
                          f"{first['sparsity_level']:g}, {last['roc_auc']:.4f} at level "
                          f"{last['sparsity_level']:g}.")
     samples = f" on {int(df['n_samples'].iloc[0]):,} test samples" if "n_samples" in df else ""
@@ -65,10 +72,8 @@ def forward_section(df: pd.DataFrame) -> list[str]:
     if sparse.empty or "ratio_median" not in sparse or sparse["ratio_median"].isna().all():
         return ["Not enough timed rows for a comparison."]
     sentences = []
-    for (norm, block), part in sparse.groupby(CONFIG):
-        part = part.sort_values("sparsity_level")
-        first, last = part.iloc[0], part.iloc[-1]
-        sentences.append(f"{config_name(norm, block)}: the torch.sparse variant takes "
+    for name, part, first, last in per_config(sparse):
+        sentences.append(f"{name}: the torch.sparse variant takes "
                          f"{first['ratio_median']:.1f}x the dense time at level "
                          f"{first['sparsity_level']:g} and {last['ratio_median']:.1f}x at level "
                          f"{last['sparsity_level']:g}; by its 95% interval it is "
