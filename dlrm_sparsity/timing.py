@@ -128,6 +128,8 @@ def timing_columns(m: benchmark.Measurement) -> dict:
 
 ROUNDS = 5
 WAIT_STEP_S = 0.25  # between the drift guard's readings while it waits for calm
+# a run may always wait this long, and beyond it no longer than it has measured
+WAIT_FLOOR_S = 60.0
 # a reading of the reference lasts this long at least: a block of a few microseconds (a tiny
 # model, or a short --min-run-time) is mostly the clock's own noise, not the machine's
 GUARD_BLOCK_S = 0.01
@@ -224,9 +226,9 @@ class DriftGuard:
     """A fixed reference (the unpruned dense model's forward on the timed batch) read before
     and after every measurement. A measurement taken while the reference was more than
     `margin` off its run median is taken again, up to `retries` times, each time once the
-    reference is back within the margin (waiting, in all over the run, at most `wait_s` and
-    never longer than the guarded measurements have taken so far, so that waiting can at most
-    double a run's timing); if it is still disturbed it is kept and flagged. The run median is
+    reference is back within the margin (waiting, in all over the run, at most `wait_s`, and
+    beyond a minute no longer than the guarded measurements have taken so far); if it is still
+    disturbed it is kept and flagged. The run median is
     that of the readings around the measurements kept undisturbed (and of five at the start):
     a long disturbance does not become the norm."""
 
@@ -292,7 +294,7 @@ class DriftGuard:
 
     @property
     def wait_left_s(self) -> float:
-        return min(self.wait_s, self.measured_s) - self.waited_s
+        return min(self.wait_s, self.measured_s + WAIT_FLOOR_S) - self.waited_s
 
     def wait_for_calm(self) -> None:
         """Before measuring again: read the reference every WAIT_STEP_S until it is back within
