@@ -13,7 +13,7 @@ from dlrm_sparsity.timing import (
     AGREEMENT_TOLERANCE,
     Timing,
     measure,
-    measure_fixed,
+    measure_paired,
     steady_cpu_allocator,
     timing_columns,
 )
@@ -38,4 +38,4 @@ from dlrm_sparsity.variants import (
 __all__ = ["AGREEMENT_TOLERANCE", "COMPACT", "DENSE", "MASKED", "MASKED_SPARSE",
            "MASKED_VARIANTS", "SPARSE", "Compact", "Dense", "FormatTables", "Masked", "Timing",
            "TorchSparseTop", "interaction_density", "masked_variants", "max_difference",
-           "measure", "measure_fixed", "stage_calls", "steady_cpu_allocator", "timing_columns"]
+           "measure", "measure_paired", "stage_calls", "steady_cpu_allocator", "timing_columns"]

@@ -3,7 +3,7 @@
 torch.utils.benchmark gives the Timer (its default timer synchronises the accelerator before
 every reading), blocked_autorange and Measurement (median, IQR). Kept here: a warm-up long
 enough to price a slow statement, a floor on the number of runs so that every figure has a
-spread, a fixed-block mode for sweeps of hundreds of short measurements, and a steady CPU
+spread, paired rounds of the variants compared, a drift guard, and a steady CPU
 allocator.
 """
 
@@ -19,7 +19,7 @@ from typing import Callable, Mapping, Sequence, TypeVar
 import numpy as np
 import torch
 from torch.utils import benchmark
-from torch.utils.benchmark.utils.common import TaskSpec, set_torch_threads
+from torch.utils.benchmark.utils.common import set_torch_threads
 from torch.utils.benchmark.utils.timer import timer as synchronising_timer
 
 AGREEMENT_TOLERANCE = 1e-5  # variants of one forward must agree to this (max |difference|)
@@ -99,25 +99,6 @@ def measure(fn: Callable[[], object], label: str, timing: Timing, called: int = 
         while len(raw) < timing.min_runs:  # fast statements: a few long blocks; add blocks
             raw += t.timeit(m.number_per_run).raw_times
     return benchmark.Measurement(m.number_per_run, raw, m.task_spec, m.metadata)
-
-
-def measure_fixed(fn: Callable[[], object], label: str, timing: Timing,
-                  timer: Callable[[], float] = synchronising_timer) -> benchmark.Measurement:
-    """min_runs blocks whose length the warm-up's price of a call sets, so that they fill
-    min_run_time together. blocked_autorange first grows its block tenfold until the timer's
-    own overhead is under 1e-4 of it, which makes a 1 ms statement cost 0.4 s to measure
-    however small min_run_time is; a sweep of hundreds of short measurements (the memory
-    experiment) takes the timer's overhead (about a microsecond) instead."""
-    with torch.inference_mode():
-        per_call = _warm_up(fn, timing, 0, timer)
-        number = max(1, round(timing.min_run_time / timing.min_runs / max(per_call, 1e-9)))
-        # the stdlib's timeit on the same synchronising timer: Timer.timeit would call fn
-        # twice more before every block, which triples a slow statement's cost
-        clock = timeit.Timer(fn, timer=timer)
-        with set_torch_threads(timing.threads):
-            raw = [clock.timeit(number) for _ in range(timing.min_runs)]
-    return benchmark.Measurement(number, raw, TaskSpec("fn()", "pass", label=label,
-                                                       num_threads=timing.threads))
 
 
 def timing_columns(m: benchmark.Measurement) -> dict:
@@ -209,7 +190,8 @@ def measure_paired(calls: Mapping[str, Callable[[], object]], timing: Timing,
         per_call = {v: _warm_up(calls[v], timing, called, timer) for v in labels}
         numbers = {v: max(1, round(timing.min_run_time / rounds / max(per_call[v], 1e-9)))
                    for v in labels}
-        # the stdlib's timeit on the synchronising timer, as measure_fixed
+        # the stdlib's timeit on the synchronising timer: Timer.timeit would call each
+        # function twice more before every block, which triples a slow statement's cost
         clocks = {v: timeit.Timer(calls[v], timer=timer) for v in labels}
         times: dict[str, list[float]] = {v: [] for v in labels}
         with set_torch_threads(timing.threads):

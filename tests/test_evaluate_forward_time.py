@@ -15,7 +15,7 @@ from dlrm_forward_time import (
     TorchSparseTop,
     max_difference,
     measure,
-    measure_fixed,
+    measure_paired,
     stage_calls,
 )
 from dlrm_sparsity.checkpoints import load_state_dict
@@ -25,24 +25,29 @@ from dlrm_sparsity.model import DLRMNet
 CPU = torch.device("cpu")
 
 
-@pytest.mark.parametrize("fixed_blocks", [False, True])
+@pytest.mark.parametrize("paired", [False, True])
 def test_the_default_timer_synchronises_the_device_before_every_reading(monkeypatch,
-                                                                         fixed_blocks):
-    """measure() reads only torch.utils.benchmark's default timer, which waits for the
+                                                                         paired):
+    """measure() and measure_paired() read only torch.utils.benchmark's default timer, which waits for the
     accelerator: here a fake one, and a fake clock on which every fn() takes 1 ms."""
     calls = []
     monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
     monkeypatch.setattr(torch.accelerator, "synchronize", lambda *a: calls.append("sync"))
     monkeypatch.setattr(timeit, "default_timer",
                         lambda: (calls.append("clock"), calls.count("fn") * 1e-3)[1])
-    how = measure_fixed if fixed_blocks else measure
-    m = how(lambda: calls.append("fn"), "fake", Timing(threads=1, min_run_time=0.05))
+    timing = Timing(threads=1, min_run_time=0.05)
+    fn = lambda: calls.append("fn")  # noqa: E731
+    if paired:  # five rounds of blocks that fill min_run_time: 10 calls of 1 ms each
+        m = measure_paired({"fake": fn}, timing)
+        times, median = m.times["fake"], m.median("fake")
+        assert len(times) == 5 and m.numbers["fake"] == 10
+    else:
+        m = measure(fn, "fake", timing)
+        times, median = m.times, m.median
     reads = [i for i, c in enumerate(calls) if c == "clock"]
     assert reads and all(calls[i - 1] == "sync" for i in reads)
-    assert calls.count("fn") > 2 and len(m.times) >= 3
-    assert m.median == pytest.approx(1e-3)
-    if fixed_blocks:  # three blocks that fill min_run_time: 17 calls of 1 ms each
-        assert len(m.raw_times) == 3 and m.number_per_run == 17
+    assert calls.count("fn") > 2 and len(times) >= 3
+    assert median == pytest.approx(1e-3)
 
 
 @pytest.fixture(scope="module")
