@@ -28,8 +28,9 @@ CPU = torch.device("cpu")
 @pytest.mark.parametrize("paired", [False, True])
 def test_the_default_timer_synchronises_the_device_before_every_reading(monkeypatch,
                                                                          paired):
-    """measure() and measure_paired() read only torch.utils.benchmark's default timer, which waits for the
-    accelerator: here a fake one, and a fake clock on which every fn() takes 1 ms."""
+    """measure() and measure_paired() read only torch.utils.benchmark's default timer,
+    which waits for the accelerator: here a fake one, and a fake clock on which every fn()
+    takes 1 ms."""
     calls = []
     monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
     monkeypatch.setattr(torch.accelerator, "synchronize", lambda *a: calls.append("sync"))
