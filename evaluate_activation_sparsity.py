@@ -90,8 +90,9 @@ def evaluate_level(exp: Experiment, meta: dict, level: float, calibration) -> li
     paired, guarded = exp.guard.guarded(lambda: measure_paired(  # the agreement check was
         {v: f.on(batch) for v, f in variants.items()}, exp.timing, exp.args.rounds, called=1))
     rows = [{"variant": v, **quality, **paired.columns(v, None if v == MASKED else MASKED),
-             "z_density": density, "kept_columns": int(variants[COMPACT].kept.numel()),
-             "max_abs_diff": diffs[v], **guarded} for v in variants]  # each one's first call
+             "interaction": model.config.interaction, "z_density": density,
+             "kept_columns": int(variants[COMPACT].kept.numel()), "max_abs_diff": diffs[v],
+             **guarded} for v in variants]  # each one's first call
     for row in rows:  # dense over the variant: above 1 is faster; the interval turned over
         row.update(speedup_vs_dense=1 / row.get("ratio_median", 1.0),
                    speedup_low=1 / row.get("ratio_high", 1.0),

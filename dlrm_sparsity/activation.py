@@ -1,10 +1,10 @@
 """Activation sparsity with PyTorch's stock ActivationSparsifier on the interaction output z.
 
 The sparsifier is registered on top_l.0, whose input is z (the bottom MLP's output and every
-pairwise dot product). Calibration batches run through the model; the sparsifier aggregates
-|z| over them with sum_abs, reduces it to one score per column with mean_over_samples, and its
-step() masks the lowest-scoring fraction of columns with drop_lowest. The functions are
-recorded in the CSV by name.
+pairwise dot product; for a DLRM_DCN, the cross net's output). Calibration batches run through
+the model; the sparsifier aggregates |z| over them with sum_abs, reduces it to one score per
+column with mean_over_samples, and its step() masks the lowest-scoring fraction of columns
+with drop_lowest. The functions are recorded in the CSV by name.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from torch.ao.pruning._experimental.activation_sparsifier.activation_sparsifier 
     ActivationSparsifier,
 )
 
-from dlrm_sparsity.criteo.data import CriteoSplit, load_split, read_day_counts, split_bounds
+from dlrm_sparsity.criteo.data import CriteoSplit
+from dlrm_sparsity.criteo.splits import open_split, split_size
 from dlrm_sparsity.errors import UserInputError
 from dlrm_sparsity.experiment import Experiment
 from dlrm_sparsity.model import DLRMNet
@@ -84,9 +85,8 @@ class Calibration:
 
     def __init__(self, exp: Experiment, batches: int | None, batch_size: int | None,
                  defaults: tuple[int, int]):
-        inputs = exp.inputs
-        start, stop = split_bounds(read_day_counts(inputs.raw), "train")
-        available = stop - start
+        inputs, half = exp.inputs, exp.args.test_half
+        available = split_size(inputs.processed, inputs.raw, "train", half)
         try:
             n, self.batch_size, note = calibration_shape(available, batches, batch_size,
                                                          defaults)
@@ -95,6 +95,7 @@ class Calibration:
         if note and exp.run.is_main:
             print(note)
         self.samples = n * self.batch_size
-        split = load_split(inputs.processed, inputs.raw, "train", self.samples)
+        split = open_split(inputs.processed, inputs.raw, "train", self.samples,
+                           exp.table_sizes(), half)
         self.fingerprint = split.fingerprint()
         self.split = split.to(exp.run.device)

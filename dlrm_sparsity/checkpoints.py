@@ -1,7 +1,8 @@
 """Reading and writing DLRM checkpoints safely.
 
 Accepted inputs: a checkpoint dict written by dlrm's `--save-model` (its "state_dict" is used),
-a bare state dict, or a zip written by evaluate_disk_savings.py that holds one of those. Loading
+a bare state dict of dlrm's or TorchRec's layout (layouts.py), or a zip written by
+evaluate_disk_savings.py that holds one of those. Loading
 is always `weights_only=True`; only the numpy scalars and dtypes that dlrm puts in its
 bookkeeping are allow-listed. Zips are read in memory, never extracted to disk.
 """
@@ -46,6 +47,11 @@ def _torch_load_safe(source, origin: str, mmap: bool = False) -> object:
             return torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         match = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if match and re.search(r"ShardedTensor|DTensor|_shard", match.group(1)):
+            raise CheckpointError(
+                f"{origin}: holds sharded tables ({match.group(1).rsplit('.', 1)[-1]}); gather "
+                "them into one plain state dict first (docs/usage.md, 'A sharded TorchRec "
+                "model')") from None
         if match:
             raise CheckpointError(
                 f"{origin}: refused to load: it needs the pickled global '{match.group(1)}', "
@@ -57,8 +63,10 @@ def _torch_load_safe(source, origin: str, mmap: bool = False) -> object:
 
 
 def _extract_state_dict(obj: object, origin: str) -> dict[str, torch.Tensor]:
-    if isinstance(obj, Mapping) and "state_dict" in obj:
-        obj = obj["state_dict"]
+    if isinstance(obj, Mapping):  # dlrm's --save-model dict, or a training loop's
+        inner = next((k for k in ("state_dict", "model_state_dict", "model")
+                      if isinstance(obj.get(k), Mapping)), None)
+        obj = obj[inner] if inner else obj
     if not isinstance(obj, Mapping) or not any(isinstance(v, torch.Tensor)
                                                 for v in obj.values()):
         raise CheckpointError(f"{origin}: not a DLRM checkpoint (no state dict inside)")
@@ -126,7 +134,7 @@ def load_state_dict(path: str | os.PathLike, mmap: bool = False) -> dict[str, to
 
 def load_dlrm_state_dict(path: str | os.PathLike, mmap: bool = False
                          ) -> dict[str, torch.Tensor]:
-    """load_state_dict, checked to be a DLRM_Net's; errors name the file."""
+    """load_state_dict, checked to be a DLRM's (dlrm's or TorchRec's); errors name the file."""
     state_dict = load_state_dict(path, mmap)
     try:
         DLRMConfig.from_state_dict(state_dict)

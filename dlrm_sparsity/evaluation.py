@@ -7,16 +7,17 @@ import torch
 from sklearn import metrics
 
 from dlrm_sparsity.criteo.data import CriteoSplit
+from dlrm_sparsity.criteo.npy import NpySplit
 from dlrm_sparsity.model import DLRMNet
 
 THRESHOLD = 0.5  # the seed's: a sample is predicted a click when p > 0.5
 
 
 @torch.inference_mode()
-def score_split(model: DLRMNet, split: CriteoSplit, batch_size: int) -> np.ndarray:
+def score_split(model: DLRMNet, split: CriteoSplit | NpySplit, batch_size: int) -> np.ndarray:
     """Click probabilities for every sample, in order, as float64 numpy."""
     model.eval()
-    out = torch.empty(len(split), dtype=torch.float32, device=split.dense.device)
+    out = torch.empty(len(split), dtype=torch.float32, device=split.device)
     start = 0
     for batch in split.batches(batch_size):
         b = batch.labels.shape[0]

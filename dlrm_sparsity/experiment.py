@@ -20,12 +20,14 @@ from functools import cached_property, lru_cache
 import torch
 
 from dlrm_sparsity.checkpoints import load_dlrm_state_dict, sha256_of_file
-from dlrm_sparsity.criteo.data import load_split, tensors_fingerprint
+from dlrm_sparsity.criteo.data import tensors_fingerprint
+from dlrm_sparsity.criteo.npy import is_npy_data
+from dlrm_sparsity.criteo.splits import open_split
 from dlrm_sparsity.disk import ensure_demo_metadata
 from dlrm_sparsity.errors import UserInputError
 from dlrm_sparsity.evaluation import quality_metrics, score_split
 from dlrm_sparsity.inputs import checkpoint_sha256, resolve_inputs
-from dlrm_sparsity.model import DLRMNet
+from dlrm_sparsity.model import DLRMConfig, DLRMNet
 from dlrm_sparsity.runner.outputs import KEY_COLUMNS, read_metadata
 from dlrm_sparsity.runner.session import Session
 from dlrm_sparsity.runner.sweep import Item
@@ -49,16 +51,26 @@ class Experiment:
         if self.inputs.demo_model is not None:
             ensure_demo_metadata(run, self.inputs.metadata)
         self.metadata = read_metadata(self.inputs.metadata).to_dict("records")
-        test = load_split(self.inputs.processed, self.inputs.raw, "test", test_limit)
+        test = open_split(self.inputs.processed, self.inputs.raw, "test", test_limit,
+                          self.table_sizes(), args.test_half)
         self.test = test.to(run.device)
         self.batch = next(self.test.batches(args.batch_size))
-        self.data = {"test": test.fingerprint(), "batch_size": args.batch_size,
+        self.data = {"test": test.fingerprint(), "test_half": args.test_half,
+                     "batch_size": args.batch_size,
                      "device": self.provenance()["device"]}
         if self.timed:
             self.data.update(timed_batch=tensors_fingerprint(self.batch.dense,
                                                              self.batch.indices),
                              threads=args.threads, min_run_time=args.min_run_time,
                              rounds=args.rounds, steady_malloc=self.steady_malloc)
+
+    def table_sizes(self) -> tuple[int, ...] | None:
+        """The rows of the pruned models' tables, which torchrec's files take their ids
+        modulo (read off the first model's shapes); None for dlrm's data, whose ids are
+        checked instead."""
+        if not is_npy_data(self.inputs.processed):
+            return None
+        return DLRMConfig.from_state_dict(self.model_state(self.metadata[0])).table_sizes
 
     def score(self, model: torch.nn.Module) -> dict:
         """A model's quality metrics on the whole test split, in batches of the timed one's
@@ -118,11 +130,14 @@ class Experiment:
                     "run (rerun evaluate_disk_savings.py)")
         return load_dlrm_state_dict(path)
 
+    def model_state(self, meta: dict) -> dict:
+        """The state dict of a metadata row's pruned model."""
+        recorded = meta.get("sha256") if isinstance(meta.get("sha256"), str) else None
+        return self.state_dict(meta["checkpoint"], recorded)
+
     def model(self, meta: dict) -> DLRMNet:
         """The pruned model of a metadata row on the device, in eval mode, checked to fit the
         data."""
-        path = meta["checkpoint"]
-        recorded = meta.get("sha256") if isinstance(meta.get("sha256"), str) else None
-        model = DLRMNet.from_state_dict(self.state_dict(path, recorded))
-        self.test.check_fits(model.config.table_sizes, path)
+        model = DLRMNet.from_state_dict(self.model_state(meta))
+        self.test.check_fits(model.config.table_sizes, meta["checkpoint"])
         return model.to(self.run.device).eval()

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dlrm_sparsity.checkpoints import sha256_of_file
+from dlrm_sparsity.criteo.npy import is_npy_data
 from dlrm_sparsity.demo import ensure_demo, ensure_processed
 from dlrm_sparsity.errors import UserInputError
 from dlrm_sparsity.runner.distributed import DistContext
@@ -14,7 +15,7 @@ from dlrm_sparsity.runner.outputs import METADATA_CSV
 
 @dataclass(frozen=True)
 class Inputs:
-    raw: str
+    raw: str | None  # None with torchrec's .npy files, which need no raw file
     processed: str
     metadata: Path
     demo_model: Path | None  # the demo's model when neither data nor metadata was given
@@ -28,9 +29,12 @@ def resolve_inputs(raw_data_file: str | None, processed_data_file: str | None,
     Rank 0 builds a missing processed file from the raw one; the others wait for it.
     """
     metadata_path = Path(metadata) if metadata else output_dir / METADATA_CSV
+    if processed_data_file is not None and is_npy_data(processed_data_file):
+        return Inputs(raw_data_file, processed_data_file, metadata_path, None)
     if (raw_data_file is None) != (processed_data_file is None):
         raise UserInputError("give both --raw_data_file and --processed_data_file "
-                             "(or neither, for the demo)")
+                             "(or neither, for the demo; torchrec's .npy files need no raw "
+                             "file)")
     if raw_data_file is None:
         paths = ensure_demo()
         demo_model = paths.model if metadata is None else None

@@ -1,23 +1,37 @@
-"""A DLRM whose state dict is key-for-key that of facebookresearch/dlrm's DLRM_Net.
+"""The suite's DLRM: facebookresearch/dlrm's DLRM_Net, TorchRec's DLRM and its DLRM_DCN.
 
-Only the configuration the seed uses is supported: "dot" interaction without self-interaction,
-sum-pooled embedding bags, ReLU everywhere except a final Sigmoid on the top MLP. The
-architecture is read off a state dict (`DLRMConfig.from_state_dict`), so any table sizes work.
+All three share the stages: a bottom (dense) MLP with ReLU on every layer, sum-pooled embedding
+bags, an interaction, and a top (over) MLP with ReLU between its layers. They differ in the
+interaction only:
+- dlrm: the bottom output and the dot products of every pair of vectors, pairs in the lower
+  triangle's row-major order (no self-interaction);
+- TorchRec DLRM: the same dot products in the upper triangle's row-major order
+  (`triu_indices(F, F, offset=1)`), so the pair (i, j) of dlrm is TorchRec's (j, i);
+- TorchRec DLRM_DCN: a low-rank cross net over x0 = [bottom output, e_1 .. e_F]:
+  x_{l+1} = x0 * (W_l (V_l x_l) + b_l) + x_l (torchrec/modules/crossnet.py, LowRankCrossNet).
+dlrm ends the top MLP in a sigmoid; TorchRec's over arch returns logits, so the suite appends
+the sigmoid (the metrics need probabilities) and `logit` gives TorchRec's own output.
 
-Parameter names (`emb_l`, `bot_l`, `top_l`) are dlrm's and must not change: checkpoints written
-by dlrm's `--save-model` load into `DLRMNet` with `strict=True`.
+The parameters use dlrm's names (`emb_l`, `bot_l`, `top_l`; `crossnet` for the cross net):
+dlrm's checkpoints load with `strict=True`, and layouts.py renames TorchRec's keys to these.
+The architecture is read off a state dict (`DLRMConfig.from_state_dict`), so any sizes work.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass
 from typing import Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from dlrm_sparsity.errors import CheckpointError
+from dlrm_sparsity.layouts import DLRM, TORCHREC, embedding_names, read_layout
+
+__all__ = ["DLRMConfig", "DLRMNet", "LowRankCrossNet", "embedding_names"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +42,9 @@ class DLRMConfig:
     embedding_dim: int  # m_spa
     bottom_mlp: tuple[int, ...]  # ln_bot, input width first, ends with embedding_dim
     top_mlp: tuple[int, ...]  # ln_top, input width first (interaction output), ends with 1
+    layout: str = DLRM  # whose model: dlrm's, or TorchRec's (pairs in upper-triangle order)
+    cross_layers: int = 0  # TorchRec's DLRM_DCN: layers of the low-rank cross net
+    cross_rank: int = 0  # and their rank
 
     @property
     def num_features(self) -> int:
@@ -35,10 +52,24 @@ class DLRMConfig:
         return len(self.table_sizes) + 1
 
     @property
+    def interaction(self) -> str:
+        return "dcn" if self.cross_layers else "dot"
+
+    @property
     def interaction_width(self) -> int:
-        """Width of R = [x, strictly-lower-triangular dot products]."""
+        """Width of z, the top MLP's input: [x, the F(F-1)/2 dot products], or the cross
+        net's output, as wide as its input [x, e_1 .. e_F]."""
         f = self.num_features
+        if self.cross_layers:
+            return f * self.embedding_dim
         return self.embedding_dim + f * (f - 1) // 2
+
+    @property
+    def kind(self) -> str:
+        """What the model is, in words: 'dlrm', 'torchrec DLRM' or 'torchrec DLRM_DCN'."""
+        if self.layout == DLRM:
+            return "dlrm"
+        return "torchrec DLRM_DCN" if self.cross_layers else "torchrec DLRM"
 
     def as_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -46,14 +77,25 @@ class DLRMConfig:
     @classmethod
     def from_dict(cls, d: Mapping) -> "DLRMConfig":
         return cls(tuple(d["table_sizes"]), int(d["embedding_dim"]),
-                   tuple(d["bottom_mlp"]), tuple(d["top_mlp"]))
+                   tuple(d["bottom_mlp"]), tuple(d["top_mlp"]), d.get("layout", DLRM),
+                   int(d.get("cross_layers", 0)), int(d.get("cross_rank", 0)))
 
     @classmethod
     def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor]) -> "DLRMConfig":
-        """Infer the architecture; raise CheckpointError naming the first key that does not fit."""
+        """Infer the architecture of a dlrm or TorchRec state dict; raise CheckpointError
+        naming the first key that does not fit."""
+        layout = read_layout(state_dict)
+        try:
+            return cls._from_suite_keys(layout.to_suite(state_dict), layout.kind)
+        except CheckpointError as exc:  # name the file's keys, not the suite's
+            message = re.sub(r"(emb_l|bot_l|top_l|crossnet)\.[\w.]+",
+                             lambda m: layout.file_key(m.group(0)), str(exc))
+            raise CheckpointError(message) from None
+
+    @classmethod
+    def _from_suite_keys(cls, state_dict: Mapping[str, torch.Tensor],
+                         layout: str) -> "DLRMConfig":
         tables = _indexed_keys(state_dict, "emb_l", step=1, suffixes=("weight",))
-        if not tables:
-            raise CheckpointError("not a DLRM state dict: no 'emb_l.0.weight' key")
         sizes, dims = [], set()
         for key in tables:
             w = state_dict[key]
@@ -66,20 +108,25 @@ class DLRMConfig:
         dim = dims.pop()
         bottom = _mlp_widths(state_dict, "bot_l")
         top = _mlp_widths(state_dict, "top_l")
-        cfg = cls(tuple(sizes), dim, bottom, top)
+        cross = _cross_net(state_dict, (len(sizes) + 1) * dim)
+        cfg = cls(tuple(sizes), dim, bottom, top, layout, *cross)
         if bottom[-1] != dim:
-            raise CheckpointError(f"bot_l ends with width {bottom[-1]} but the embeddings "
-                                  f"have width {dim}")
+            raise CheckpointError(f"bot_l.{2 * (len(bottom) - 2)}.weight ends with width "
+                                  f"{bottom[-1]} but the embeddings have width {dim}")
         if top[0] != cfg.interaction_width:
-            raise CheckpointError(f"top_l.0.weight takes {top[0]} inputs but the dot "
-                                  f"interaction of {len(sizes)} tables gives "
-                                  f"{cfg.interaction_width}")
+            what = ("cross net" if cfg.cross_layers
+                    else f"dot interaction of {len(sizes)} tables")
+            raise CheckpointError(f"top_l.0.weight takes {top[0]} inputs but the {what} "
+                                  f"gives {cfg.interaction_width} (one feature per table is "
+                                  "supported)")
         expected = set(tables) | {f"{name}.{2 * i}.{p}" for name, mlp in
                                   (("bot_l", bottom), ("top_l", top))
                                   for i in range(len(mlp) - 1) for p in ("weight", "bias")}
+        expected |= {f"crossnet.{p}.{i}" for p in ("W_kernels", "V_kernels", "bias")
+                     for i in range(cfg.cross_layers)}
         unexpected = sorted(set(state_dict) - expected)
         if unexpected:
-            raise CheckpointError(f"not a DLRM_Net state dict: unexpected key '{unexpected[0]}'")
+            raise CheckpointError(f"not a DLRM state dict: unexpected key '{unexpected[0]}'")
         return cfg
 
 
@@ -106,6 +153,25 @@ def _mlp_widths(state_dict, prefix: str) -> tuple[int, ...]:
     return tuple(widths)
 
 
+def _cross_net(state_dict, width: int) -> tuple[int, int]:
+    """(layers, rank) of a low-rank cross net over inputs of `width`; (0, 0) without one."""
+    layers = 0
+    while f"crossnet.W_kernels.{layers}" in state_dict:
+        layers += 1
+    if not layers:
+        return 0, 0
+    rank = int(state_dict["crossnet.W_kernels.0"].shape[-1])
+    for i in range(layers):
+        shapes = {p: tuple(state_dict.get(f"crossnet.{p}.{i}", torch.empty(0)).shape)
+                  for p in ("W_kernels", "V_kernels", "bias")}
+        if shapes != {"W_kernels": (width, rank), "V_kernels": (rank, width),
+                      "bias": (width,)}:
+            raise CheckpointError(f"crossnet.W_kernels.{i} and its V_kernels and bias have "
+                                  f"shapes {list(shapes.values())}: expected ({width}, "
+                                  f"{rank}), ({rank}, {width}) and ({width},)")
+    return layers, rank
+
+
 def _make_mlp(widths: Sequence[int], final_sigmoid: bool) -> nn.Sequential:
     """Linear, act, Linear, act, ... so Linears sit at even indices, as in dlrm's create_mlp."""
     layers: list[nn.Module] = []
@@ -119,13 +185,37 @@ def _make_mlp(widths: Sequence[int], final_sigmoid: bool) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+class LowRankCrossNet(nn.Module):
+    """TorchRec's DCN v2 cross net with low-rank kernels; its parameter names are TorchRec's
+    (W_kernels.<l>, V_kernels.<l>, bias.<l>), so the layout map is a plain rename."""
+
+    def __init__(self, width: int, layers: int, rank: int):
+        super().__init__()
+        # TorchRec's initialisation: Xavier-normal kernels, zero biases
+        self.W_kernels = nn.ParameterList(
+            [nn.Parameter(nn.init.xavier_normal_(torch.empty(width, rank)))
+             for _ in range(layers)])
+        self.V_kernels = nn.ParameterList(
+            [nn.Parameter(nn.init.xavier_normal_(torch.empty(rank, width)))
+             for _ in range(layers)])
+        self.bias = nn.ParameterList([nn.Parameter(torch.zeros(width)) for _ in range(layers)])
+
+    def forward(self, x0: torch.Tensor) -> torch.Tensor:
+        x = x0
+        for w, v, b in zip(self.W_kernels, self.V_kernels, self.bias, strict=True):
+            x = x0 * (F.linear(F.linear(x, v), w) + b) + x  # (B, N)
+        return x
+
+
 class DLRMNet(nn.Module):
-    """DLRM with dot interaction (the forward variants built on its stages are in variants.py).
+    """A DLRM of any of the three kinds (the forward variants built on its stages are in
+    variants.py).
 
     Inputs of a batch of B samples and K tables:
-        dense_x: (B, 13) float, log(1 + count) features
+        dense_x: (B, 13) float, the dense features as the data's loader gives them
         offsets: (K, B) int64, bag offsets of each table (arange(B) for one id per bag)
         indices: (K, B) int64, ids of each table
+    (or, for bags of several ids, K-long lists of each table's 1-D offsets and indices).
     Output: (B, 1) click probabilities.
     """
 
@@ -139,52 +229,62 @@ class DLRMNet(nn.Module):
             nn.init.uniform_(bag.weight, -bound, bound)
             self.emb_l.append(bag)
         self.bot_l = _make_mlp(config.bottom_mlp, final_sigmoid=False)
+        if config.cross_layers:
+            self.crossnet = LowRankCrossNet(config.interaction_width, config.cross_layers,
+                                            config.cross_rank)
         self.top_l = _make_mlp(config.top_mlp, final_sigmoid=True)
-        self._register_tril_indices()
+        self._register_pair_indices()
 
-    def _register_tril_indices(self) -> None:
-        # Lower-triangle index pairs in dlrm's order (i outer, j < i inner), built once here
-        # rather than on every forward; non-persistent so the state dict stays dlrm's.
+    def _register_pair_indices(self) -> None:
+        # The dot interaction's index pairs (i, j) in the model's own order, built once here
+        # rather than on every forward; non-persistent so the state dict stays the file's.
         f = self.config.num_features
-        rows_i = [i for i in range(f) for _ in range(i)]
-        cols_j = [j for i in range(f) for j in range(i)]
-        self.register_buffer("tril_i", torch.tensor(rows_i, dtype=torch.long), persistent=False)
-        self.register_buffer("tril_j", torch.tensor(cols_j, dtype=torch.long), persistent=False)
+        if self.config.layout == TORCHREC:  # upper triangle, row-major: i < j
+            rows_i = [i for i in range(f) for _ in range(i + 1, f)]
+            cols_j = [j for i in range(f) for j in range(i + 1, f)]
+        else:  # dlrm: lower triangle, row-major: i outer, j < i inner
+            rows_i = [i for i in range(f) for _ in range(i)]
+            cols_j = [j for i in range(f) for j in range(i)]
+        self.register_buffer("pair_i", torch.tensor(rows_i, dtype=torch.long), persistent=False)
+        self.register_buffer("pair_j", torch.tensor(cols_j, dtype=torch.long), persistent=False)
 
     @classmethod
     def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor]) -> "DLRMNet":
-        """A model that uses the state dict's tensors as its parameters (no copy).
+        """A model that uses the state dict's tensors (dlrm's or TorchRec's layout) as its
+        parameters (no copy).
 
         Built on the meta device first, so a Kaggle-sized model is never allocated and
         randomly initialised only to be overwritten.
         """
+        config = DLRMConfig.from_state_dict(state_dict)
         with torch.device("meta"):
-            model = cls(DLRMConfig.from_state_dict(state_dict))
-        model.load_state_dict(state_dict, strict=True, assign=True)
-        model._register_tril_indices()  # the index buffers were made on the meta device
+            model = cls(config)
+        model.load_state_dict(read_layout(state_dict).to_suite(state_dict), strict=True,
+                              assign=True)
+        model._register_pair_indices()  # the index buffers were made on the meta device
         return model
 
     # The stages, separately callable so that variants and stage timings can reuse them.
     def bottom(self, dense_x: torch.Tensor) -> torch.Tensor:
         return self.bot_l(dense_x)  # (B, d)
 
-    def embed(self, offsets: torch.Tensor, indices: torch.Tensor) -> list[torch.Tensor]:
+    def embed(self, offsets, indices) -> list[torch.Tensor]:
         return [bag(indices[k], offsets[k]) for k, bag in enumerate(self.emb_l)]  # K x (B, d)
 
     def interact(self, x: torch.Tensor, ly: Sequence[torch.Tensor]) -> torch.Tensor:
+        if self.config.cross_layers:
+            return self.crossnet(torch.cat([x, *ly], dim=1))  # (B, (K + 1) d)
         batch, dim = x.shape
         t = torch.cat([x, *ly], dim=1).view(batch, -1, dim)  # (B, F, d)
         z = torch.bmm(t, t.transpose(1, 2))  # (B, F, F)
-        return torch.cat([x, z[:, self.tril_i, self.tril_j]], dim=1)  # (B, d + F(F-1)/2)
+        return torch.cat([x, z[:, self.pair_i, self.pair_j]], dim=1)  # (B, d + F(F-1)/2)
 
-    def forward(self, dense_x: torch.Tensor, offsets: torch.Tensor,
-                indices: torch.Tensor) -> torch.Tensor:
+    def forward(self, dense_x: torch.Tensor, offsets, indices) -> torch.Tensor:
         x = self.bottom(dense_x)
         ly = self.embed(offsets, indices)
         return self.top_l(self.interact(x, ly))  # (B, 1)
 
-
-def embedding_names(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
-    """Names of the embedding weights, in table order (what the sparsifier prunes)."""
-    return _indexed_keys(state_dict, "emb_l", step=1, suffixes=("weight",))
-
+    def logit(self, dense_x: torch.Tensor, offsets, indices) -> torch.Tensor:
+        """The top MLP's output before its sigmoid: what TorchRec's DLRM returns."""
+        x = self.bottom(dense_x)
+        return self.top_l[:-1](self.interact(x, self.embed(offsets, indices)))  # (B, 1)

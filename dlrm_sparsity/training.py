@@ -1,4 +1,5 @@
-"""Train a DLRM on Criteo-format data with the seed's recipe and save it in dlrm's layout.
+"""Train a DLRM on Criteo-format data with the seed's recipe and save it in dlrm's layout,
+or in TorchRec's (a DLRM or DLRM_DCN state dict, as `torch.save(model.state_dict())` writes).
 
 The recipe of dlrm's bench/dlrm_s_criteo_kaggle.sh: SGD, learning rate 0.1, mini-batch 128,
 binary cross-entropy, one epoch over days 1-6 (shuffled), test on the first half of day 7.
@@ -16,10 +17,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from dlrm_sparsity.criteo.data import NUM_DENSE_FEATURES, CriteoSplit, load_split
+from dlrm_sparsity.criteo.data import NUM_DENSE_FEATURES, CriteoSplit
+from dlrm_sparsity.criteo.npy import NpySplit, id_counts
+from dlrm_sparsity.criteo.splits import open_split
 from dlrm_sparsity.device import resolve_device
 from dlrm_sparsity.errors import UserInputError
 from dlrm_sparsity.evaluation import quality_metrics, score_split
+from dlrm_sparsity.layouts import DLRM, TORCHREC, torchrec_layout
 from dlrm_sparsity.model import DLRMConfig, DLRMNet
 from dlrm_sparsity.runner.atomic import atomic_path
 
@@ -34,16 +38,18 @@ def parse_widths(text: str, flag: str) -> tuple[int, ...]:
     return widths
 
 
-def build_config(train: CriteoSplit, embedding_dim: int, bottom: str, top: str) -> DLRMConfig:
+def build_config(train: CriteoSplit, recipe: "Recipe") -> DLRMConfig:
     """dlrm's sizes: tables from the data's counts, top input from the interaction width."""
+    embedding_dim, bottom, top = recipe.embedding_dim, recipe.bottom, recipe.top
     bot = parse_widths(bottom, "--arch-mlp-bot")
     if bot[0] != NUM_DENSE_FEATURES or bot[-1] != embedding_dim:
         raise UserInputError(f"--arch-mlp-bot must start with {NUM_DENSE_FEATURES} and end "
                              f"with --arch-sparse-feature-size {embedding_dim}, got {bottom}")
     sizes = tuple(int(c) for c in train.counts)
-    probe = DLRMConfig(sizes, embedding_dim, bot, (1,))
+    kind = (recipe.layout, recipe.dcn_layers, recipe.dcn_rank)
+    probe = DLRMConfig(sizes, embedding_dim, bot, (1,), *kind)
     return DLRMConfig(sizes, embedding_dim, bot,
-                      (probe.interaction_width,) + parse_widths(top, "--arch-mlp-top"))
+                      (probe.interaction_width,) + parse_widths(top, "--arch-mlp-top"), *kind)
 
 
 def train_one_epoch(model: DLRMNet, train: CriteoSplit, recipe: Recipe,
@@ -90,6 +96,18 @@ def save_dlrm_checkpoint(path: str | Path, model: DLRMNet, train_loss: float,
         "opt_state_dict": {}, "state_dict": model.state_dict(),
         "model_config": model.config.as_dict(),
     }
+    save_checkpoint(path, state)
+
+
+def save_torchrec_checkpoint(path: str | Path, model: DLRMNet) -> None:
+    """The state dict TorchRec's DLRM (or DLRM_DCN) of these sizes has, its own keys."""
+    c = model.config
+    layout = torchrec_layout(len(c.table_sizes), len(c.top_mlp) - 1, c.cross_layers,
+                             len(c.bottom_mlp) - 1)
+    save_checkpoint(path, layout.to_file(model.state_dict()))
+
+
+def save_checkpoint(path: str | Path, state: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
@@ -109,21 +127,30 @@ class Recipe:
     test_batch_size: int = 16384
     seed: int = 0
     num_batches: int = 0
+    layout: str = DLRM  # or TORCHREC: TorchRec's DLRM, or DLRM_DCN with dcn_layers
+    dcn_layers: int = 0
+    dcn_rank: int = 0
 
 
-def train_and_save(processed: str, raw: str, save_path: str, recipe: Recipe = Recipe(),
+def train_and_save(processed: str, raw: str | None, save_path: str, recipe: Recipe = Recipe(),
                    device: str | None = None, print_every: int = 1000) -> dict[str, float]:
     """The whole recipe; returns the test metrics of the trained model."""
     torch.manual_seed(recipe.seed)
     dev = resolve_device(device)
-    train = load_split(processed, raw, "train").to(dev)
-    test = load_split(processed, raw, "test").to(dev)
-    config = build_config(train, recipe.embedding_dim, recipe.bottom, recipe.top)
+    train = open_split(processed, raw, "train")
+    if isinstance(train, NpySplit):  # torchrec's files: tables as large as their ids need
+        train = NpySplit(train.files, train.ranges, id_counts(train.files)).load()
+    test = open_split(processed, raw, "test", table_sizes=tuple(train.counts)).to(dev)
+    train = train.to(dev)
+    config = build_config(train, recipe)
     model = DLRMNet(config, sparse_grad=True).to(dev)
     loss = train_one_epoch(model, train, recipe, print_every)
     scores = score_split(model, test, recipe.test_batch_size)
     quality = quality_metrics(test.labels.cpu().numpy(), scores)
-    save_dlrm_checkpoint(save_path, model.cpu(), loss, quality["accuracy"],
-                         len(train) // recipe.batch_size,
-                         -(-len(test) // recipe.test_batch_size))
+    if recipe.layout == TORCHREC:
+        save_torchrec_checkpoint(save_path, model.cpu())
+    else:
+        save_dlrm_checkpoint(save_path, model.cpu(), loss, quality["accuracy"],
+                             len(train) // recipe.batch_size,
+                             -(-len(test) // recipe.test_batch_size))
     return {"train_loss": loss, **quality}

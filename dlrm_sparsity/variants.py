@@ -6,7 +6,8 @@ Every variant runs the model's own stages (model.py) and replaces one of them:
   the first top-layer weight with torch.mm ("with_torch_sparse");
 - Masked: z multiplied by an activation mask, as the ActivationSparsifier's hook does, then
   the dense or the seed's torch.sparse top (experiment 5's "dense" and "torch_sparse");
-- Compact: the masked columns of z removed from the interaction and from top_l.0 ("compact");
+- Compact: the masked columns of z removed from the interaction and from top_l.0 ("compact";
+  for DLRM_DCN from top_l.0 only, since the cross net computes every column anyway);
 - FormatTables: the embedding lookups served from one storage format (experiment 4).
 Each takes (dense_x (B, 13), offsets (K, B), indices (K, B)) and returns (B, 1).
 """
@@ -94,7 +95,8 @@ class Compact(Dense):
     them, the full one when every vector is involved) and keeps only the kept dot products and
     the kept columns of the bottom MLP's output; top_l.0 keeps only the matching columns of its
     weight. So the forward is a smaller dense computation: the variant that can beat the masked
-    dense one.
+    dense one. A DLRM_DCN's cross net mixes every column into every other, so it runs whole and
+    only top_l.0 is cut to the kept columns of its output.
     """
 
     label = COMPACT
@@ -104,18 +106,23 @@ class Compact(Dense):
         kept = mask.nonzero().view(-1)  # ascending: z's own column order
         dim = model.config.embedding_dim
         self.kept = kept
+        self.weight_t = model.top_l[0].weight[:, kept].t().contiguous()  # (K, out)
+        self.bias = model.top_l[0].bias
+        self.cross = bool(model.config.cross_layers)
+        if self.cross:
+            return
         self.kept_x = kept[kept < dim]
         pairs = kept[kept >= dim] - dim
-        self.pair_i, self.pair_j = model.tril_i[pairs], model.tril_j[pairs]
+        self.pair_i, self.pair_j = model.pair_i[pairs], model.pair_j[pairs]
         self.vectors = torch.unique(torch.cat([self.pair_i, self.pair_j]))  # sorted
         position = torch.full((model.config.num_features,), -1, device=kept.device)
         position[self.vectors] = torch.arange(len(self.vectors), device=kept.device)
         self.all_vectors = len(self.vectors) == model.config.num_features
         self.rows, self.cols = position[self.pair_i], position[self.pair_j]
-        self.weight_t = model.top_l[0].weight[:, kept].t().contiguous()  # (K, out)
-        self.bias = model.top_l[0].bias
 
     def interact(self, x: torch.Tensor, ly: list[torch.Tensor]) -> torch.Tensor:
+        if self.cross:
+            return self.model.interact(x, ly)[:, self.kept]  # (B, K)
         batch, dim = x.shape
         t = torch.cat([x, *ly], dim=1).view(batch, -1, dim)  # (B, F, d)
         if not self.all_vectors:

@@ -72,7 +72,7 @@ def test_torch_sparse_variant_gives_the_same_output(tiny_model):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda sd: sd.pop("emb_l.0.weight"), "no 'emb_l.0.weight'"),
+    (lambda sd: sd.pop("emb_l.0.weight"), "neither dlrm's 'emb_l.0.weight'"),
     (lambda sd: sd.update({"extra.weight": torch.zeros(1)}), "unexpected key 'extra.weight'"),
     (lambda sd: sd.update({"top_l.0.weight": torch.zeros(6, 9)}), "top_l.0.weight"),
     (lambda sd: sd.update({"emb_l.1.weight": torch.zeros(5, 3)}), "different widths"),

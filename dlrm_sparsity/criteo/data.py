@@ -69,7 +69,7 @@ def read_day_counts(raw_path: str | os.PathLike) -> np.ndarray:
         raise DataError(f"{path}: not a day-count file with 'total_per_file' ({exc})") from None
 
 
-def _npz_member_memmap(path: Path, zf: zipfile.ZipFile, name: str) -> np.ndarray | None:
+def npz_member_memmap(path: Path, zf: zipfile.ZipFile, name: str) -> np.ndarray | None:
     """Memory-map an uncompressed .npy member of an npz, so only the rows used are read."""
     info = zf.getinfo(name)
     if info.compress_type != zipfile.ZIP_STORED:
@@ -103,7 +103,7 @@ def read_processed_rows(processed_path: str | os.PathLike, start: int, stop: int
                 if f"{key}.npy" not in names:
                     raise DataError(f"{path}: not a processed Criteo file (no '{key}' array)")
             for key in ("X_int", "X_cat", "y"):
-                arr = _npz_member_memmap(path, zf, f"{key}.npy")
+                arr = npz_member_memmap(path, zf, f"{key}.npy")
                 if arr is None:  # compressed (dlrm uses savez_compressed): read it whole
                     with np.load(path) as npz:
                         arr = npz[key]
@@ -135,6 +135,10 @@ class CriteoSplit:
 
     def __len__(self) -> int:
         return self.labels.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.dense.device
 
     def to(self, device: torch.device | str) -> "CriteoSplit":
         return CriteoSplit(self.dense.to(device), self.sparse_t.to(device),

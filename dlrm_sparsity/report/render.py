@@ -43,7 +43,10 @@ def architecture(model_path: str) -> list[str]:
         return []
     config = DLRMConfig.from_state_dict(sd)
     sizes = ", ".join(f"{n:,}" for n in config.table_sizes)
-    return [f"- **Tables**: {len(config.table_sizes)} of width {config.embedding_dim} "
+    cross = (f", a cross net of {config.cross_layers} layers of rank {config.cross_rank}"
+             if config.cross_layers else "")
+    return [f"- **Kind**: {config.kind}{cross}",
+            f"- **Tables**: {len(config.table_sizes)} of width {config.embedding_dim} "
             f"({sizes} rows); {sum(t.numel() for t in sd.values()):,} parameters; MLPs "
             f"{'-'.join(map(str, config.bottom_mlp))} and {'-'.join(map(str, config.top_mlp))}"]
 

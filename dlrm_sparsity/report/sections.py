@@ -134,6 +134,11 @@ def activation_section(df: pd.DataFrame) -> list[str]:
                       f"it takes {compact.loc[top, 'ratio_median']:.2f}x the dense time "
                       f"[{compact.loc[top, 'ratio_low']:.2f}, "
                       f"{compact.loc[top, 'ratio_high']:.2f}]."]
+    if "interaction" in one and (one["interaction"] == "dcn").any():
+        lines += ["", "This is a DLRM_DCN: the mask applies to the cross net's output, the "
+                      "over arch's input. The compact variant cuts only the over arch's first "
+                      "layer to the kept columns; the cross net mixes every column into every "
+                      "other, so it still computes them all."]
     return lines
 
 

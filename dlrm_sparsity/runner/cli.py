@@ -41,10 +41,15 @@ def add_data_args(p: argparse.ArgumentParser, demo_default: bool = True) -> None
     demo = " (default: the built-in demo's)" if demo_default else " (required)"
     p.add_argument("--raw_data_file", "--raw-data-file", dest="raw_data_file", default=None,
                    help="Criteo train.txt; its folder and stem locate dlrm's "
-                        "<stem>_day_count.npz" + demo)
+                        "<stem>_day_count.npz (not needed with torchrec's .npy files)" + demo)
     p.add_argument("--processed_data_file", "--processed-data-file", dest="processed_data_file",
-                   default=None, help="dlrm's kaggleAdDisplayChallenge_processed.npz; built "
-                   "from the raw file if it does not exist" + demo)
+                   default=None, help="dlrm's kaggleAdDisplayChallenge_processed.npz (built "
+                   "from the raw file if it does not exist), or torchrec's preprocessed "
+                   "Criteo: a folder of day_<i>_{dense,sparse,labels}.npy, or one "
+                   "<name>_dense.npy beside its siblings" + demo)
+    p.add_argument("--test-half", choices=("second", "first"), default="second",  # npy.py's
+                   help="with torchrec's files, which half of the last day is the test split: "
+                        "torchrec's (second) or MLPerf inference's (first)")
     p.add_argument("--skip-bad-lines", action="store_true",
                    help="when building the processed file, drop malformed raw lines (and "
                         "report how many) instead of stopping at the first")
