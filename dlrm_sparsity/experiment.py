@@ -21,7 +21,7 @@ import torch
 
 from dlrm_sparsity.checkpoints import load_dlrm_state_dict, sha256_of_file
 from dlrm_sparsity.criteo.data import tensors_fingerprint
-from dlrm_sparsity.criteo.npy import is_npy_data
+from dlrm_sparsity.criteo.npy import check_table_count, is_npy_data
 from dlrm_sparsity.criteo.splits import open_split
 from dlrm_sparsity.disk import ensure_demo_metadata
 from dlrm_sparsity.errors import UserInputError
@@ -70,7 +70,10 @@ class Experiment:
         checked instead."""
         if not is_npy_data(self.inputs.processed):
             return None
-        return DLRMConfig.from_state_dict(self.model_state(self.metadata[0])).table_sizes
+        meta = self.metadata[0]
+        sizes = DLRMConfig.from_state_dict(self.model_state(meta)).table_sizes
+        check_table_count(sizes, meta["checkpoint"])
+        return sizes
 
     def score(self, model: torch.nn.Module) -> dict:
         """A model's quality metrics on the whole test split, in batches of the timed one's

@@ -4,6 +4,7 @@ For every case: a non-zero exit, exactly one line on stderr naming the problem a
 no traceback, and the outputs of an earlier good run in the same folder left as they were.
 """
 
+import dataclasses
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,9 @@ import pytest
 import torch
 
 from conftest import random_raw_rows, run_script, tiny_config, write_raw_lines
-from dlrm_sparsity.model import DLRMNet
+from dlrm_sparsity.criteo.npy_write import write_npy_days
+from dlrm_sparsity.layouts import TORCHREC, torchrec_layout
+from dlrm_sparsity.model import DLRMConfig, DLRMNet
 
 REPO = Path(__file__).resolve().parent.parent
 DISK, METRICS, FORWARD = "evaluate_disk_savings.py", "evaluate_model_metrics.py", \
@@ -79,7 +82,44 @@ def make(world, kind: str) -> Path:
         write_raw_lines(path, rows)
     elif kind == "no_day_count.txt":
         shutil.copy(world["processed"], bad / "copied.npz")
+    elif kind == "sharded.pt":  # what a sharded TorchRec model's state dict holds
+        subprocess.run([sys.executable, "-c", SHARDED, str(path)], check=True,
+                       capture_output=True, timeout=120)
+    elif kind == "projection.pt":  # TorchRec's DLRM_Projection: an interaction not read
+        sd = torchrec_state_dict(tiny_config(tables=(4,) * 26))
+        sd["inter_arch.interaction_branch1._mlp.0._linear.weight"] = torch.zeros(2, 2)
+        torch.save(sd, path)
+    elif kind == "three_tables.csv":
+        torch.save(torchrec_state_dict(tiny_config()), bad / "three_tables.pt")
+        pd.DataFrame({"norm": ["L1"], "sparse_block_shape": ["(1, 4)"], "sparsity_level": [0.5],
+                      "path": [str(bad / "three_tables.pt")]}).to_csv(path, index=False)
+    elif kind in ("npy", "npy_without_labels"):
+        if not path.exists():
+            write_npy_days(world["processed"], world["raw"], path)
+        if kind == "npy_without_labels":
+            (path / "day_6_labels.npy").unlink()
     return path
+
+
+SHARDED = """
+import os, sys, torch, torch.distributed as dist
+from torch.distributed._shard.sharding_spec import ChunkShardingSpec
+from torch.distributed._shard import sharded_tensor
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29563")
+dist.init_process_group("gloo", rank=0, world_size=1)
+table = sharded_tensor.zeros(ChunkShardingSpec(dim=0, placements=["rank:0/cpu"]), 10, 4)
+torch.save({"sparse_arch.embedding_bag_collection.embedding_bags.t_cat_0.weight": table},
+           sys.argv[1])
+dist.destroy_process_group()
+"""
+
+
+def torchrec_state_dict(config) -> dict:
+    """A TorchRec DLRM's state dict (its keys, the suite's random weights)."""
+    model = DLRMNet(DLRMConfig(*dataclasses.astuple(config)[:4], layout=TORCHREC))
+    layout = torchrec_layout(len(config.table_sizes), len(config.top_mlp) - 1, 0,
+                             len(config.bottom_mlp) - 1)
+    return layout.to_file(model.state_dict())
 
 
 def metrics_args(world, **over):
@@ -166,6 +206,20 @@ CASES = [
      "has 2 rows but the data holds id", "small_tables.pt"),
     ("batch size of zero", FORWARD, lambda w: metrics_args(w) + ["--batch-size", "0"],
      "expected a positive integer, got 0", None),
+    ("sharded TorchRec checkpoint", DISK, lambda w: disk_args(w, model=make(w, "sharded.pt")),
+     "holds sharded tables (ShardedTensor); gather them", "sharded.pt"),
+    ("interaction the suite does not know", DISK,
+     lambda w: disk_args(w, model=make(w, "projection.pt")),
+     "an interaction the suite does not know", "projection.pt"),
+    ("model tables that do not match the data's columns", METRICS,
+     lambda w: metrics_args(w, **{"--sparse-model-metadata": make(w, "three_tables.csv"),
+                                  "--processed-data-file": make(w, "npy"),
+                                  "--output-dir": w["bad"] / "three"}),
+     "the model has 3 embedding tables but the data has 26", "three_tables.pt"),
+    (".npy folder with a missing file", METRICS,
+     lambda w: metrics_args(w, **{"--processed-data-file": make(w, "npy_without_labels"),
+                                  "--output-dir": w["bad"] / "nolabels"}),
+     "missing", "day_6_labels.npy"),
 ]
 
 
@@ -176,7 +230,7 @@ def test_bad_input(world, name, script, build, words, filename):
     proc = subprocess.run([sys.executable, str(REPO / script), *build(world)], cwd=world["bad"],
                           capture_output=True, text=True, timeout=120)
     err = proc.stderr.strip()
-    assert proc.returncode != 0, proc.stdout
+    assert proc.returncode == 2, proc.stdout
     assert len(err.splitlines()) == 1, err
     assert "Traceback" not in err and words in err, err
     if filename:

@@ -159,9 +159,6 @@ class NpySplit:
         self.device = torch.device(device)
         self.table_sizes = table_sizes
         self.multi_hot = files[0].bags is not None
-        if table_sizes is not None and len(table_sizes) != NUM_SPARSE_FEATURES:
-            raise DataError(f"{origin}: the model has {len(table_sizes)} embedding tables but "
-                            f"the data has {NUM_SPARSE_FEATURES} categorical features")
 
     def __len__(self) -> int:
         return sum(stop - start for _, start, stop in self.ranges)
@@ -256,12 +253,16 @@ class NpySplit:
     def check_fits(self, table_sizes: tuple[int, ...], origin: str) -> None:
         """The ids were taken modulo the first model's table sizes; every model must have
         the same tables."""
-        if len(table_sizes) != NUM_SPARSE_FEATURES:
-            raise DataError(f"{origin}: the model has {len(table_sizes)} embedding tables but "
-                            f"the data has {NUM_SPARSE_FEATURES} categorical features")
+        check_table_count(table_sizes, origin)
         if self.table_sizes is not None and tuple(table_sizes) != tuple(self.table_sizes):
             raise DataError(f"{origin}: its tables have {list(table_sizes)} rows, not the "
                             f"{list(self.table_sizes)} the data's ids were reduced to")
+
+
+def check_table_count(table_sizes: tuple[int, ...], origin: str) -> None:
+    if len(table_sizes) != NUM_SPARSE_FEATURES:
+        raise DataError(f"{origin}: the model has {len(table_sizes)} embedding tables but "
+                        f"the data has {NUM_SPARSE_FEATURES} categorical features")
 
 
 def id_counts(files: list[NpyFile], chunk: int = 1 << 20) -> tuple[int, ...]:
