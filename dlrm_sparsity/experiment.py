@@ -21,11 +21,11 @@ import torch
 
 from dlrm_sparsity.checkpoints import load_dlrm_state_dict, sha256_of_file
 from dlrm_sparsity.criteo.data import tensors_fingerprint
-from dlrm_sparsity.criteo.npy import check_table_count, is_npy_data
+from dlrm_sparsity.criteo.npy import NpySplit, check_table_count, is_npy_data
 from dlrm_sparsity.criteo.splits import open_split
 from dlrm_sparsity.disk import ensure_demo_metadata
 from dlrm_sparsity.errors import UserInputError
-from dlrm_sparsity.evaluation import quality_metrics, score_split
+from dlrm_sparsity.evaluation import quality_metrics, score_split, streamed_quality
 from dlrm_sparsity.inputs import checkpoint_sha256, resolve_inputs
 from dlrm_sparsity.model import DLRMConfig, DLRMNet
 from dlrm_sparsity.runner.outputs import KEY_COLUMNS, read_metadata
@@ -77,7 +77,9 @@ class Experiment:
 
     def score(self, model: torch.nn.Module) -> dict:
         """A model's quality metrics on the whole test split, in batches of the timed one's
-        size."""
+        size (torchrec's files streamed, in a few bytes per sample)."""
+        if isinstance(self.test, NpySplit):
+            return streamed_quality(model, self.test, len(self.batch.labels))
         return quality_metrics(self.test.labels.cpu().numpy(),
                                score_split(model, self.test, len(self.batch.labels)))
 

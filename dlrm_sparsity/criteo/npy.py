@@ -19,6 +19,7 @@ modulo each table's size, as torchrec's loader does with its `hashes`.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import re
 import zipfile
 from dataclasses import dataclass
@@ -61,6 +62,27 @@ class NpyFile:
 
     def __len__(self) -> int:
         return self.dense.shape[0]
+
+    def arrays(self) -> list[np.ndarray]:
+        return [self.dense, self.labels] + ([self.sparse] if self.bags is None
+                                            else list(self.bags))
+
+
+def release(arr: np.ndarray, stop: int) -> None:
+    """Unmap the pages of a memory-mapped array's rows before `stop` from this process.
+
+    Pages read through a map stay in the process's resident memory until the kernel needs
+    them back, so a pass over a 3 GB split would look like 3 GB held. They are clean copies
+    of the file, so dropping them loses nothing: a later read maps them in again. numpy keeps
+    the map in `_mmap` (np.memmap's attribute); anything else is left alone.
+    """
+    mapped = getattr(arr, "_mmap", None)
+    if mapped is None or not hasattr(mmap, "MADV_DONTNEED") or stop <= 0:
+        return
+    end = arr.offset % mmap.ALLOCATIONGRANULARITY + stop * arr.strides[0]
+    end -= end % mmap.PAGESIZE
+    if end > 0:
+        mapped.madvise(mmap.MADV_DONTNEED, 0, end)
 
 
 def _npy_names(path: Path) -> list[str]:
@@ -220,6 +242,9 @@ class NpySplit:
                     ids %= sizes
                 indices = torch.from_numpy(np.ascontiguousarray(ids.T)).to(self.device)
                 offsets = torch.arange(b, device=self.device).expand(NUM_SPARSE_FEATURES, b)
+            for f, _, stop in pieces:
+                for arr in f.arrays():
+                    release(arr, stop)
             yield Batch(torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32)
                                          ).to(self.device),
                         offsets, indices, torch.from_numpy(labels.astype(np.float32)
@@ -241,12 +266,11 @@ class NpySplit:
         """sha256 of the split's rows as they are in the files, read a chunk at a time."""
         digest = hashlib.sha256()
         for i, start, stop in self.ranges:
-            f = self.files[i]
-            arrays = [f.dense, f.labels] + ([f.sparse] if f.sparse is not None else list(f.bags))
-            for arr in arrays:
+            for arr in self.files[i].arrays():
                 digest.update(f"{arr.dtype}{arr.shape[1:]}".encode())
                 for a in range(start, stop, 1 << 20):
                     digest.update(np.ascontiguousarray(arr[a:min(stop, a + (1 << 20))]).data)
+                    release(arr, min(stop, a + (1 << 20)))
         digest.update(repr(self.table_sizes).encode())  # the ids are taken modulo these
         return digest.hexdigest()[:16]
 
