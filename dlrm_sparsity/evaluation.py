@@ -46,34 +46,39 @@ def quality_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
 
 @torch.inference_mode()
 def streamed_quality(model: DLRMNet, split: NpySplit, batch_size: int) -> dict[str, float]:
-    """quality_metrics of a split read batch by batch, in about 9 bytes per sample.
+    """quality_metrics of a split read batch by batch, holding 4 bytes per sample.
 
     scikit-learn's metrics take about 40 bytes a sample (float64 copies, an argsort, cumulative
     sums), which at 20 M samples outweighs a Kaggle-size model; a test split read from memory
-    maps needs the lean way. The same definitions, from the scores split by label and sorted:
-    the thresholded ones from counts, ROC AUC as the Mann-Whitney statistic (ties count half),
-    average precision as scikit-learn's step sum over the distinct positive scores, log loss
-    summed per batch with scikit-learn's clipping. They agree with scikit-learn's to float64
-    rounding (tests/test_evaluation.py).
+    maps needs the lean way. The scores go into one float32 array, the clicked samples' from
+    the front and the others' from the back, each part then sorted in place. The definitions
+    are scikit-learn's: the thresholded metrics from counts, ROC AUC as the Mann-Whitney
+    statistic (ties count half), average precision as its step sum (each positive adds 1/P of
+    the precision at its score), log loss summed per batch with its clipping. They agree with
+    scikit-learn's to float64 rounding (tests/test_evaluation.py).
     """
     model.eval()
     scores = np.empty(len(split), dtype=np.float32)
-    clicked = np.empty(len(split), dtype=bool)
-    eps, log_loss, start = np.finfo(np.float64).eps, 0.0, 0
+    eps, log_loss, n_pos, n_neg = np.finfo(np.float64).eps, 0.0, 0, 0
     for batch in split.batches(batch_size):
-        b = batch.labels.shape[0]
         p = model(batch.dense, batch.offsets, batch.indices).view(-1).cpu().numpy()
         y = batch.labels.cpu().numpy() > 0.5
-        scores[start:start + b], clicked[start:start + b] = p, y
+        pos, neg = p[y], p[~y]
+        scores[n_pos:n_pos + len(pos)] = pos
+        scores[len(scores) - n_neg - len(neg):len(scores) - n_neg] = neg
+        n_pos, n_neg = n_pos + len(pos), n_neg + len(neg)
         q = np.clip(p.astype(np.float64), eps, 1 - eps)
         log_loss -= float(np.log(np.where(y, q, 1 - q)).sum())
-        start += b
-    return _metrics_from_sorted(np.sort(scores[clicked]), np.sort(scores[~clicked]),
-                                log_loss / max(len(scores), 1))
+    positives, negatives = scores[:n_pos], scores[n_pos:]
+    positives.sort()
+    negatives.sort()
+    return metrics_from_sorted(positives, negatives, log_loss / max(len(scores), 1))
 
 
-def _metrics_from_sorted(pos: np.ndarray, neg: np.ndarray, log_loss: float,
-                         chunk: int = 1 << 20) -> dict[str, float]:
+def metrics_from_sorted(pos: np.ndarray, neg: np.ndarray, log_loss: float,
+                        chunk: int = 1 << 18) -> dict[str, float]:
+    """The metrics of scores sorted ascending, the clicked samples' and the others', in
+    chunks of the positives (a few MB of temporaries)."""
     n_pos, n_neg = len(pos), len(neg)
     tp = n_pos - int(np.searchsorted(pos, THRESHOLD, side="right"))
     fp = n_neg - int(np.searchsorted(neg, THRESHOLD, side="right"))
@@ -81,15 +86,11 @@ def _metrics_from_sorted(pos: np.ndarray, neg: np.ndarray, log_loss: float,
     auc, ap = 0.0, 0.0
     for a in range(0, n_pos, chunk):
         part = pos[a:a + chunk]
-        below = np.searchsorted(neg, part, side="left")
-        ties = np.searchsorted(neg, part, side="right") - below
-        auc += float(below.sum()) + 0.5 * float(ties.sum())
-    values, counts = np.unique(pos, return_counts=True)
-    for a in range(0, len(values), chunk):
-        v, c = values[a:a + chunk], counts[a:a + chunk]
-        tps = n_pos - np.searchsorted(pos, v, side="left")
-        fps = n_neg - np.searchsorted(neg, v, side="left")
-        ap += float((c / n_pos * tps / (tps + fps)).sum())
+        below = np.searchsorted(neg, part, side="left")  # negatives scored lower
+        auc += float(below.sum()) + 0.5 * float(
+            (np.searchsorted(neg, part, side="right") - below).sum())  # ties count half
+        tps = n_pos - np.searchsorted(pos, part, side="left")  # positives at or above
+        ap += float((tps / (tps + (n_neg - below))).sum()) / n_pos
     return {
         "precision": tp / (tp + fp) if tp + fp else 0.0,
         "recall": tp / n_pos if n_pos else 0.0,

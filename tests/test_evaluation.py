@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from dlrm_sparsity.evaluation import _metrics_from_sorted, quality_metrics
+from dlrm_sparsity.evaluation import metrics_from_sorted, quality_metrics
 
 
 @pytest.mark.parametrize("levels", [None, 7], ids=["distinct scores", "many ties"])
@@ -18,7 +18,7 @@ def test_lean_metrics_agree_with_scikit_learn(levels):
     q = np.clip(p, np.finfo(np.float64).eps, 1 - np.finfo(np.float64).eps)
     log_loss = float(-np.mean(np.where(labels == 1, np.log(q), np.log(1 - q))))
     clicked = labels == 1
-    lean = _metrics_from_sorted(np.sort(scores[clicked]), np.sort(scores[~clicked]), log_loss,
+    lean = metrics_from_sorted(np.sort(scores[clicked]), np.sort(scores[~clicked]), log_loss,
                                 chunk=999)  # several chunks
     reference = quality_metrics(labels, p)
     assert lean.keys() == reference.keys()
@@ -27,6 +27,6 @@ def test_lean_metrics_agree_with_scikit_learn(levels):
 
 
 def test_one_class_gives_nan_like_scikit_learn():
-    lean = _metrics_from_sorted(np.sort(np.float32([0.2, 0.7])), np.float32([]), 0.1)
+    lean = metrics_from_sorted(np.sort(np.float32([0.2, 0.7])), np.float32([]), 0.1)
     assert np.isnan(lean["roc_auc"]) and np.isnan(lean["average_precision"])
     assert lean["accuracy"] == 0.5 and lean["recall"] == 0.5 and lean["precision"] == 1.0
