@@ -30,7 +30,12 @@ from bench_common import gib
 from bench_kaggle_size import KAGGLE, run_child
 
 from dlrm_sparsity.checkpoints import load_state_dict
-from dlrm_sparsity.layouts import TORCHREC, read_layout, torchrec_layout
+from dlrm_sparsity.layouts import (
+    TORCHREC,
+    dlrm_columns_of_torchrec,
+    read_layout,
+    torchrec_layout,
+)
 from dlrm_sparsity.model import DLRMConfig, DLRMNet
 from dlrm_sparsity.training import save_dlrm_checkpoint
 
@@ -42,12 +47,8 @@ def save_both(work: Path) -> tuple[Path, Path]:
     dlrm = work / "kaggle_dlrm.ckpt"
     save_dlrm_checkpoint(dlrm, model, 0.0, 0.0, 0, 0)
     state = model.state_dict()
-    n, dim = len(KAGGLE.table_sizes) + 1, KAGGLE.embedding_dim
-    top = state["top_l.0.weight"].clone()  # dlrm's pair (i, j) is TorchRec's (j, i)
-    for i in range(1, n):
-        for j in range(i):
-            top[:, dim + j * (2 * n - j - 1) // 2 + i - j - 1] = \
-                state["top_l.0.weight"][:, dim + i * (i - 1) // 2 + j]
+    n = KAGGLE.num_features
+    top = state["top_l.0.weight"][:, dlrm_columns_of_torchrec(n, KAGGLE.embedding_dim)]
     layout = torchrec_layout(n - 1, len(KAGGLE.top_mlp) - 1, 0, len(KAGGLE.bottom_mlp) - 1)
     torchrec = work / "kaggle_torchrec.pt"
     torch.save(layout.to_file({**state, "top_l.0.weight": top}), torchrec)

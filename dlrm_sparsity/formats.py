@@ -242,13 +242,21 @@ class Quantized:
             self.nbytes += (self.op.index_remappings_array.nbytes
                             + self.op.index_remappings_array_offsets.nbytes)
 
-    def embed(self, offsets: torch.Tensor, indices: torch.Tensor) -> list[torch.Tensor]:
-        """dlrm's (K, B) offsets and (K, N) indices, every table in one call: K x (B, d)."""
-        tables, ids = indices.shape
-        # one flat list of bags, table after table: table k's ids start at k * N
-        starts = (offsets + ids * torch.arange(tables, device=offsets.device)[:, None])
-        ends = torch.cat([starts.reshape(-1), starts.new_tensor([tables * ids])])
-        pooled = self.op(indices.reshape(-1).int(), ends.int())  # (B, sum of dims)
+    def embed(self, offsets, indices) -> list[torch.Tensor]:
+        """dlrm's (K, B) offsets and (K, N) indices (or K-long lists of each table's 1-D
+        offsets and ids, for bags of several ids), every table in one call: K x (B, d)."""
+        if isinstance(indices, torch.Tensor):
+            tables, ids = indices.shape
+            # one flat list of bags, table after table: table k's ids start at k * N
+            starts = (offsets + ids * torch.arange(tables, device=offsets.device)[:, None])
+            flat, total = indices.reshape(-1), tables * ids
+        else:
+            firsts = [0] + [len(i) for i in indices]
+            base = torch.tensor(firsts, device=offsets[0].device).cumsum(0)
+            starts = torch.cat([o + b for o, b in zip(offsets, base[:-1], strict=True)])
+            flat, total = torch.cat(list(indices)), int(base[-1])
+        ends = torch.cat([starts.reshape(-1), starts.new_tensor([total])])
+        pooled = self.op(flat.int(), ends.int())  # (B, sum of dims)
         return list(pooled.split(self.dims, dim=1))
 
     def lookup(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:

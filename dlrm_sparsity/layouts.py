@@ -141,3 +141,13 @@ def torchrec_layout(num_tables: int, top_layers: int, cross_layers: int,
     for p in ("weight", "bias"):
         suite[f"{prefix}over_arch.model.1.{p}"] = f"top_l.{2 * (top_layers - 1)}.{p}"
     return Layout(TORCHREC, prefix, tables, suite)
+
+
+def dlrm_columns_of_torchrec(num_features: int, dim: int) -> list[int]:
+    """For each column of TorchRec's dot interaction output, the column of dlrm's that holds
+    the same value: the first `dim` (the bottom output) are equal; TorchRec's pair (j, i),
+    j < i, in upper-triangle order, is dlrm's pair (i, j) in lower-triangle order. So
+    `W_torchrec = W_dlrm[:, dlrm_columns_of_torchrec(F, D)]` for the first top layer."""
+    n = num_features
+    return list(range(dim)) + [dim + i * (i - 1) // 2 + j
+                               for j in range(n) for i in range(j + 1, n)]

@@ -33,7 +33,7 @@ from dlrm_sparsity.checkpoints import load_state_dict
 from dlrm_sparsity.criteo.npy import open_npy_files, split_ranges
 from dlrm_sparsity.criteo.npy_write import write_npy_days
 from dlrm_sparsity.criteo.splits import open_split
-from dlrm_sparsity.layouts import TORCHREC, read_layout
+from dlrm_sparsity.layouts import TORCHREC, dlrm_columns_of_torchrec, read_layout
 from dlrm_sparsity.model import DLRMNet
 
 REPO = Path(__file__).resolve().parent.parent
@@ -91,23 +91,23 @@ def test_the_suite_computes_torchrecs_forward(dcn, max_bag):
                                    rtol=1e-5, atol=1e-6)
 
 
-def test_dlrm_pairs_differ_from_torchrec_by_the_documented_column_map():
-    """The same weights read as dlrm's model give another forward unless the first top-layer
-    columns are permuted: dlrm's pair (i, j), j < i, is TorchRec's (j, i)."""
-    model = torchrec_model()
-    sd = model.state_dict()
-    tr = DLRMNet.from_state_dict(sd).eval()
-    n, dim = len(SIZES) + 1, 4
+def test_dlrm_pairs_map_to_torchrecs_by_the_documented_column_map():
+    """The same weights read as dlrm's model give TorchRec's forward once the first top
+    layer's columns are permuted: dlrm's pair (i, j), j < i, is TorchRec's (j, i)."""
+    tr = DLRMNet.from_state_dict(torchrec_model().state_dict()).eval()
+    columns = dlrm_columns_of_torchrec(len(SIZES) + 1, 4)
+    assert sorted(columns) == list(range(len(columns)))  # a permutation
     dlrm_sd = {k: v.clone() for k, v in tr.state_dict().items()}
-    w_tr, w = tr.top_l[0].weight, dlrm_sd["top_l.0.weight"]
-    for i in range(1, n):
-        for j in range(i):
-            w[:, dim + i * (i - 1) // 2 + j] = w_tr[:, dim + j * (2 * n - j - 1) // 2 + i - j - 1]
+    dlrm_sd["top_l.0.weight"][:, columns] = tr.top_l[0].weight
     dlrm = DLRMNet.from_state_dict(dlrm_sd).eval()
+    assert dlrm.config.layout != tr.config.layout
     dense = torch.randn(16, 13)
-    kjt, offsets, ids = bags(SIZES, 16, 1, seed=2)
+    _, offsets, ids = bags(SIZES, 16, 1, seed=2)
     with torch.no_grad():
         torch.testing.assert_close(dlrm(dense, offsets, ids), tr(dense, offsets, ids))
+        z_dlrm = dlrm.interact(dlrm.bottom(dense), dlrm.embed(offsets, ids))
+        z_tr = tr.interact(tr.bottom(dense), tr.embed(offsets, ids))
+        assert torch.equal(z_dlrm[:, columns], z_tr)
 
 
 def test_prefixed_and_dmp_state_dicts_load(tmp_path):
@@ -286,13 +286,27 @@ def test_formats_are_independent_of_the_model(tiny_pipeline, npy_data, torchrec_
     pd.testing.assert_frame_equal(scores["npz"][cols], scores["npy"][cols])
 
 
-def test_multi_hot_days_are_scored(npy_data, torchrec_run, tmp_path):
+def test_multi_hot_days_go_through_every_experiment(npy_data, torchrec_run, tmp_path):
+    import evaluate_activation_sparsity
+    import evaluate_forward_time
+    import evaluate_memory_savings
     import evaluate_model_metrics
     out = tmp_path / "multi"
-    assert run_script(evaluate_model_metrics, [
-        "--processed-data-file", npy_data["multi"], "--output-dir", out, "--device", "cpu",
-        "--sparse-model-metadata", torchrec_run["out"] / "sparse_model_metadata.csv"]) == 0
+    args = ["--processed-data-file", npy_data["multi"], "--output-dir", out, "--device", "cpu",
+            "--sparse-model-metadata", torchrec_run["out"] / "sparse_model_metadata.csv"]
+    timing = ["--min-run-time", "0.01", "--rounds", "2", "--batch-size", "256"]
+    assert run_script(evaluate_model_metrics, args) == 0
+    assert run_script(evaluate_forward_time, [*args, *timing]) == 0
+    assert run_script(evaluate_memory_savings, [*args, *timing]) == 0
+    assert run_script(evaluate_activation_sparsity, [*args, *timing, "--levels", "0", "0.5"]) == 0
     df = pd.read_csv(out / "sparse_model_metrics.csv")
     assert df["roc_auc"].notna().all()
     one = pd.read_csv(torchrec_run["out"] / "sparse_model_metrics.csv")
     assert not np.allclose(df["roc_auc"], one["roc_auc"])  # the extra ids count
+    memory = pd.read_csv(out / "sparse_model_memory.csv")
+    assert "error" not in memory or memory["error"].isna().all()
+    assert (memory[~memory["lossy"] & memory["held"]]["max_abs_diff"] <= 1e-5).all()
+    for csv in ("dlrm_forward_time_info", "activation_sparsity"):
+        df = pd.read_csv(out / f"{csv}.csv")
+        assert "error" not in df or df["error"].isna().all(), csv
+        assert (df["max_abs_diff"] < 1e-5).all(), csv

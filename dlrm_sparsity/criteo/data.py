@@ -117,9 +117,9 @@ def read_processed_rows(processed_path: str | os.PathLike, start: int, stop: int
 
 @dataclass
 class Batch:
-    dense: torch.Tensor  # (B, 13) float32, log1p of the counts
-    offsets: torch.Tensor  # (26, B) int64, one id per bag
-    indices: torch.Tensor  # (26, B) int64
+    dense: torch.Tensor  # (B, 13) float32, log1p of the counts (torchrec's: as its files hold)
+    offsets: torch.Tensor | list  # (26, B) int64, one id per bag; or 26 x (B,) for bags
+    indices: torch.Tensor | list  # (26, B) int64; or 26 x (ids of that table)
     labels: torch.Tensor  # (B,) float32
 
 
@@ -163,10 +163,11 @@ class CriteoSplit:
         check_ids_fit(self.sparse_t, table_sizes, origin)
 
 
-def tensors_fingerprint(*tensors: torch.Tensor) -> str:
-    """sha256 of the tensors' shapes and bytes (read on the CPU), shortened."""
+def tensors_fingerprint(*tensors: torch.Tensor | list[torch.Tensor]) -> str:
+    """sha256 of the tensors' shapes and bytes (read on the CPU; a list's in turn), shortened."""
     digest = hashlib.sha256()
-    for t in tensors:
+    flat = [t for x in tensors for t in (x if isinstance(x, list) else [x])]
+    for t in flat:
         t = t.detach().cpu().contiguous()
         digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
         digest.update(t.view(-1).view(torch.uint8).numpy().data)
