@@ -48,6 +48,7 @@ class Experiment:
                               and getattr(args, "steady_malloc", True) and steady_cpu_allocator())
         self.inputs = resolve_inputs(args.raw_data_file, args.processed_data_file, args.metadata,
                                      run.output_dir, args.skip_bad_lines, run.ctx)
+        self.npy = is_npy_data(self.inputs.processed)  # torchrec's files
         if self.inputs.demo_model is not None:
             ensure_demo_metadata(run, self.inputs.metadata)
         self.metadata = read_metadata(self.inputs.metadata).to_dict("records")
@@ -55,8 +56,7 @@ class Experiment:
                           self.table_sizes(), args.test_half)
         self.test = test.to(run.device)
         self.batch = next(self.test.batches(args.batch_size))
-        self.data = {"test": test.fingerprint(), "test_half": args.test_half,
-                     "batch_size": args.batch_size,
+        self.data = {"test": test.fingerprint(), "batch_size": args.batch_size,
                      "device": self.provenance()["device"]}
         if self.timed:
             self.data.update(timed_batch=tensors_fingerprint(self.batch.dense,
@@ -68,12 +68,18 @@ class Experiment:
         """The rows of the pruned models' tables, which torchrec's files take their ids
         modulo (read off the first model's shapes); None for dlrm's data, whose ids are
         checked instead."""
-        if not is_npy_data(self.inputs.processed):
+        if not self.npy:
             return None
-        meta = self.metadata[0]
-        sizes = DLRMConfig.from_state_dict(self.model_state(meta)).table_sizes
-        check_table_count(sizes, meta["checkpoint"])
-        return sizes
+        first_error = None
+        for meta in self.metadata:  # the first model that loads (the others' rows say why)
+            try:
+                sizes = DLRMConfig.from_state_dict(self.model_state(meta)).table_sizes
+            except UserInputError as exc:
+                first_error = first_error or exc
+                continue
+            check_table_count(sizes, meta["checkpoint"])
+            return sizes
+        raise first_error
 
     def score(self, model: torch.nn.Module) -> dict:
         """A model's quality metrics on the whole test split, in batches of the timed one's
@@ -106,7 +112,8 @@ class Experiment:
         threads = self.args.threads if self.timed else None
         return {**self.run.provenance(threads=threads, batch_size=self.args.batch_size),
                 "steady_malloc": self.steady_malloc,
-                "processed_data_file": self.inputs.processed}
+                "processed_data_file": self.inputs.processed,
+                **({"test_half": self.args.test_half} if self.npy else {})}
 
     def items(self, metadata: list[dict], flags: dict | None = None, **fields) -> list[Item]:
         """A sweep item per pruned model: its rows depend on the model's content (its sha256),

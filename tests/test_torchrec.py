@@ -33,6 +33,7 @@ from dlrm_sparsity.checkpoints import load_state_dict
 from dlrm_sparsity.criteo.npy import open_npy_files, split_ranges
 from dlrm_sparsity.criteo.npy_write import write_npy_days
 from dlrm_sparsity.criteo.splits import open_split
+from dlrm_sparsity.errors import DataError
 from dlrm_sparsity.layouts import TORCHREC, dlrm_columns_of_torchrec, read_layout
 from dlrm_sparsity.model import DLRMNet
 
@@ -188,9 +189,24 @@ def test_the_npy_days_hold_dlrms_data(tiny_pipeline, npy_data):
     assert torch.equal(batch.dense, dlrm.dense)
     assert torch.equal(batch.indices, dlrm.sparse_t)
     assert torch.equal(batch.labels, dlrm.labels)
+
+
+def test_the_split_follows_torchrec_and_mlperf(npy_data, tmp_path):
     files = open_npy_files(npy_data["one"])
-    last = len(files[-1])
-    assert split_ranges(files, "test") == [(len(files) - 1, (last + 1) // 2, last)]
+    last, n = len(files) - 1, len(files[-1])
+    half = (n + 1) // 2  # torchrec: the first ceil(N/2) rows of the last day are "val"
+    assert split_ranges(files, "test") == [(last, half, n)]
+    assert split_ranges(files, "val") == [(last, 0, half)]
+    assert split_ranges(files, "test", "first") == [(last, 0, half)]  # MLPerf inference
+    assert split_ranges(files, "train") == [(i, 0, len(f)) for i, f in enumerate(files[:-1])]
+    alone = open_npy_files(npy_data["one"] / f"day_{last}_dense.npy")  # one file given
+    assert split_ranges(alone, "train", "first") == [(0, half, n)]  # never the test half
+    for part in ("dense", "sparse", "labels"):  # Kaggle's test file: labels of -1
+        array = np.load(npy_data["one"] / f"day_0_{part}.npy")
+        np.save(tmp_path / f"test_{part}.npy", -np.ones_like(array) if part == "labels"
+                else array)
+    with pytest.raises(DataError, match="holds no labels"):
+        open_npy_files(tmp_path / "test_dense.npy")
 
 
 @pytest.fixture(scope="module", params=["DLRM", "DLRM_DCN"])

@@ -12,7 +12,8 @@ The split is torchrec's (InMemoryBinaryCriteoIterDataPipe in torchrec/datasets/c
 the day lists of its DLRM example's data/dlrm_dataloader.py): the last day is the evaluation
 day; its first ceil(N/2) rows are "val" and the rest "test"; "train" is every earlier day.
 MLPerf's inference benchmark scores the first half instead (`test_half="first"`). With a
-single file, its first half is also the training samples (for calibration). Ids are taken
+single file, the half that is not the test split is also the training samples (for
+calibration). Ids are taken
 modulo each table's size, as torchrec's loader does with its `hashes`.
 """
 
@@ -139,6 +140,9 @@ def open_npy_files(path: str | Path) -> list[NpyFile]:
             raise DataError(f"{files['sparse']}: missing (nor is there a {multi_hot.name})")
         dense = _open_npy(files["dense"], NUM_DENSE_FEATURES)
         labels = _open_npy(files["labels"], 1)
+        if len(labels) and labels[:1024].min() < 0:
+            raise DataError(f"{files['labels']}: holds no labels (-1, as Kaggle's test file); "
+                            "pass the train file or the day files")
         if files["sparse"].is_file():
             sparse, bags = _open_npy(files["sparse"], NUM_SPARSE_FEATURES), None
             rows = {len(dense), len(labels), len(sparse)}
@@ -161,12 +165,13 @@ def split_ranges(files: list[NpyFile], split: str, test_half: str = "second"
     n = len(files[last])
     half = (n + 1) // 2  # torchrec: len // 2 + len % 2
     first, second = (last, 0, half), (last, half, n)
+    test, val = (second, first) if test_half == "second" else (first, second)
     if split == "test":
-        return [second if test_half == "second" else first]
+        return [test]
     if split == "val":
-        return [first if test_half == "second" else second]
-    if split == "train":
-        return [(i, 0, len(f)) for i, f in enumerate(files[:-1])] or [first]
+        return [val]
+    if split == "train":  # one file alone: the half that is not the test split
+        return [(i, 0, len(f)) for i, f in enumerate(files[:-1])] or [val]
     raise ValueError(f"unknown split {split!r}")
 
 
