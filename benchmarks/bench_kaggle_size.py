@@ -74,15 +74,35 @@ LABELS = {"disk": "disk savings", "floor": "stock, 1 table", "metrics": "model m
           "activation": "activation sparsity"}
 
 
+# The child's own peak. wait4's ru_maxrss will not do: subprocess starts children with vfork
+# on Linux, and exec carries the parent's high-water mark into the child's, so a child of a
+# parent that once held a Kaggle-size model would report at least that. VmHWM belongs to the
+# memory map exec makes; the children the script itself waits for are added by their maxrss.
+PEAK_WRAPPER = """
+import atexit, os, resource, runpy, sys
+def report():
+    with open("/proc/self/status") as f:
+        own = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    with open(os.environ["BENCH_PEAK_FILE"], "w") as f:
+        f.write(str(max(own, children) * 1024))
+atexit.register(report)
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 def run_child(args: list[str]) -> tuple[float, int]:
     """Wall seconds and peak RSS bytes of one script run as a child process."""
-    start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, *args], cwd=REPO)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{args[0]} failed")
-    return wall, usage.ru_maxrss * 1024  # Linux reports KiB
+    with tempfile.NamedTemporaryFile(suffix=".peak") as peak_file:
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-c", PEAK_WRAPPER, *args], cwd=REPO,
+                              env={**os.environ, "BENCH_PEAK_FILE": peak_file.name})
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise SystemExit(f"{args[0]} failed")
+        return wall, int(Path(peak_file.name).read_text())
 
 
 def main() -> None:
