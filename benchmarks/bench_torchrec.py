@@ -10,7 +10,8 @@
 2. metrics: evaluate_model_metrics.py on a TorchRec DLRM with Kaggle's tables (thin MLPs,
    13-64-16 and 367-64-1, as the MLPs do not change what memory the split takes), scored on
    torchrec .npy days whose test split holds --small and then --large samples, each a child
-   process; prints the peak RSS of each, their ratio, and the difference per sample.
+   process; prints the peak RSS of each, their ratio, and the difference per sample. With
+   --table-rows, tables of that many rows instead: the split's own cost shows unmasked.
 
     python benchmarks/bench_torchrec.py                       # both parts
     python benchmarks/bench_torchrec.py --parts metrics --large 20000000
@@ -105,8 +106,9 @@ def write_days(folder: Path, test_samples: int, sizes: tuple[int, ...],
         del out
 
 
-def metrics_part(work: Path, sizes: list[int]) -> None:
-    config = DLRMConfig(KAGGLE.table_sizes, 16, (13, 64, 16), (367, 64, 1), TORCHREC)
+def metrics_part(work: Path, sizes: list[int], table_rows: int | None) -> None:
+    tables = KAGGLE.table_sizes if table_rows is None else (table_rows,) * 26
+    config = DLRMConfig(tables, 16, (13, 64, 16), (367, 64, 1), TORCHREC)
     torch.manual_seed(0)
     model = DLRMNet(config)
     layout = torchrec_layout(26, len(config.top_mlp) - 1, 0, len(config.bottom_mlp) - 1)
@@ -143,6 +145,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds of the disk part")
     p.add_argument("--small", type=int, default=2_000_000, help="test samples, smaller split")
     p.add_argument("--large", type=int, default=20_000_000, help="test samples, larger split")
+    p.add_argument("--table-rows", type=int, default=None,
+                   help="give the metrics model's 26 tables this many rows each instead of "
+                        "Kaggle's (a small model shows what the split itself costs)")
     p.add_argument("--keep", default=None, help="work in this folder and keep it")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(dir=".") as tmp:
@@ -151,7 +156,7 @@ def main() -> None:
         if "disk" in args.parts:
             disk_part(work, args.levels, args.rounds)
         if "metrics" in args.parts:
-            metrics_part(work, [args.small, args.large])
+            metrics_part(work, [args.small, args.large], args.table_rows)
 
 
 if __name__ == "__main__":

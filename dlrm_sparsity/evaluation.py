@@ -46,7 +46,7 @@ def quality_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
 
 @torch.inference_mode()
 def streamed_quality(model: DLRMNet, split: NpySplit, batch_size: int) -> dict[str, float]:
-    """quality_metrics of a split read batch by batch, holding 4 bytes per sample.
+    """quality_metrics of a split read batch by batch, keeping 4 bytes per sample.
 
     scikit-learn's metrics take about 40 bytes a sample (float64 copies, an argsort, cumulative
     sums), which at 20 M samples outweighs a Kaggle-size model; a test split read from memory
