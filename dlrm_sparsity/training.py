@@ -139,7 +139,8 @@ def train_and_save(processed: str, raw: str | None, save_path: str, recipe: Reci
     dev = resolve_device(device)
     train = open_split(processed, raw, "train")
     if isinstance(train, NpySplit):  # torchrec's files: tables as large as their ids need
-        train = NpySplit(train.files, train.ranges, id_counts(train.files)).load()
+        sizes = None if train.multi_hot else id_counts(train.files)  # load() refuses bags
+        train = NpySplit(train.files, train.ranges, sizes, origin=train.origin).load()
     test = open_split(processed, raw, "test", table_sizes=tuple(train.counts)).to(dev)
     train = train.to(dev)
     config = build_config(train, recipe)

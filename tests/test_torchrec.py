@@ -326,3 +326,12 @@ def test_multi_hot_days_go_through_every_experiment(npy_data, torchrec_run, tmp_
         df = pd.read_csv(out / f"{csv}.csv")
         assert "error" not in df or df["error"].isna().all(), csv
         assert (df["max_abs_diff"] < 1e-5).all(), csv
+
+
+def test_training_on_multi_hot_days_is_refused_in_one_line(npy_data, tmp_path, capsys):
+    import train_dlrm
+    assert run_script(train_dlrm, ["--processed_data_file", npy_data["multi"], "--save-model",
+                                   tmp_path / "m.pt", "--layout", "torchrec"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "hold multi-hot bags" in err
+    assert str(npy_data["multi"]) in err and not (tmp_path / "m.pt").exists()
