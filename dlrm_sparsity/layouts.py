@@ -61,10 +61,13 @@ def _table_order(keys: list[str]) -> list[str]:
     """TorchRec tables in the model's feature order. torch.save of a DLRM keeps the order of
     its EmbeddingBagCollection; a sharded model's state dict need not, so names that all end
     in a distinct number (torchrec's t_cat_0 .. t_cat_25) are put in that number's order."""
-    numbers = [re.search(r"(\d+)\.weight$", k) for k in keys]
-    if all(numbers) and len({int(m.group(1)) for m in numbers}) == len(keys):
-        return sorted(keys, key=lambda k: int(re.search(r"(\d+)\.weight$", k).group(1)))
-    return keys
+    found = [re.search(r"(\d+)\.weight$", k) for k in keys]
+    if not all(found):
+        return keys
+    numbers = [int(m.group(1)) for m in found]
+    if len(set(numbers)) < len(keys):
+        return keys
+    return [k for _, k in sorted(zip(numbers, keys, strict=True))]
 
 
 def read_layout(state_dict: Mapping[str, torch.Tensor]) -> Layout:

@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from dlrm_sparsity.errors import CheckpointError
-from dlrm_sparsity.layouts import DLRM, TORCHREC, embedding_names, read_layout
+from dlrm_sparsity.layouts import DLRM, TORCHREC, Layout, embedding_names, read_layout
 
 __all__ = ["DLRMConfig", "DLRMNet", "LowRankCrossNet", "embedding_names"]
 
@@ -84,7 +84,11 @@ class DLRMConfig:
     def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor]) -> "DLRMConfig":
         """Infer the architecture of a dlrm or TorchRec state dict; raise CheckpointError
         naming the first key that does not fit."""
-        layout = read_layout(state_dict)
+        return cls.from_layout(state_dict, read_layout(state_dict))
+
+    @classmethod
+    def from_layout(cls, state_dict: Mapping[str, torch.Tensor], layout: Layout) -> "DLRMConfig":
+        """from_state_dict, its layout already read."""
         try:
             return cls._from_suite_keys(layout.to_suite(state_dict), layout.kind)
         except CheckpointError as exc:  # name the file's keys, not the suite's
@@ -256,11 +260,10 @@ class DLRMNet(nn.Module):
         Built on the meta device first, so a Kaggle-sized model is never allocated and
         randomly initialised only to be overwritten.
         """
-        config = DLRMConfig.from_state_dict(state_dict)
+        layout = read_layout(state_dict)
         with torch.device("meta"):
-            model = cls(config)
-        model.load_state_dict(read_layout(state_dict).to_suite(state_dict), strict=True,
-                              assign=True)
+            model = cls(DLRMConfig.from_layout(state_dict, layout))
+        model.load_state_dict(layout.to_suite(state_dict), strict=True, assign=True)
         model._register_pair_indices()  # the index buffers were made on the meta device
         return model
 

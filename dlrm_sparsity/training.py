@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from dlrm_sparsity.criteo.data import NUM_DENSE_FEATURES, CriteoSplit
-from dlrm_sparsity.criteo.npy import NpySplit, id_counts
+from dlrm_sparsity.criteo.npy import NpySplit
 from dlrm_sparsity.criteo.splits import open_split
 from dlrm_sparsity.device import resolve_device
 from dlrm_sparsity.errors import UserInputError
@@ -139,8 +139,7 @@ def train_and_save(processed: str, raw: str | None, save_path: str, recipe: Reci
     dev = resolve_device(device)
     train = open_split(processed, raw, "train")
     if isinstance(train, NpySplit):  # torchrec's files: tables as large as their ids need
-        sizes = None if train.multi_hot else id_counts(train.files)  # load() refuses bags
-        train = NpySplit(train.files, train.ranges, sizes, origin=train.origin).load()
+        train = train.load()
     test = open_split(processed, raw, "test", table_sizes=tuple(train.counts)).to(dev)
     train = train.to(dev)
     config = build_config(train, recipe)

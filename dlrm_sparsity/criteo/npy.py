@@ -13,8 +13,8 @@ the day lists of its DLRM example's data/dlrm_dataloader.py): the last day is th
 day; its first ceil(N/2) rows are "val" and the rest "test"; "train" is every earlier day.
 MLPerf's inference benchmark scores the first half instead (`test_half="first"`). With a
 single file, the half that is not the test split is also the training samples (for
-calibration). Ids are taken
-modulo each table's size, as torchrec's loader does with its `hashes`.
+calibration). Ids are taken modulo each table's size, as torchrec's loader does with its
+`hashes`.
 """
 
 from __future__ import annotations
@@ -304,11 +304,4 @@ def id_counts(files: list[NpyFile], chunk: int = 1 << 20) -> tuple[int, ...]:
             else:
                 top = np.maximum(top, [b[start:start + chunk].max() for b in f.bags])
     return tuple(int(t) + 1 for t in top)
-
-
-def open_npy_split(path: str | Path, split: str, table_sizes: tuple[int, ...] | None,
-                   test_half: str = "second", limit: int | None = None) -> NpySplit:
-    files = open_npy_files(path)
-    return NpySplit(files, split_ranges(files, split, test_half), table_sizes,
-                    origin=str(path)).limited(limit)
 
