@@ -42,6 +42,12 @@ def world(tiny_pipeline, tmp_path_factory):
     return {"out": out, "bad": bad, "data": data, **tiny_pipeline}
 
 
+def one_row_metadata(path: Path, checkpoint: Path) -> None:
+    """A metadata CSV naming one pruned model, L1 (1, 4) at level 0.5."""
+    pd.DataFrame({"norm": ["L1"], "sparse_block_shape": ["(1, 4)"], "sparsity_level": [0.5],
+                  "path": [str(checkpoint)]}).to_csv(path, index=False)
+
+
 def make(world, kind: str) -> Path:
     """Write one kind of bad file into world['bad'] and return its path."""
     bad: Path = world["bad"]
@@ -67,12 +73,10 @@ def make(world, kind: str) -> Path:
     elif kind == "columnless.csv":
         path.write_text("a,b\n1,2\n")
     elif kind == "dangling.csv":
-        pd.DataFrame({"norm": ["L1"], "sparse_block_shape": ["(1, 4)"], "sparsity_level": [0.5],
-                      "path": [str(bad / "nowhere" / "model.zip")]}).to_csv(path, index=False)
+        one_row_metadata(path, bad / "nowhere" / "model.zip")
     elif kind == "small_tables.csv":
         make(world, "small_tables.pt")
-        pd.DataFrame({"norm": ["L1"], "sparse_block_shape": ["(1, 4)"], "sparsity_level": [0.5],
-                      "path": [str(bad / "small_tables.pt")]}).to_csv(path, index=False)
+        one_row_metadata(path, bad / "small_tables.pt")
     elif kind in ("short_line.txt", "nonhex.txt"):
         rows = random_raw_rows(12, seed=9)
         if kind == "short_line.txt":
@@ -91,8 +95,7 @@ def make(world, kind: str) -> Path:
         torch.save(sd, path)
     elif kind == "three_tables.csv":
         torch.save(torchrec_state_dict(tiny_config()), bad / "three_tables.pt")
-        pd.DataFrame({"norm": ["L1"], "sparse_block_shape": ["(1, 4)"], "sparsity_level": [0.5],
-                      "path": [str(bad / "three_tables.pt")]}).to_csv(path, index=False)
+        one_row_metadata(path, bad / "three_tables.pt")
     elif kind in ("npy", "npy_without_labels"):
         if not path.exists():
             write_npy_days(world["processed"], world["raw"], path)
