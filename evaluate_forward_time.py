@@ -3,8 +3,10 @@
 For each pruned model of sparse_model_metadata.csv, both variants run on the first test batch
 (16384 samples, as the seed), after a check that both give the same output. They are timed in
 alternating rounds (warm-up first, the device synchronised before every clock reading), so
-that the torch.sparse/dense ratio comes from neighbouring blocks, with a 95% interval; a drift
-guard re-times the unpruned model around every point and measures a disturbed point again.
+that the torch.sparse/dense ratio comes from neighbouring blocks, with a 95% interval; rounds are
+added while a ratio is undecided. The machine's noise is measured at the start, and a drift
+guard re-times the unpruned model around every point and measures a disturbed point again; all
+of it within --time-budget.
 dlrm_forward_time_info.csv holds the seed's columns (time_taken is the mean) plus median, IQR,
 rounds, the ratio and its interval, the guard's columns, and the densities of the embeddings
 and of the interaction output. A per-stage breakdown
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from dlrm_sparsity.analysis import verdict_counts
+from dlrm_sparsity.analysis import noise_note, verdict_counts
 from dlrm_sparsity.errors import UserInputError
 from dlrm_sparsity.experiment import Experiment
 from dlrm_sparsity.plots import plot_forward_time
@@ -34,13 +36,7 @@ from dlrm_sparsity.runner.cli import (
 from dlrm_sparsity.runner.outputs import KEY_COLUMNS
 from dlrm_sparsity.runner.session import Session
 from dlrm_sparsity.runner.sweep import Figure, Table
-from dlrm_sparsity.timing import (
-    AGREEMENT_TOLERANCE,
-    Timing,
-    measure,
-    measure_paired,
-    timing_columns,
-)
+from dlrm_sparsity.timing import AGREEMENT_TOLERANCE, Timing, measure, timing_columns
 from dlrm_sparsity.variants import (
     DENSE,
     SPARSE,
@@ -63,13 +59,17 @@ def parse_args(argv=None):
     add_data_args(p)
     add_metadata_arg(p)
     add_run_args(p, "folder for the two CSVs and forward_time.png")
-    add_timing_args(p, min_run_time=0.3)
+    add_timing_args(p, min_run_time=0.3, time_budget=150.0)
     p.add_argument("--no-steady-malloc", dest="steady_malloc", action="store_false",
                    help="keep glibc's dynamic mmap threshold (CPU timings then jump)")
     p.add_argument("--stage-levels", nargs="+", default=["0.0", "0.5", "0.9", "1.0"],
                    metavar="LEVEL", help="levels whose stage breakdown is measured ('all': "
                    "every row)")
     return p.parse_args(argv)
+
+
+STAGE_CALLS = 9  # what stage_calls yields: 4 stages of the dense forward, 5 of torch.sparse's
+STAGE_RUN_TIME = 0.5  # a stage's timed calls, as a share of --min-run-time
 
 
 def time_model(exp: Experiment, meta: dict, with_stages: bool) -> tuple[list[dict], list[dict]]:
@@ -83,19 +83,30 @@ def time_model(exp: Experiment, meta: dict, with_stages: bool) -> tuple[list[dic
     common = {"interaction_density": interaction_density(model, batch),
               "embedding_density": 1.0 - zero_fraction(model.state_dict()),
               "max_abs_diff": diff}
-    paired, guarded = exp.guard.guarded(lambda: measure_paired(
-        {v.label: v.on(batch) for v in variants}, timing, exp.args.rounds))
+    paired, guarded = exp.time_point({v.label: v.on(batch) for v in variants}, DENSE,
+                                     called=1)  # the agreement check made each one's first call
     rows = [{"time_taken": paired.mean(v.label), "dlrm_type": v.label,
              **paired.columns(v.label, None if v.label == DENSE else DENSE), **common,
              **guarded} for v in variants]
     whole = {r["dlrm_type"]: r["time_median_s"] for r in rows}
-    stage_timing = Timing(timing.threads, timing.min_run_time / 2)
+    if not with_stages:
+        return rows, []
+    exp.budget.take_unit(exp.first_rounds_s(STAGE_CALLS, STAGE_RUN_TIME))
+    stage_timing = Timing(timing.threads, timing.min_run_time * STAGE_RUN_TIME,
+                          min(timing.warmup_s, timing.min_run_time * STAGE_RUN_TIME))
     config = f"{meta['norm']} {meta['sparse_block_shape']}"
-    stages = [{"dlrm_type": variant, "stage": stage, "config": config,
-               **timing_columns(measure(call, stage, stage_timing)),
-               "whole_forward_median_s": whole[variant]}
-              for variant, stage, call in (stage_calls(model, batch) if with_stages else ())]
+    with exp.budget.measuring():
+        stages = [{"dlrm_type": variant, "stage": stage, "config": config,
+                   **timing_columns(measure(call, stage, stage_timing)),
+                   "whole_forward_median_s": whole[variant]}
+                  for variant, stage, call in stage_calls(model, batch)]
     return rows, stages
+
+
+def timing_units(exp: Experiment, staged: bool) -> list[float]:
+    """A model's measurements for the budget: the paired rounds, and the stages if asked."""
+    return [exp.first_rounds_s(2)] + ([exp.first_rounds_s(STAGE_CALLS, STAGE_RUN_TIME)]
+                                      if staged else [])
 
 
 def summary(times: pd.DataFrame, stages: pd.DataFrame) -> str:
@@ -106,7 +117,8 @@ def summary(times: pd.DataFrame, stages: pd.DataFrame) -> str:
     return "\n".join([
         table.to_string(float_format="{:.2f}".format), "(median ms per forward)",
         f"torch.sparse / dense, per model (95% intervals over rounds): median "
-        f"{sparse['ratio_median'].median():.2f}x; {verdict_counts(sparse)} of {len(sparse)}",
+        f"{sparse['ratio_median'].median():.2f}x; {verdict_counts(sparse)} of {len(sparse)}"
+        f"{noise_note(times)}",
         f"the dense forward (the same computation at every level): median "
         f"{dense.median() * 1e3:.2f} ms, max/min {dense.max() / dense.min():.2f} over "
         f"{len(dense)} models",
@@ -141,12 +153,14 @@ def main(argv=None) -> None:
                                exp, item.payload, staged(item.payload)),
                            tables=[TIMES, STAGES], label="timing", describe=describe,
                            # a model timed without stages lacks them
-                           still_valid=lambda item, old: bool(old[1]) or not staged(item.payload))
+                           still_valid=lambda item, old: bool(old[1]) or not staged(item.payload),
+                           start=exp.plan_timing(lambda item: timing_units(
+                               exp, staged(item.payload))))
         result.tables[1] = [r for r in result.tables[1] if staged(r)]  # the levels asked for
         run.finish(result, [TIMES, STAGES], plot=Figure(plot_forward_time, "forward_time.png"),
                    summary=summary)
         if run.is_main:
-            print(exp.guard.summary())
+            print(exp.timing_summary())
         refresh_report(run.output_dir, args.report, run.is_main)
 
 

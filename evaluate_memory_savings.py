@@ -22,6 +22,7 @@ from dlrm_sparsity.analysis import (
     CONFIG,
     against_base,
     first_level_below,
+    noise_note,
     smallest_within,
     verdict_counts,
 )
@@ -40,7 +41,7 @@ from dlrm_sparsity.runner.cli import (
 from dlrm_sparsity.runner.outputs import KEY_COLUMNS
 from dlrm_sparsity.runner.session import Session
 from dlrm_sparsity.runner.sweep import Figure, Table
-from dlrm_sparsity.timing import AGREEMENT_TOLERANCE, Timing, measure_paired, trim_heap
+from dlrm_sparsity.timing import AGREEMENT_TOLERANCE, trim_heap
 from dlrm_sparsity.variants import FormatTables
 
 MEMORY = Table("sparse_model_memory.csv", KEY_COLUMNS + [
@@ -58,7 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--formats", nargs="+", default=None, metavar="FORMAT",
                    help=f"storage formats, of {', '.join(FORMATS)} (default: all, less "
                         "those needing a missing FBGEMM)")
-    add_timing_args(p, min_run_time=0.02)
+    add_timing_args(p, min_run_time=0.02, time_budget=120.0)
     p.add_argument("--forward-levels", nargs="+", default=["0.0", "0.5", "0.9", "1.0"],
                    metavar="LEVEL", help="levels whose whole forward is timed in every format "
                    "('all': every row)")
@@ -95,9 +96,8 @@ def timed(exp: Experiment, what: str, calls: dict, name: str) -> dict:
     """A format's calls against the dense format's, in alternating rounds (hundreds of short
     measurements: a warm-up as long as the timing itself); the format's median, IQR and ratio
     to dense, as what_* columns."""
-    timing = Timing(exp.args.threads, exp.args.min_run_time, warmup_s=exp.args.min_run_time)
     calls = {v: calls[v] for v in dict.fromkeys(["dense", name])}
-    paired = measure_paired(calls, timing, exp.args.rounds)
+    paired = exp.paired(calls, "dense" if name != "dense" else None)
     columns = paired.columns(name, "dense" if name != "dense" else None)
     keep = ("time_median_s", "time_iqr_s", "ratio_median", "ratio_low", "ratio_high",
             "ratio_verdict")
@@ -128,7 +128,7 @@ def summary(df: pd.DataFrame) -> str:
     timed = df.dropna(subset=["lookup_ratio_median"]) if "lookup_ratio_median" in df else df[:0]
     lines += [f"lookup time / dense, {f}: median {part['lookup_ratio_median'].median():.2f}x; "
               f"{verdict_counts(part, 'lookup_ratio_verdict')} of {len(part)} models"
-              for f, part in timed.groupby("format", sort=False)]
+              f"{noise_note(part)}" for f, part in timed.groupby("format", sort=False)]
     for budget in AUC_DROP_BUDGETS:
         best = smallest_within(df, budget, "bytes", "auc_drop_vs_level0")
         lines.append(f"AUC drop <= {budget}: no scored model within budget" if best is None
@@ -182,11 +182,15 @@ def main(argv=None) -> None:
             return f"{item.fields['checkpoint']}: " + ", ".join(
                 f"{r['format']} {r['bytes_ratio']:.2f}" for r in rows)
 
-        result = run.sweep(items, compute, tables=[MEMORY], label="formats", describe=describe)
+        def units(item) -> list[float]:  # each format's lookup, and forward if timed
+            return [exp.first_rounds_s(2)] * len(formats) * (1 + item.fields["forward"])
+
+        result = run.sweep(items, compute, tables=[MEMORY], label="formats", describe=describe,
+                           start=exp.plan_timing(units))
         run.finish(result, [MEMORY], derive=add_drops,
                    plot=Figure(plot_memory_savings, "memory_savings.png"), summary=summary)
         if run.is_main:
-            print(exp.guard.summary())
+            print(exp.timing_summary())
         refresh_report(run.output_dir, args.report, run.is_main)
 
 

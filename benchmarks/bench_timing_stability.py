@@ -1,19 +1,29 @@
-"""How far can the forward-time experiment's figures be trusted on a shared machine?
+"""How far can the forward-time experiment's figures be trusted on a shared machine, and what
+does a run cost there?
 
-By default, the forward-time experiment runs twice on the demo's 60 pruned models: once on a
-quiet machine, and once while a busy loop (started and stopped here, pinned to one core) takes
-that core for part of the run. For each run it prints the dense forward's max/min over the 60
-models (the same computation at every level, so the spread is the machine's), how many points
-the drift guard measured again and how many it flagged; then how well the per-model
-torch.sparse/dense ratios of the two runs agree (median |log(ratio_a / ratio_b)|).
+By default the forward-time experiment runs twice on the demo's 60 pruned models, one run after
+the other: on the machine as it is ("quiet"), and beside a noisy neighbour ("noisy"): a child
+process that, for the whole run, bursts on random cores at random times, busy --duty of the
+time (started and stopped here). With --neighbour burst the loaded run instead has one busy loop
+on core 0 from --load-after s for --load-seconds. Each run prints its wall time, the noise it
+measured, the dense forward's max/min over the models, what the drift guard did and the budget
+it spent. Then, side by side: the wall time noisy/quiet; how well the per-model
+torch.sparse/dense ratios agree (median |log(ratio_a / ratio_b)|); the share of verdicts
+(faster / slower / not distinguishable) that agree, and the flips between faster and slower;
+and whether the report's answer makes the same choices (its figures masked).
 
-With --allocator-modes it instead measures the same dense forward 8 times in a row in three
-processes: glibc's dynamic mmap threshold; the threshold fixed at 64 MiB with trimming on; and
-trimming off too, as the suite sets it (steady_cpu_allocator). Each prints its medians, their
-spread ((max - min) / min) and its peak RSS; separate processes because a setting cannot be
-undone.
+--batch-size N times both runs at that batch (a small one puts torch.sparse near the dense
+time, where verdicts are hard to make). --beside COMMAND instead runs a shell command beside the
+neighbour and prints its wall time (the README's first command in a fresh clone, say).
+
+With --allocator-modes it measures the same dense forward 8 times in a row in three processes:
+glibc's dynamic mmap threshold; the threshold fixed at 64 MiB with trimming on; and trimming
+off too, as the suite sets it (steady_cpu_allocator). Each prints its medians, their spread
+((max - min) / min) and its peak RSS; separate processes because a setting cannot be undone.
 
     python benchmarks/bench_timing_stability.py
+    python benchmarks/bench_timing_stability.py --batch-size 1024
+    python benchmarks/bench_timing_stability.py --beside "bash run_readme_command_1.sh"
     python benchmarks/bench_timing_stability.py --allocator-modes
 """
 
@@ -22,13 +32,17 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
+import os
+import re
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -38,6 +52,7 @@ from bench_common import REPO_ROOT
 REPEATS = 8
 MODES = {"default": "glibc default", "threshold": "fixed threshold, trimming on",
          "steady": "fixed threshold, no trimming (the suite's)"}
+DENSE, SPARSE = "without_torch_sparse", "with_torch_sparse"
 
 
 def child(mode: str, min_run_time: float) -> None:
@@ -64,90 +79,189 @@ def child(mode: str, min_run_time: float) -> None:
           f"spread {spread:.0%}, peak RSS {peak:.0f} MiB", flush=True)
 
 
+# The noisy neighbour: bursts of 0.05 to 0.5 s, each on a random non-empty set of the cores
+# (one spinning process per core), apart by random gaps that make it busy `duty` of the time.
+NEIGHBOUR = """
+import os, random, sys, time
+duty, rng = float(sys.argv[1]), random.Random(int(sys.argv[2]))
+cores = sorted(os.sched_getaffinity(0))
+while True:
+    burst = rng.uniform(0.05, 0.5)
+    spinners = []
+    for core in rng.sample(cores, rng.randint(1, len(cores))):
+        pid = os.fork()
+        if pid == 0:
+            os.sched_setaffinity(0, {core})
+            end = time.monotonic() + burst
+            while time.monotonic() < end:
+                pass
+            os._exit(0)
+        spinners.append(pid)
+    for pid in spinners:
+        os.waitpid(pid, 0)
+    time.sleep(rng.expovariate(duty / (burst * (1.0 - duty))))
+"""
 BUSY_LOOP = ("import os, sys, time\n"
              "os.sched_setaffinity(0, {0})\n"
-             "end = time.monotonic() + float(sys.argv[1])\n"
+             "time.sleep(float(sys.argv[1]))\n"
+             "end = time.monotonic() + float(sys.argv[2])\n"
              "while time.monotonic() < end:\n    pass\n")
 
 
-def forward_run(out: Path, metadata: Path, load: tuple[float, float] | None) -> pd.DataFrame:
-    """evaluate_forward_time.py on the demo's models; with load=(after, seconds), a busy loop
-    takes core 0 from `after` seconds into the run for `seconds` (it ends by itself)."""
-    loop: list[subprocess.Popen] = []
-
-    def start_load():
-        time.sleep(load[0])
-        loop.append(subprocess.Popen([sys.executable, "-c", BUSY_LOOP, str(load[1])]))
-    starter = threading.Thread(target=start_load) if load else None
-    if starter:
-        starter.start()
+@contextmanager
+def neighbour(kind: str | None, duty: float = 0.3, load: tuple[float, float] = (20, 60),
+              seed: int = 0) -> Iterator[None]:
+    """A noisy neighbour for the block's length: 'noisy' (random bursts, `duty` busy), 'burst'
+    (one busy loop on core 0 from load[0] s for load[1] s) or None (nothing)."""
+    if kind is None:
+        yield
+        return
+    code, args = (NEIGHBOUR, [str(duty), str(seed)]) if kind == "noisy" else \
+        (BUSY_LOOP, [str(load[0]), str(load[1])])
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], start_new_session=True)
     try:
-        subprocess.run([sys.executable, "evaluate_forward_time.py", "--output-dir", str(out),
-                        "--sparse-model-metadata", str(metadata), "--no-report"],
-                       check=True, cwd=REPO_ROOT, stdout=subprocess.DEVNULL)
+        yield
     finally:
-        if starter:
-            starter.join()
-            for p in loop:
-                p.kill()
-                p.wait()
-    return pd.read_csv(out / "dlrm_forward_time_info.csv")
+        os.killpg(proc.pid, signal.SIGKILL)  # the neighbour and any burst in flight
+        proc.wait()
 
 
-def report(name: str, df: pd.DataFrame) -> pd.Series:
-    dense = df[df["dlrm_type"] == "without_torch_sparse"]
-    sparse = df[df["dlrm_type"] == "with_torch_sparse"].set_index(
-        ["norm", "sparse_block_shape", "sparsity_level"])
+def forward_run(out: Path, metadata: Path, batch_size: int | None) -> tuple[pd.DataFrame, float]:
+    """evaluate_forward_time.py on the demo's models: its rows and its wall time."""
+    extra = ["--batch-size", str(batch_size)] if batch_size else []
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "evaluate_forward_time.py", "--output-dir", str(out),
+                    "--sparse-model-metadata", str(metadata), "--no-report", *extra],
+                   check=True, cwd=REPO_ROOT, stdout=subprocess.DEVNULL)
+    return pd.read_csv(out / "dlrm_forward_time_info.csv"), time.perf_counter() - start
+
+
+def describe(name: str, df: pd.DataFrame, wall_s: float) -> None:
+    dense = df[df["dlrm_type"] == DENSE]
     spread = dense["time_median_s"].max() / dense["time_median_s"].min()
-    print(f"{name:>6}: dense forward max/min over {len(dense)} models {spread:.3f}; guard: "
-          f"{int(dense['measured_again'].sum())} point(s) measured again, "
-          f"{int(dense['disturbed'].sum())} flagged; reference max/min "
-          f"{dense['reference_s'].max() / dense['reference_s'].min():.3f}", flush=True)
-    return sparse["ratio_median"]
+    print(f"{name:>6}: wall {wall_s:.1f} s; machine noise +{dense['machine_noise_p90'].max():.1%}"
+          f" (90th percentile), margin {dense['drift_margin'].max():.0%}; dense forward "
+          f"max/min over {len(dense)} models {spread:.3f}; guard: "
+          f"{int(dense['measured_again'].sum())} measured again, "
+          f"{int(dense['disturbed'].sum())} flagged, "
+          f"{int((~dense['guarded'].astype(bool)).sum())} unguarded; rounds per model "
+          f"{dense['n_runs'].min()} to {dense['n_runs'].max()}", flush=True)
 
 
-def compare_runs(load_after: float, load_seconds: float) -> None:
+MASKS = [(re.compile(r"\[[-\d.]+, [-\d.]+\]"), "[interval]"),
+         (re.compile(r"[\d.]+ ms"), "N ms"), (re.compile(r"[\d.]+x"), "Nx"),
+         (re.compile(r"machine noise \+[\d.]+%"), "machine noise +N%")]
+
+
+def answer_choices(folder: Path) -> list[str]:
+    """The report's answer with its timing figures masked: the choices it makes."""
+    from dlrm_sparsity.report import write_report
+
+    text = write_report(folder).read_text()
+    answer = text.split("## The answer", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in answer.splitlines() if line.startswith("- ")]
+    for pattern, mask in MASKS:
+        lines = [pattern.sub(mask, line) for line in lines]
+    return lines
+
+
+def compare(quiet: pd.DataFrame, noisy: pd.DataFrame, walls: tuple[float, float]) -> None:
+    keys = ["norm", "sparse_block_shape", "sparsity_level"]
+    a = quiet[quiet["dlrm_type"] == SPARSE].set_index(keys)
+    b = noisy[noisy["dlrm_type"] == SPARSE].set_index(keys).reindex(a.index)
+    agreement = np.abs(np.log(a["ratio_median"] / b["ratio_median"]))
+    same = a["ratio_verdict"] == b["ratio_verdict"]
+    flips = ((a["ratio_verdict"] == "faster") & (b["ratio_verdict"] == "slower")) | \
+        ((a["ratio_verdict"] == "slower") & (b["ratio_verdict"] == "faster"))
+    counts = {k: int(v) for k, v in a["ratio_verdict"].value_counts().items()}
+    print(f"side by side: wall time noisy/quiet {walls[1] / walls[0]:.3f} (target <= 1.3); "
+          f"torch.sparse/dense ratios agree to a median |log(ratio_a / ratio_b)| "
+          f"{agreement.median():.4f} (target <= 0.1; largest {agreement.max():.4f}); verdicts "
+          f"agree at {same.mean():.1%} of {len(same)} (target >= 95%; quiet run's verdicts "
+          f"{counts}), {int(flips.sum())} flipped between faster and slower (target 0)",
+          flush=True)
+
+
+def compare_runs(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(dir=REPO_ROOT) as tmp:
         tmp = Path(tmp)
         subprocess.run([sys.executable, "evaluate_disk_savings.py", "--output-dir",
                         str(tmp / "disk"), "--no-report"], check=True, cwd=REPO_ROOT,
                        stdout=subprocess.DEVNULL)
+        subprocess.run([sys.executable, "evaluate_model_metrics.py", "--output-dir",
+                        str(tmp / "disk"), "--no-report"], check=True, cwd=REPO_ROOT,
+                       stdout=subprocess.DEVNULL)
         metadata = tmp / "disk" / "sparse_model_metadata.csv"
-        print(f"the forward-time experiment on the demo, {torch.get_num_threads()} threads; "
-              f"the loaded run has a busy loop on core 0 from {load_after:g} s for "
-              f"{load_seconds:g} s", flush=True)
-        quiet = report("quiet", forward_run(tmp / "quiet", metadata, None))
-        loaded = report("loaded", forward_run(tmp / "loaded", metadata,
-                                              (load_after, load_seconds)))
-    agreement = np.abs(np.log(quiet / loaded.reindex(quiet.index)))
-    print(f"torch.sparse/dense ratios, quiet vs loaded run: median |log(ratio_a / ratio_b)| "
-          f"{agreement.median():.4f}, largest {agreement.max():.4f} over {len(agreement)} "
-          "models")
+        loaded = (f"a noisy neighbour busy {args.duty:.0%} of the time on random cores"
+                  if args.neighbour == "noisy" else f"a busy loop on core 0 from "
+                  f"{args.load_after:g} s for {args.load_seconds:g} s")
+        print(f"the forward-time experiment on the demo, {torch.get_num_threads()} threads, "
+              f"batch {args.batch_size or 'the default'}; the noisy run beside {loaded}",
+              flush=True)
+        runs, walls, choices = {}, [], []
+        for name, kind in (("quiet", None), ("noisy", args.neighbour)):
+            out = tmp / name
+            out.mkdir()
+            with neighbour(kind, args.duty, (args.load_after, args.load_seconds)):
+                runs[name], wall = forward_run(out, metadata, args.batch_size)
+            describe(name, runs[name], wall)
+            walls.append(wall)
+            for csv in ("sparse_model_metadata.csv", "sparse_model_metrics.csv"):
+                (out / csv).write_bytes((tmp / "disk" / csv).read_bytes())
+            choices.append(answer_choices(out))
+        compare(runs["quiet"], runs["noisy"], (walls[0], walls[1]))
+        print("the report's answer makes the same choices in both runs" if choices[0] ==
+              choices[1] else "the report's answers differ:\n  quiet: " +
+              "\n  quiet: ".join(choices[0]) + "\n  noisy: " + "\n  noisy: ".join(choices[1]))
+
+
+def beside(command: str, duty: float) -> None:
+    print(f"running beside a noisy neighbour busy {duty:.0%} of the time: {command}",
+          flush=True)
+    start = time.perf_counter()
+    with neighbour("noisy", duty):
+        code = subprocess.run(command, shell=True).returncode
+    wall = time.perf_counter() - start
+    print(f"exit {code}; wall {wall:.0f} s ({wall // 60:.0f} min {wall % 60:.0f} s) beside the "
+          f"neighbour at {duty:.0%}", flush=True)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--min-run-time", type=float, default=0.2,
-                   help="with --allocator-modes: seconds per measurement")
+    p.add_argument("--neighbour", choices=("noisy", "burst"), default="noisy",
+                   help="the loaded run's neighbour: random bursts for the whole run (default), "
+                        "or one busy loop (--load-after, --load-seconds)")
+    p.add_argument("--duty", type=float, default=0.3,
+                   help="the share of the time the noisy neighbour is busy (default 0.3)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="the timed batch of both runs (default: the experiment's)")
+    p.add_argument("--load-after", type=float, default=20.0,
+                   help="with --neighbour burst: seconds into the run when the loop starts")
+    p.add_argument("--load-seconds", type=float, default=60.0,
+                   help="with --neighbour burst: how long the loop runs")
+    p.add_argument("--beside", metavar="COMMAND", default=None,
+                   help="run this shell command beside the noisy neighbour and time it")
     p.add_argument("--allocator-modes", action="store_true",
                    help="compare the allocator settings instead of the two runs")
-    p.add_argument("--load-after", type=float, default=20.0,
-                   help="seconds into the loaded run when the busy loop starts")
-    p.add_argument("--load-seconds", type=float, default=60.0,
-                   help="how long the busy loop runs")
+    p.add_argument("--min-run-time", type=float, default=0.2,
+                   help="with --allocator-modes: seconds per measurement")
     p.add_argument("--child", choices=list(MODES), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if not 0 < args.duty < 1:
+        p.error(f"--duty must be in (0, 1), got {args.duty}")
     if args.child:
         child(args.child, args.min_run_time)
-        return
-    if not args.allocator_modes:
-        compare_runs(args.load_after, args.load_seconds)
-        return
-    print(f"{REPEATS} medians of the demo's dense forward, {torch.get_num_threads()} threads")
-    for mode in MODES:
-        subprocess.run([sys.executable, __file__, "--child", mode, "--min-run-time",
-                        str(args.min_run_time)], check=True, cwd=REPO_ROOT)
+    elif args.beside:
+        beside(args.beside, args.duty)
+    elif args.allocator_modes:
+        print(f"{REPEATS} medians of the demo's dense forward, {torch.get_num_threads()} "
+              "threads")
+        for mode in MODES:
+            subprocess.run([sys.executable, __file__, "--child", mode, "--min-run-time",
+                            str(args.min_run_time)], check=True, cwd=REPO_ROOT)
+    else:
+        compare_runs(args)
 
 
 if __name__ == "__main__":

@@ -73,9 +73,25 @@ def verdict_counts(df: pd.DataFrame, column: str = "ratio_verdict") -> str:
         ("slower", "slower"), ("same", "not distinguishable"), ("faster", "faster")))
 
 
-def faster_from(speedup: pd.Series) -> float | None:
-    """The lowest level (the index, sorted) from which the speed-up is above 1 at that level
-    and every level above (a dip lower down does not count); None if not at the top."""
-    slower = speedup[speedup <= 1.0]
-    above = speedup.index[speedup.index > slower.index.max()] if len(slower) else speedup.index
+def machine_noise(df: pd.DataFrame) -> float | None:
+    """The machine's noise the run measured at its start (the largest, if rows of several runs
+    are kept): the 90th percentile of how much slower than their median a fixed reference
+    read. None where nothing was measured."""
+    if "machine_noise_p90" not in df or df["machine_noise_p90"].isna().all():
+        return None
+    return float(df["machine_noise_p90"].max())
+
+
+def noise_note(df: pd.DataFrame) -> str:
+    """What stands beside every timing claim: the noise of the machine it was measured on."""
+    noise = machine_noise(df)
+    return "" if noise is None else f" (machine noise +{noise:.1%} at the 90th percentile)"
+
+
+def faster_from(faster: pd.Series) -> float | None:
+    """The lowest level (the index, sorted) from which a variant is faster (the boolean
+    values: its verdict) at that level and every level above (a dip lower down does not
+    count); None if not at the top."""
+    slower = faster[~faster.astype(bool)]
+    above = faster.index[faster.index > slower.index.max()] if len(slower) else faster.index
     return float(above.min()) if len(above) else None

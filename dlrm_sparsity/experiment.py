@@ -5,6 +5,9 @@
         items = exp.items(exp.metadata, flags={...})
         result = run.sweep(items, compute, tables=[TABLE], label="scoring")
 
+A timed experiment plans its TimingBudget from the sweep's start hook (`plan_timing`) and times
+each point with `time_point` (paired rounds sized by the budget, under the drift guard).
+
 It resolves the inputs (the demo's when none are given, its metadata made by the disk grid in
 the same session), reads the metadata and the test split onto the device, takes the timed
 batch (the first test batch, as the seed), sets the steady CPU allocator for the experiments
@@ -16,14 +19,17 @@ from __future__ import annotations
 import argparse
 import os
 from functools import cached_property, lru_cache
+from typing import Callable, Mapping, Sequence
 
 import torch
 
+from dlrm_sparsity.budget import TimingBudget
 from dlrm_sparsity.checkpoints import load_dlrm_state_dict, sha256_of_file
 from dlrm_sparsity.criteo.data import tensors_fingerprint
 from dlrm_sparsity.criteo.npy import NpySplit, check_table_count, is_npy_data
 from dlrm_sparsity.criteo.splits import open_split
 from dlrm_sparsity.disk import ensure_demo_metadata
+from dlrm_sparsity.drift import GUARD_BLOCK_S, DriftGuard
 from dlrm_sparsity.errors import UserInputError
 from dlrm_sparsity.evaluation import quality_metrics, score_split, streamed_quality
 from dlrm_sparsity.inputs import checkpoint_sha256, resolve_inputs
@@ -31,13 +37,15 @@ from dlrm_sparsity.model import DLRMConfig, DLRMNet
 from dlrm_sparsity.runner.outputs import KEY_COLUMNS, read_metadata
 from dlrm_sparsity.runner.session import Session
 from dlrm_sparsity.runner.sweep import Item
-from dlrm_sparsity.timing import DriftGuard, Timing, steady_cpu_allocator
+from dlrm_sparsity.timing import Paired, Timing, measure_paired, steady_cpu_allocator
 from dlrm_sparsity.variants import Dense
+
+WARMUP_S = 0.1  # the longest warm-up of one variant in a measurement
 
 
 class Experiment:
     """The inputs of one experiment run: args needs the data and metadata flags, batch_size,
-    and for a timed experiment threads and min_run_time (and optionally steady_malloc)."""
+    and for a timed experiment add_timing_args' flags (and optionally steady_malloc)."""
 
     def __init__(self, run: Session, args: argparse.Namespace, test_limit: int | None = None):
         self.run, self.args = run, args
@@ -62,7 +70,9 @@ class Experiment:
             self.data.update(timed_batch=tensors_fingerprint(self.batch.dense,
                                                              self.batch.indices),
                              threads=args.threads, min_run_time=args.min_run_time,
-                             rounds=args.rounds, steady_malloc=self.steady_malloc)
+                             rounds=args.rounds, steady_malloc=self.steady_malloc,
+                             time_budget=args.time_budget, guard_share=args.guard_share,
+                             min_effect=args.min_effect)
 
     def table_sizes(self) -> tuple[int, ...] | None:
         """The rows of the pruned models' tables, which torchrec's files take their ids
@@ -89,14 +99,52 @@ class Experiment:
         return quality_metrics(self.test.labels.cpu().numpy(),
                                score_split(model, self.test, len(self.batch.labels)))
 
+    @cached_property
+    def budget(self) -> TimingBudget:
+        """The run's timing budget (--time-budget), planned by plan_timing."""
+        return TimingBudget(self.args.time_budget, self.args.guard_share)
+
     @property
     def timing(self) -> Timing:
-        return Timing(self.args.threads, self.args.min_run_time)
+        """A point's first rounds: --min-run-time, shortened alike for all if the budget says."""
+        run_time = self.args.min_run_time * self.budget.scale
+        return Timing(self.args.threads, run_time, warmup_s=min(WARMUP_S, run_time))
+
+    def first_rounds_s(self, variants: int, run_time_factor: float = 1.0) -> float:
+        """What the first rounds of a measurement of that many variants take at the requested
+        --min-run-time (times run_time_factor): per variant a warm-up and the timed calls."""
+        run_time = self.args.min_run_time * run_time_factor
+        return variants * (run_time + min(WARMUP_S, run_time))
+
+    def plan_timing(self, units_of: Callable[[Item], Sequence[float]]
+                    ) -> Callable[[Sequence[Item]], None]:
+        """The sweep's start hook: plans the budget over the items left to compute, where
+        units_of(item) gives the first_rounds_s of each of an item's measurements."""
+        def start(todo: Sequence[Item]) -> None:
+            self.budget.plan([s for item in todo for s in units_of(item)])
+            if todo and self.run.is_main:
+                print(self.budget.plan_note())
+        return start
+
+    def paired(self, calls: Mapping[str, Callable[[], object]], base: str | None,
+               called: int = 0) -> Paired:
+        """One measurement: the calls in paired rounds of the budget's length, rounds added
+        while a ratio to base is undecided and the budget allows."""
+        max_s = self.budget.take_unit(self.first_rounds_s(len(calls)))
+        with self.budget.measuring():
+            return measure_paired(calls, self.timing, self.args.rounds, called, base=base,
+                                  max_s=max_s, min_effect=self.args.min_effect)
+
+    def time_point(self, calls: Mapping[str, Callable[[], object]], base: str | None,
+                   called: int = 0) -> tuple[Paired, dict]:
+        """paired() under the drift guard: the measurement and the guard's columns."""
+        return self.guard.guarded(lambda: self.paired(calls, base, called))
 
     @cached_property
     def guard(self) -> DriftGuard:
         """The run's drift guard, its reference the unpruned model's dense forward on the
-        timed batch (the metadata's first level-0 model, else its first)."""
+        timed batch (the metadata's first level-0 model, else its first); its readings as
+        long as a block of a point's first rounds."""
         base = next((m for m in self.metadata if float(m["sparsity_level"]) == 0.0),
                     self.metadata[0])
         try:
@@ -104,14 +152,23 @@ class Experiment:
         except UserInputError as exc:  # that model's own row will say so too
             print(f"note: timings are not guarded against drift (its reference: {exc})")
             reference = None
-        return DriftGuard(reference, self.timing, self.args.drift_margin,
-                          self.args.drift_retries, self.args.drift_wait)
+        block_s = max(GUARD_BLOCK_S, self.timing.min_run_time / self.args.rounds)
+        return DriftGuard(reference, self.budget, self.timing, block_s, self.args.drift_margin,
+                          self.args.drift_retries)
+
+    def timing_summary(self) -> str:
+        """The run's noise, guard and budget, for the end of a timed run."""
+        if self.budget.units == 0:
+            return "timing: nothing left to time (every row kept from an earlier run)"
+        return f"{self.guard.summary()}\n{self.budget.summary()}"
 
     def provenance(self) -> dict:
         """Where, with what and how every row was made (the same columns in every CSV)."""
         threads = self.args.threads if self.timed else None
+        timing = ({"time_budget_s": self.args.time_budget, "guard_share": self.args.guard_share,
+                   "min_effect": self.args.min_effect} if self.timed else {})
         return {**self.run.provenance(threads=threads, batch_size=self.args.batch_size),
-                "steady_malloc": self.steady_malloc,
+                "steady_malloc": self.steady_malloc, **timing,
                 "processed_data_file": self.inputs.processed,
                 **({"test_half": self.args.test_half} if self.npy else {})}
 

@@ -117,7 +117,8 @@ def plot_activation_sparsity(df: pd.DataFrame, path: str | os.PathLike) -> None:
         axes[1].plot(part["activation_level"], part["time_median_s"] * 1e3, style, marker="o",
                      markersize=3, label=variant)
     compact = first[first["variant"] == COMPACT].sort_values("activation_level")
-    faster = compact[compact["speedup_low"] > 1.0] if "speedup_low" in compact else compact[:0]
+    faster = (compact[compact["ratio_verdict"].eq("faster")] if "ratio_verdict" in compact
+              else compact[:0])
     if not faster.empty:
         level = faster["activation_level"].iloc[0]
         axes[1].axvline(level, color="grey", linewidth=0.8)

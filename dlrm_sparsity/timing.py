@@ -3,18 +3,18 @@
 torch.utils.benchmark gives the Timer (its default timer synchronises the accelerator before
 every reading), blocked_autorange and Measurement (median, IQR). Kept here: a warm-up long
 enough to price a slow statement, a floor on the number of runs so that every figure has a
-spread, paired rounds of the variants compared, a drift guard, and a steady CPU
-allocator.
+spread, paired rounds of the variants compared with rounds added until their verdict is clear
+(adaptive_autorange's idea, per ratio), and a steady CPU allocator. The drift guard is in
+drift.py, the run's budget in budget.py.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import time
 import timeit
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence, TypeVar
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -73,7 +73,7 @@ def trim_heap() -> None:
         pass  # not glibc: nothing to trim
 
 
-def _warm_up(fn: Callable[[], object], timing: Timing, called: int,
+def warm_up(fn: Callable[[], object], timing: Timing, called: int,
              timer: Callable[[], float]) -> float:
     """At least two calls, counting `called` that the caller already made (allocator growth,
     lazy init, kernel choice), for warmup_s; the price of one call."""
@@ -90,7 +90,7 @@ def measure(fn: Callable[[], object], label: str, timing: Timing, called: int = 
     warm-up's price of a call stretches min_run_time so that slow statements still get
     min_runs runs, and so a median and a spread."""
     with torch.inference_mode():
-        per_call = _warm_up(fn, timing, called, timer)
+        per_call = warm_up(fn, timing, called, timer)
         t = benchmark.Timer(stmt="fn()", globals={"fn": fn}, label=label,
                             num_threads=timing.threads, timer=timer)
         m = t.blocked_autorange(min_run_time=max(timing.min_run_time,
@@ -107,13 +107,12 @@ def timing_columns(m: benchmark.Measurement) -> dict:
             "n_runs": len(m.times), "number_per_run": m.number_per_run}
 
 
-ROUNDS = 5
-WAIT_STEP_S = 0.25  # between the drift guard's readings while it waits for calm
-# a run may always wait this long, and beyond it no longer than it has measured
-WAIT_FLOOR_S = 60.0
-# a reading of the reference lasts this long at least: a block of a few microseconds (a tiny
-# model, or a short --min-run-time) is mostly the clock's own noise, not the machine's
-GUARD_BLOCK_S = 0.01
+ROUNDS = 5  # a measurement's first rounds
+MAX_ROUNDS = 40  # rounds added for an undecided verdict stop here at the latest
+# a ratio within this of 1 is no claim: "same" needs its interval inside [1/(1+e), 1+e], and
+# "faster"/"slower" an interval that excludes 1 and a median beyond it. Without such a region a
+# 1% difference is "slower" on a quiet machine and "same" on a busy one.
+MIN_EFFECT = 0.05
 BOOTSTRAP_SAMPLES = 2000
 BOOTSTRAP_SEED = 0
 
@@ -133,11 +132,28 @@ class Ratio:
     median: float
     low: float
     high: float
+    min_effect: float = MIN_EFFECT
+
+    def _claim(self) -> str | None:
+        up, down = 1.0 + self.min_effect, 1.0 / (1.0 + self.min_effect)
+        if self.low > 1.0 and self.median >= up:
+            return "slower"
+        if self.high < 1.0 and self.median <= down:
+            return "faster"
+        if down <= self.low and self.high <= up:
+            return "same"
+        return None
+
+    @property
+    def decided(self) -> bool:
+        """Whether the interval settles the verdict (more rounds would not change it)."""
+        return self._claim() is not None
 
     @property
     def verdict(self) -> str:
-        """"slower" or "faster" only where the interval excludes 1."""
-        return "slower" if self.low > 1.0 else "faster" if self.high < 1.0 else "same"
+        """"slower" or "faster" only where the interval excludes 1 and the median differs
+        from 1 by at least min_effect; else "same" (within min_effect, or undecided)."""
+        return self._claim() or "same"
 
 
 @dataclass(frozen=True)
@@ -147,6 +163,7 @@ class Paired:
 
     times: dict[str, list[float]]
     numbers: dict[str, int]
+    min_effect: float = MIN_EFFECT
 
     def median(self, label: str) -> float:
         return float(np.median(self.times[label]))
@@ -165,7 +182,11 @@ class Paired:
         rng = np.random.default_rng(BOOTSTRAP_SEED)
         picks = rng.integers(0, len(per_round), (BOOTSTRAP_SAMPLES, len(per_round)))
         low, high = np.percentile(np.median(per_round[picks], axis=1), [2.5, 97.5])
-        return Ratio(float(np.median(per_round)), float(low), float(high))
+        return Ratio(float(np.median(per_round)), float(low), float(high), self.min_effect)
+
+    def decided(self, base: str) -> bool:
+        """Whether every variant's ratio to base has a clear verdict."""
+        return all(self.ratio(v, base).decided for v in self.times if v != base)
 
     def columns(self, label: str, base: str | None = None) -> dict:
         """One variant's CSV columns; with base, its ratio to base and the interval."""
@@ -175,128 +196,40 @@ class Paired:
         if base is not None:
             r = self.ratio(label, base)
             found.update(ratio_median=r.median, ratio_low=r.low, ratio_high=r.high,
-                         ratio_verdict=r.verdict)
+                         ratio_verdict=r.verdict, ratio_decided=r.decided)
         return found
 
 
 def measure_paired(calls: Mapping[str, Callable[[], object]], timing: Timing,
                    rounds: int = ROUNDS, called: int = 0,
-                   timer: Callable[[], float] = synchronising_timer) -> Paired:
+                   timer: Callable[[], float] = synchronising_timer, *,
+                   base: str | None = None, max_s: float | None = None,
+                   min_effect: float = MIN_EFFECT, max_rounds: int = MAX_ROUNDS) -> Paired:
     """Each variant warmed up, then timed in `rounds` rounds of one block each, in an order
     rotated every round (round_order). A block lasts about min_run_time / rounds (one call at
-    least), so each variant gets about min_run_time of timed calls in all."""
+    least), so each variant gets about min_run_time of timed calls in the first rounds.
+
+    With base and max_s: rounds are added one at a time while a ratio to base is undecided,
+    as long as the next round still fits in max_s seconds from the start (warm-up included),
+    up to max_rounds: sequential, so a clear verdict stops at once."""
     labels = list(calls)
+    start = timer()
     with torch.inference_mode():
-        per_call = {v: _warm_up(calls[v], timing, called, timer) for v in labels}
+        per_call = {v: warm_up(calls[v], timing, called, timer) for v in labels}
         numbers = {v: max(1, round(timing.min_run_time / rounds / max(per_call[v], 1e-9)))
                    for v in labels}
         # the stdlib's timeit on the synchronising timer: Timer.timeit would call each
         # function twice more before every block, which triples a slow statement's cost
         clocks = {v: timeit.Timer(calls[v], timer=timer) for v in labels}
         times: dict[str, list[float]] = {v: [] for v in labels}
+        paired = Paired(times, numbers, min_effect)
         with set_torch_threads(timing.threads):
-            for r in range(rounds):
-                for v in round_order(labels, r):
+            timed_from, done = timer(), 0
+            while done < rounds or (
+                    base is not None and max_s is not None and done < max_rounds
+                    and not paired.decided(base)
+                    and timer() - start + (timer() - timed_from) / done <= max_s):
+                for v in round_order(labels, done):
                     times[v].append(clocks[v].timeit(numbers[v]) / numbers[v])
-    return Paired(times, numbers)
-
-
-T = TypeVar("T")
-
-
-class DriftGuard:
-    """A fixed reference (the unpruned dense model's forward on the timed batch) read before
-    and after every measurement. A measurement taken while the reference was more than
-    `margin` off its run median is taken again, up to `retries` times, each time once the
-    reference is back within the margin (waiting, in all over the run, at most `wait_s`, and
-    beyond a minute no longer than the guarded measurements have taken so far); if it is still
-    disturbed it is kept and flagged. The run median is
-    that of the readings around the measurements kept undisturbed (and of five at the start):
-    a long disturbance does not become the norm."""
-
-    def __init__(self, reference: Callable[[], object] | None, timing: Timing,
-                 margin: float = 0.10, retries: int = 2, wait_s: float = 120.0,
-                 timer: Callable[[], float] = synchronising_timer):
-        """reference None: no guard (every measurement kept as it is, with no columns).
-        wait_s: the most the run waits, in all, for a disturbance to pass before a retry."""
-        self.margin, self.retries, self.wait_s = margin, retries, wait_s
-        self.waited_s = self.measured_s = 0.0
-        self.readings: list[float] = []  # every reading
-        self.baseline: list[float] = []  # the readings the run median is taken over
-        self.measured_again = 0
-        self.flagged = 0
-        if reference is None:
-            return
-        with torch.inference_mode():
-            per_call = _warm_up(reference, timing, 0, timer)
-        block_s = max(timing.min_run_time / ROUNDS, GUARD_BLOCK_S)
-        self.number = max(1, round(block_s / max(per_call, 1e-9)))
-        self.clock = timeit.Timer(reference, timer=timer)
-        self.threads = timing.threads
-        for _ in range(5):  # the run's first median
-            self.baseline.append(self.read())
-
-    def read(self) -> float:
-        """One block of the reference: seconds per call, kept among the readings."""
-        with torch.inference_mode(), set_torch_threads(self.threads):
-            seconds = self.clock.timeit(self.number) / self.number
-        self.readings.append(seconds)
-        return seconds
-
-    def drift(self, seconds: float) -> float:
-        """How much slower a reading is than the run median (0.1: 10%; 0 if not slower). Only
-        slowness counts: a load slows the reference down, while a reading faster than the
-        median means the median was taken on a slower machine (one still warming up)."""
-        return max(0.0, seconds / float(np.median(self.baseline)) - 1.0)
-
-    def guarded(self, measure: Callable[[], T]) -> tuple[T, dict]:
-        """measure() with the reference read around it; its result and the guard's columns:
-        the reference's seconds and largest drift around the kept attempt, the attempts made
-        again, and whether it stayed disturbed."""
-        if not self.readings:  # no reference: no guard
-            return measure(), {}
-        again = 0
-        while True:
-            before, start = self.read(), time.monotonic()
-            result = measure()
-            self.measured_s += time.monotonic() - start
-            after = self.read()
-            drift = max(self.drift(before), self.drift(after))
-            if drift <= self.margin or again == self.retries:
-                break
-            again += 1
-            self.wait_for_calm()
-        disturbed = drift > self.margin
-        if not disturbed:
-            self.baseline += [before, after]
-        self.measured_again += again
-        self.flagged += disturbed
-        return result, {"reference_s": (before + after) / 2, "reference_drift": drift,
-                        "measured_again": again, "disturbed": disturbed}
-
-    @property
-    def wait_left_s(self) -> float:
-        return min(self.wait_s, self.measured_s + WAIT_FLOOR_S) - self.waited_s
-
-    def wait_for_calm(self) -> None:
-        """Before measuring again: read the reference every WAIT_STEP_S until it is back within
-        the margin, for at most what is left of the run's wait budget (a machine that stays
-        busy spends the budget, then its points are measured and flagged at once)."""
-        start = time.monotonic()
-        while self.wait_left_s > 0 and self.drift(self.read()) > self.margin:
-            time.sleep(min(WAIT_STEP_S, self.wait_left_s))
-            self.waited_s += time.monotonic() - start
-            start = time.monotonic()
-
-    def spread(self) -> float:
-        """The reference's max / min over the run."""
-        return max(self.readings) / min(self.readings)
-
-    def summary(self) -> str:
-        if not self.readings:
-            return "drift guard: off (no reference model could be loaded)"
-        return (f"drift guard: reference {np.median(self.baseline) * 1e3:.2f} ms (median of "
-                f"{len(self.baseline)} undisturbed readings), max/min {self.spread():.2f} over "
-                f"all {len(self.readings)}; {self.measured_again} measurement(s) taken again, "
-                f"{self.flagged} flagged "
-                f"as disturbed (> {self.margin:.0%} off)")
+                done += 1
+    return paired

@@ -1,15 +1,13 @@
-"""The timing harness: paired rounds in a rotated order, ratios with intervals, the drift guard.
+"""The timing harness: paired rounds in a rotated order, ratios with intervals, rounds added
+until a verdict is clear.
 
 A fake clock stands in for the machine: every call of a timed function advances it by that
 function's cost times the machine's current slowdown, so disturbances are injected exactly.
 """
 
-import time
-
 import pytest
 
-from dlrm_sparsity import timing
-from dlrm_sparsity.timing import DriftGuard, Paired, Timing, measure_paired, round_order
+from dlrm_sparsity.timing import Paired, Ratio, Timing, measure_paired, round_order
 
 
 class Machine:
@@ -86,83 +84,60 @@ def test_an_interval_that_holds_one_is_no_verdict():
     assert paired.columns("b", "a")["ratio_verdict"] == "same"
 
 
-def guard_on(m: Machine, **options) -> DriftGuard:
-    return DriftGuard(m.work("reference", 0.01), TIMING, timer=m.clock, **options)
+def noisy(m: Machine, label: str, seconds: float, pattern: list[float]):
+    """A call whose cost cycles through pattern (the machine's noise, per call)."""
+    inner, count = m.work(label, seconds), [0]
+
+    def call():
+        m.slowdown = pattern[count[0] % len(pattern)]
+        count[0] += 1
+        inner()
+        m.slowdown = 1.0
+    return call
 
 
-def test_the_guard_measures_a_disturbed_point_again_and_keeps_a_clean_one():
+def test_a_difference_below_the_least_effect_is_the_same_not_slower():
+    """A tight interval just above 1 excludes 1, but a 2% difference is no claim: the same on
+    a quiet machine as on a busy one, where its interval would hold 1."""
+    assert Ratio(1.02, 1.01, 1.03).verdict == "same" and Ratio(1.02, 1.01, 1.03).decided
+    assert Ratio(1.10, 1.06, 1.14).verdict == "slower"
+    assert Ratio(0.5, 0.45, 0.55).verdict == "faster"
+    wide = Ratio(1.04, 0.98, 1.12)  # could be either: undecided, reported as no claim
+    assert not wide.decided and wide.verdict == "same"
+    assert Ratio(1.02, 1.01, 1.03, min_effect=0.0).verdict == "slower"  # the plain rule
+
+
+def test_rounds_are_added_until_the_verdict_is_clear():
+    """A 10% slower variant whose first five rounds are noisy (per-round ratios 0.95 to 1.25):
+    its interval holds 1, so rounds are added one at a time, each 1.1, until it is clear."""
     m = Machine()
-    guard = guard_on(m)
-    attempts = []
+    costs = iter([0.011, 0.011] + [0.0095, 0.0125, 0.0095, 0.0125, 0.011])  # warm-up, rounds
 
-    def point():  # a load starts during the first attempt and is gone by the second
-        attempts.append(1)
-        if len(attempts) == 1:
-            m.load_for(0.015, 2.0)  # the reading after this attempt runs at half speed
-        return len(attempts)
-    result, columns = guard.guarded(point)
-    assert result == 2 and columns["measured_again"] == 1 and not columns["disturbed"]
-    assert columns["reference_drift"] <= 0.10
-    assert (guard.measured_again, guard.flagged) == (1, 0)
+    def sparse():
+        m.now += next(costs, 0.011)
+    calls = {"dense": m.work("dense", 0.01), "sparse": sparse}
+    paired = measure_paired(calls, TIMING, rounds=5, timer=m.clock, base="dense", max_s=10.0)
+    r = paired.ratio("sparse", "dense")
+    assert len(paired.times["dense"]) > 5 and r.decided and r.verdict == "slower"
+    shorter = Paired({v: t[:-1] for v, t in paired.times.items()}, paired.numbers)
+    assert not shorter.ratio("sparse", "dense").decided  # it stopped at the first clear one
 
 
-def test_the_guard_flags_a_point_that_stays_disturbed_after_its_retries():
+def test_a_clear_verdict_takes_the_first_rounds_only():
     m = Machine()
-    guard = guard_on(m, retries=2, wait_s=0.3)  # the load outlasts the run's wait budget
-    calls = []
-
-    def point():
-        calls.append(1)
-        m.load_for(float("inf"), 1.5)  # a load that never stops
-    _, columns = guard.guarded(point)
-    assert len(calls) == 3 and columns["measured_again"] == 2 and columns["disturbed"]
-    assert columns["reference_drift"] > 0.10
-    assert guard.flagged == 1 and "1 flagged as disturbed" in guard.summary()
-    assert guard.wait_left_s <= 0  # spent once: the next disturbed point does not wait
-    start = time.monotonic()
-    guard.guarded(point)
-    assert time.monotonic() - start < 0.2 and guard.flagged == 2
+    calls = {"dense": m.work("dense", 0.01), "sparse": m.work("sparse", 0.02)}
+    paired = measure_paired(calls, TIMING, rounds=5, timer=m.clock, base="dense", max_s=10.0)
+    assert len(paired.times["sparse"]) == 5 and paired.ratio("sparse", "dense").verdict == "slower"
 
 
-def test_the_guard_waits_for_a_load_to_pass_before_measuring_again(monkeypatch):
-    """A load that outlasts the point's own readings: the guard reads the reference until the
-    load is gone (ten readings 0.01 s apart), then the retry is clean."""
-    monkeypatch.setattr(timing, "WAIT_STEP_S", 0.01)
+def test_added_rounds_stop_at_the_measurement_s_time_limit():
+    """Noise that never settles: rounds are added only while the next one fits in max_s."""
     m = Machine()
-    guard = guard_on(m, wait_s=5.0)
-    attempts = []
-
-    def point():
-        attempts.append(1)
-        if len(attempts) == 1:
-            m.load_for(0.2, 2.0)  # about ten of the reference's readings
-    _, columns = guard.guarded(point)
-    assert len(attempts) == 2 and columns["measured_again"] == 1 and not columns["disturbed"]
-    assert len(guard.readings) > 5 + 2 + 2 + 3  # the start, both attempts, and the waiting
-
-
-def test_a_quiet_machine_passes_the_guard_at_once():
-    m = Machine()
-    guard = guard_on(m)
-    _, columns = guard.guarded(lambda: None)
-    assert columns == {"reference_s": pytest.approx(0.01), "reference_drift": 0.0,
-                       "measured_again": 0, "disturbed": False}
-    assert guard.spread() == pytest.approx(1.0)
-
-
-def test_without_a_reference_the_guard_measures_once_and_says_it_is_off():
-    guard = DriftGuard(None, TIMING)
-    assert guard.guarded(lambda: 7) == (7, {})
-    assert guard.summary() == "drift guard: off (no reference model could be loaded)"
-
-
-def test_a_reference_faster_than_its_median_is_no_disturbance():
-    """The first readings of a run can be slow (a machine warming up): a faster reference
-    later is calm, and its readings join the run median."""
-    m = Machine()
-    m.slowdown = 1.3
-    guard = guard_on(m)
-    m.slowdown = 1.0
-    _, columns = guard.guarded(lambda: None)
-    assert columns["reference_drift"] == 0.0 and not columns["disturbed"]
-    assert len(guard.baseline) == 5 + 2
+    calls = {"dense": noisy(m, "dense", 0.01, [1.0, 1.5]),
+             "sparse": noisy(m, "sparse", 0.0104, [1.5, 1.0, 1.0])}
+    start = m.clock()
+    paired = measure_paired(calls, TIMING, rounds=5, timer=m.clock, base="dense", max_s=0.4)
+    assert m.clock() - start <= 0.4 + 0.05  # the last round started within the limit
+    assert 5 < len(paired.times["dense"]) < 40
+    unlimited = measure_paired(calls, TIMING, rounds=5, timer=m.clock, base="dense")
+    assert len(unlimited.times["dense"]) == 5  # no limit given: no rounds added

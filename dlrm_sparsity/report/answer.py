@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import pandas as pd
 
-from dlrm_sparsity.analysis import MODEL, highest_within, smallest_within, within_budget
+from dlrm_sparsity.analysis import (
+    MODEL,
+    highest_within,
+    noise_note,
+    smallest_within,
+    within_budget,
+)
 from dlrm_sparsity.report.results import Results
 from dlrm_sparsity.variants import COMPACT, DENSE, SPARSE
 
@@ -69,13 +75,13 @@ def forward_answer(forward: pd.DataFrame | None, within: pd.DataFrame) -> list[s
         return [f"- forward pass: run the dense model; the seed's torch.sparse variant is "
                 f"faster at none of the {len(sparse)} models within budget (95% intervals), "
                 f"and pruning does not speed up the dense forward ({dense.median() * 1e3:.2f} "
-                f"ms median, batch {int(forward['batch_size'].iloc[0])})"]
+                f"ms median, batch {int(forward['batch_size'].iloc[0])}){noise_note(forward)}"]
     best = faster.loc[faster["ratio_high"].idxmin()]
     return [f"- forward pass: the seed's torch.sparse variant is faster than dense at "
             f"{len(faster)} of {len(sparse)} models within budget; most at "
             f"{config_name(best['norm'], best['sparse_block_shape'])} level "
             f"{best['sparsity_level']:g}: {best['ratio_median']:.2f}x the dense time "
-            f"[{best['ratio_low']:.2f}, {best['ratio_high']:.2f}]"]
+            f"[{best['ratio_low']:.2f}, {best['ratio_high']:.2f}]{noise_note(forward)}"]
 
 
 def activation_answer(df: pd.DataFrame | None, budget: float) -> list[str]:
@@ -96,7 +102,8 @@ def activation_answer(df: pd.DataFrame | None, budget: float) -> list[str]:
         speed = (f"the compact forward takes {top['ratio_median']:.2f}x the masked dense "
                  f"one's time [{top['ratio_low']:.2f}, {top['ratio_high']:.2f}]"
                  if top.get("ratio_verdict") == "faster" else
-                 "the compact forward is not faster than the masked dense one beyond noise")
+                 "the compact forward is not faster than the masked dense one beyond noise"
+                 ) + noise_note(df)
         lines.append(f"- activation sparsity on {model}: up to level "
                      f"{top['activation_level']:g} (AUC {top['roc_auc']:.4f}, a drop of "
                      f"{top['auc_drop_vs_level0']:.4f} from the unpruned model), where {speed}")

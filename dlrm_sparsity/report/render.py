@@ -137,9 +137,12 @@ def build(results: Results, budgets: tuple[float, ...], report_dir: Path
             parts += [f"![{heading}]({exp.png})", ""]
     stability = stability_section(results)
     if stability:
-        parts += ["## Timing stability", "", "Every timed experiment re-times a reference "
-                  "around each point and measures a point again while the reference is off "
-                  "its run median (drift guard):", "", *stability, ""]
+        parts += ["## Timing stability", "", "Every timed experiment measures the machine's "
+                  "noise at its start (a fixed reference, the unpruned model's dense forward, "
+                  "read for a few seconds), then re-times the reference around each point and "
+                  "measures a point again while it reads slower than its median by more than "
+                  "the margin, within its share of the run's time budget (drift guard):", "",
+                  *stability, ""]
     failed = failures(results)
     if failed:
         parts += ["## Rows that failed", "", *failed, ""]

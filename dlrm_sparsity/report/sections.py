@@ -6,7 +6,7 @@ from typing import Iterator
 
 import pandas as pd
 
-from dlrm_sparsity.analysis import CONFIG, MODEL, first_level_below
+from dlrm_sparsity.analysis import CONFIG, MODEL, first_level_below, machine_noise
 from dlrm_sparsity.analysis import verdict_counts as verdicts
 from dlrm_sparsity.report.answer import config_name
 from dlrm_sparsity.variants import COMPACT, DENSE, MASKED, SPARSE
@@ -67,6 +67,16 @@ def dense_forward(df: pd.DataFrame) -> str:
             "between models are the machine's noise, not the pruning's doing.")
 
 
+def claims(df: pd.DataFrame) -> str:
+    """The rule every timing claim of a section follows, and the noise it was made in."""
+    effect = df["min_effect"].max() if "min_effect" in df else float("nan")
+    rule = ("A variant is called faster or slower only where its 95% interval excludes 1"
+            + (f" and its median differs from 1 by {effect:.0%} at least" if effect > 0 else ""))
+    noise = machine_noise(df)
+    return rule + ("." if noise is None else f"; the machine's noise during the run: "
+                   f"+{noise:.1%} at the 90th percentile of a fixed reference's readings.")
+
+
 def forward_section(df: pd.DataFrame) -> list[str]:
     sparse = df[df["dlrm_type"] == SPARSE]
     if sparse.empty or "ratio_median" not in sparse or sparse["ratio_median"].isna().all():
@@ -81,7 +91,8 @@ def forward_section(df: pd.DataFrame) -> list[str]:
     table = sparse.assign(shown=[f"{m:.2f} [{lo:.2f}, {hi:.2f}]" for m, lo, hi in zip(
         sparse["ratio_median"], sparse["ratio_low"], sparse["ratio_high"], strict=True)])
     return ["torch.sparse time / dense time, median of the rounds [95% interval]:", "",
-            text_pivot(table, "shown"), "", " ".join(sentences), "", dense_forward(df)]
+            text_pivot(table, "shown"), "", " ".join(sentences), "", claims(df), "",
+            dense_forward(df)]
 
 
 def text_pivot(df: pd.DataFrame, value: str, columns=CONFIG) -> str:
@@ -112,6 +123,7 @@ def memory_section(df: pd.DataFrame) -> list[str]:
             f"{f} {part['lookup_ratio_median'].median():.2f}x (median), "
             f"{verdicts(part, 'lookup_ratio_verdict')} of {len(part)} models"
             for f, part in timed.groupby("format", sort=False)) + ".")
+        sentences.append(claims(df))
     return lines + [" ".join(sentences)]
 
 
@@ -133,7 +145,7 @@ def activation_section(df: pd.DataFrame) -> list[str]:
                       f"{len(compact)} levels against the masked dense one; at level {top:g} "
                       f"it takes {compact.loc[top, 'ratio_median']:.2f}x the dense time "
                       f"[{compact.loc[top, 'ratio_low']:.2f}, "
-                      f"{compact.loc[top, 'ratio_high']:.2f}]."]
+                      f"{compact.loc[top, 'ratio_high']:.2f}]. {claims(one)}"]
     if "interaction" in one and (one["interaction"] == "dcn").any():
         lines += ["", "This is a DLRM_DCN: the mask applies to the cross net's output, the "
                       "over arch's input. The compact variant cuts only the over arch's first "
@@ -143,8 +155,8 @@ def activation_section(df: pd.DataFrame) -> list[str]:
 
 
 def stability_section(results) -> list[str]:
-    """The drift guard of every timed experiment: the reference's spread, the points measured
-    again, and those flagged."""
+    """Per timed experiment: the noise measured at its start, the drift guard's margin and
+    what it did, and its share of the timing."""
     lines = []
     for name in ("forward", "memory", "activation"):
         df = results.ok(name)
@@ -153,14 +165,23 @@ def stability_section(results) -> list[str]:
         df = df.drop_duplicates(subset=[c for c in MODEL + ["activation_level"] if c in df])
         ref = df["reference_s"].dropna()  # one row per point: its variants share the guard
         flagged = df[df["disturbed"].eq(True)]
-        lines.append(f"- {name}: the reference (the unpruned model's dense forward) read "
-                     f"{ref.median() * 1e3:.2f} ms median, max/min {ref.max() / ref.min():.2f} "
-                     f"over the run; {int(df['measured_again'].sum())} measurement(s) "
-                     f"taken again; {len(flagged)} row(s) flagged as disturbed"
-                     + (": " + ", ".join(sorted({f"{r['norm']} {r['sparse_block_shape']} "
-                                                 f"level {r['sparsity_level']:g}"
-                                                 for r in flagged.to_dict("records")}))
-                        if len(flagged) else ""))
+        noise = machine_noise(df)
+        text = f"- {name}: " + ("" if noise is None else
+                                f"machine noise +{noise:.1%} at the 90th percentile "
+                                f"(+{df['machine_noise_worst'].max():.1%} at worst), "
+                                f"margin {df['drift_margin'].max():.0%}; ")
+        text += (f"the reference read {ref.median() * 1e3:.2f} ms median, max/min "
+                 f"{ref.max() / ref.min():.2f}; {int(df['measured_again'].sum())} "
+                 f"measurement(s) taken again; {len(flagged)} point(s) flagged as disturbed")
+        if "guarded" in df:
+            text += f"; {int((~df['guarded'].astype(bool)).sum())} unguarded"
+        if "guard_s" in df and df["guard_s"].notna().any():
+            guard, measured = df["guard_s"].sum(), df["measure_s"].sum()
+            text += (f"; the guard took {guard:.1f} s, {guard / (guard + measured):.0%} of "
+                     f"the points' timing (at most {df['guard_share'].max():.0%})")
+        lines.append(text + ("" if flagged.empty else ": " + ", ".join(sorted(
+            {f"{r['norm']} {r['sparse_block_shape']} level {r['sparsity_level']:g}"
+             for r in flagged.to_dict("records")}))))
     return lines
 
 

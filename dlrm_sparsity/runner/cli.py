@@ -73,24 +73,33 @@ def add_metadata_arg(p: argparse.ArgumentParser) -> None:
                    "if missing)")
 
 
-def add_timing_args(p: argparse.ArgumentParser, min_run_time: float, why: str = "") -> None:
+def add_timing_args(p: argparse.ArgumentParser, min_run_time: float, time_budget: float,
+                    why: str = "") -> None:
     """The flags of the experiments that time forward passes with experiment 3's harness."""
     p.add_argument("--batch-size", type=positive_int, default=16384,
                    help="samples in the timed batch (the first test batch, as the seed), and "
                         "per scoring pass")
     p.add_argument("--threads", type=positive_int, default=torch.get_num_threads(),
                    help="CPU threads for torch, recorded in the CSV (default: torch's)")
-    p.add_argument("--min-run-time", type=float, default=min_run_time,
-                   help="seconds of timed runs per variant and measurement, after a warm-up"
-                        + why)
+    p.add_argument("--time-budget", type=positive_float, default=time_budget, metavar="SECONDS",
+                   help="the most seconds the run spends timing, drift guard included")
+    p.add_argument("--min-run-time", type=positive_float, default=min_run_time,
+                   help="seconds of timed calls per variant in a point's first rounds, after a "
+                        "warm-up (shortened if the budget is too small)" + why)
     p.add_argument("--rounds", type=positive_int, default=5,
-                   help="alternating rounds the variants compared are timed in")
-    p.add_argument("--drift-margin", type=float, default=0.10,
-                   help="how far the reference may drift before a point is measured again")
+                   help="the first alternating rounds the variants compared are timed in")
+    p.add_argument("--min-effect", type=fraction, default=0.05,
+                   help="the least difference of a time ratio from 1 claimed as faster or "
+                        "slower; rounds are added until each ratio is clear or the budget ends")
+    p.add_argument("--guard-share", type=fraction, default=0.20,
+                   help="the most of the budget the drift guard spends on readings, repeats "
+                        "and waits")
+    p.add_argument("--drift-margin", type=fraction, default=None,
+                   help="how much slower than its median the reference may read before a "
+                        "point is measured again (default: twice the machine's noise measured "
+                        "at the start, at least 0.05)")
     p.add_argument("--drift-retries", type=int, default=2, choices=range(0, 11), metavar="N",
                    help="times a disturbed point is measured again before it is flagged")
-    p.add_argument("--drift-wait", type=float, default=120.0, metavar="SECONDS",
-                   help="the most a run waits, in all, for a disturbance to pass")
 
 
 def positive_int(text: str) -> int:
@@ -100,6 +109,26 @@ def positive_int(text: str) -> int:
         value = 0  # not a number: the same message
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0  # not a number: the same message
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0  # not a number: the same message
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text}")
     return value
 
 

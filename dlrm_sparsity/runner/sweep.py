@@ -152,6 +152,7 @@ class Sweep:
     still_valid(item, tables) may refuse an earlier item's rows (per table) that the signature
     cannot judge: a zip that has since been deleted, a stage breakdown now asked for.
     prepare runs on the calling thread, compute on `workers` threads (none: both here).
+    start(items) is told, before the first is computed, which items this rank will compute.
     """
 
     items: Sequence[Item]
@@ -163,6 +164,7 @@ class Sweep:
     still_valid: Callable[[Item, list[list[dict]]], bool] | None = None
     prepare: Callable | None = None
     workers: int = 0
+    start: Callable[[Sequence[Item]], None] | None = None
 
 
 def run_sweep(ctx: DistContext, output_dir: Path, overwrite: bool, sweep: Sweep) -> SweepResult:
@@ -179,6 +181,8 @@ def run_sweep(ctx: DistContext, output_dir: Path, overwrite: bool, sweep: Sweep)
             kept += 1
         else:
             todo.append((index, item))
+    if sweep.start is not None:
+        sweep.start([item for _, item in todo])
     with tqdm(total=len(mine), initial=kept, desc=sweep.label, unit="item",
               disable=None if ctx.is_main else True) as bar:
         for finished, (index, item, outcome) in enumerate(

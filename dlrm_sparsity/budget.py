@@ -1,0 +1,127 @@
+"""A timed run's budget: the most seconds it may spend timing, stated once.
+
+torch.utils.benchmark's adaptive_autorange stops on a precision target within a time cap; a
+whole run needs the same over many points, and a drift guard that cannot eat the run. One
+TimingBudget per run is that cap, and both the rounds and the guard draw from it:
+
+- the rounds: each unit of measurement (a point's paired rounds, a stage breakdown) states what
+  its first rounds take at the requested --min-run-time; if all of them do not fit in
+  FIRST_ROUNDS_SHARE of the rounds' part, every unit is shortened alike (`scale`). Rounds added
+  for an undecided verdict draw on what is left, at most EXTENSION times the first rounds;
+- the guard (noise probe, reference readings, repeats, waits): its share, released unit by
+  unit, so an early storm cannot spend what later points need.
+
+A run that needs less than the budget is budgeted what it needs (`effective_s`), so that the
+guard's share is a share of the run, not of a cap the run never reaches.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Callable, ContextManager, Iterator, Sequence
+
+GUARD_SHARE = 0.20  # the drift guard's part of a run's timing, at most
+FIRST_ROUNDS_SHARE = 0.80  # the first rounds' part of the rounds' seconds; the rest: extras
+EXTENSION = 3.0  # a unit's rounds in all take at most this many times its first rounds
+NOISE_PROBE_S = 3.0  # the longest noise probe at a run's start
+PROBE_SHARE = 0.25  # and at most this part of the guard's share
+
+
+class TimingBudget:
+    """Seconds of timing for a whole run: `total_s` at most, `guard_share` of it for the guard.
+
+    plan(...) once the units are known, take_unit(...) before each; the seconds spent are booked
+    with measuring() or guarding() on `clock`; only the outermost booking counts.
+    """
+
+    def __init__(self, total_s: float, guard_share: float = GUARD_SHARE,
+                 clock: Callable[[], float] = time.perf_counter):
+        if not total_s > 0 or not 0 <= guard_share < 1:
+            raise ValueError(f"a timing budget needs total_s > 0 and 0 <= guard_share < 1, got "
+                             f"{total_s} and {guard_share}")
+        self.total_s, self.guard_share, self.clock = total_s, guard_share, clock
+        self.measured_s = self.guard_s = 0.0
+        self._booking_now = False
+        self.units = self.units_left = 0
+        self.first_left_s = 0.0
+        self.scale = 1.0
+        self.effective_s = total_s
+
+    def plan(self, first_rounds_s: Sequence[float]) -> None:
+        """The run's units, each given by what its first rounds take at the requested length."""
+        need = float(sum(first_rounds_s))
+        self.units = self.units_left = len(first_rounds_s)
+        rounds_s = self.total_s * (1.0 - self.guard_share)
+        self.scale = min(1.0, FIRST_ROUNDS_SHARE * rounds_s / need) if need else 1.0
+        self.effective_s = min(self.total_s,
+                               need / FIRST_ROUNDS_SHARE / (1.0 - self.guard_share))
+        self.first_left_s = need * self.scale
+
+    @property
+    def rounds_total_s(self) -> float:
+        return self.effective_s * (1.0 - self.guard_share)
+
+    @property
+    def guard_total_s(self) -> float:
+        return self.effective_s * self.guard_share
+
+    def take_unit(self, first_rounds_s: float) -> float:
+        """Start a unit whose first rounds take first_rounds_s at the requested length: the
+        most seconds it may take, extra rounds included (its share of what is left)."""
+        first = first_rounds_s * self.scale
+        left = max(0.0, self.rounds_total_s - self.measured_s)
+        fair = left * first / self.first_left_s if self.first_left_s > 0 else first
+        self.first_left_s = max(0.0, self.first_left_s - first)
+        self.units_left = max(0, self.units_left - 1)
+        return max(first, min(EXTENSION * first, fair))
+
+    @property
+    def probe_s(self) -> float:
+        """How long the noise probe at the start reads the reference."""
+        return min(NOISE_PROBE_S, PROBE_SHARE * self.guard_total_s)
+
+    def guard_left_s(self) -> float:
+        """What the guard may still spend now: the probe's part at once, the rest of its share
+        released unit by unit (the one about to start included)."""
+        started = min(1.0, (self.units - self.units_left + 1) / max(self.units, 1))
+        return self.probe_s + (self.guard_total_s - self.probe_s) * started - self.guard_s
+
+    def measuring(self) -> ContextManager[None]:
+        """Book the block as the rounds' time (unless a block around it is booked already)."""
+        return self._booking("measured_s")
+
+    def guarding(self) -> ContextManager[None]:
+        """Book the block as the guard's time: a repeat is the guard's, rounds and all."""
+        return self._booking("guard_s")
+
+    @contextmanager
+    def _booking(self, account: str) -> Iterator[None]:
+        if self._booking_now:  # the outermost booking takes the whole block
+            yield
+            return
+        self._booking_now, start = True, self.clock()
+        try:
+            yield
+        finally:
+            setattr(self, account, getattr(self, account) + self.clock() - start)
+            self._booking_now = False
+
+    @property
+    def spent_s(self) -> float:
+        return self.measured_s + self.guard_s
+
+    def plan_note(self) -> str:
+        shortened = (f"; the first rounds shortened to {self.scale:.0%} of --min-run-time to fit"
+                     if self.scale < 1.0 else "")
+        return (f"timing budget: {self.total_s:g} s at most (--time-budget), "
+                f"{self.effective_s:.0f} s for {self.units} unit(s) of this run, the drift "
+                f"guard's part at most {self.guard_share:.0%}{shortened}")
+
+    def summary(self) -> str:
+        share = self.guard_s / self.spent_s if self.spent_s else 0.0
+        over = (" (over: a unit takes one call per variant and round at least)"
+                if self.spent_s > self.effective_s * 1.05 else "")
+        return (f"timing: {self.spent_s:.1f} s of {self.effective_s:.0f} s budgeted{over}; "
+                f"rounds {self.measured_s:.1f} s, drift guard {self.guard_s:.1f} s ({share:.0%} "
+                "of the timing)")

@@ -1,0 +1,80 @@
+"""The timing budget: what a run plans, what each unit may take, what the guard may spend."""
+
+import pytest
+
+from dlrm_sparsity.budget import EXTENSION, FIRST_ROUNDS_SHARE, TimingBudget
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_run_that_fits_is_budgeted_what_it_needs():
+    """60 units of 1 s in a 600 s budget: nothing is shortened, and the run is budgeted what
+    its first rounds need plus room for extra rounds and the guard, not the whole cap."""
+    budget = TimingBudget(600.0)
+    budget.plan([1.0] * 60)
+    assert budget.scale == 1.0
+    assert budget.effective_s == pytest.approx(60 / FIRST_ROUNDS_SHARE / 0.8)
+    assert budget.guard_total_s == pytest.approx(0.2 * budget.effective_s)
+    assert budget.take_unit(1.0) == pytest.approx(min(EXTENSION, 1 / FIRST_ROUNDS_SHARE))
+
+
+def test_a_run_that_does_not_fit_is_shortened_alike():
+    budget = TimingBudget(60.0)
+    budget.plan([2.0] * 60)  # 120 s of first rounds for 60 * 0.8 * 0.8 = 38.4 s
+    assert budget.scale == pytest.approx(38.4 / 120)
+    assert budget.effective_s == 60.0
+    assert "shortened to 32%" in budget.plan_note()
+
+
+def test_unspent_seconds_carry_over_and_an_overrun_takes_from_later_units():
+    clock = Clock()
+    budget = TimingBudget(100.0, clock=clock)
+    budget.plan([1.0] * 4)  # effective 6.25 s: 5 s of rounds, 1.25 s of guard
+    first = budget.take_unit(1.0)
+    with budget.measuring():
+        clock.now += 1.0  # a quick unit: the rest is shared by the others
+    assert budget.take_unit(1.0) == pytest.approx(4.0 / 3)
+    with budget.measuring():
+        clock.now += 4.0  # an overrun: the others keep their first rounds, no more
+    assert first == pytest.approx(1.25) and budget.take_unit(1.0) == 1.0
+
+
+def test_the_guard_share_is_released_unit_by_unit():
+    clock = Clock()
+    budget = TimingBudget(1000.0, clock=clock)
+    budget.plan([10.0] * 4)  # effective 62.5 s, guard 12.5 s, probe 3 s
+    assert budget.probe_s == 3.0
+    assert budget.guard_left_s() == pytest.approx(3.0 + 9.5 / 4)
+    with budget.guarding():
+        clock.now += 5.0  # the probe and more: what is left waits for the next units
+    assert budget.guard_left_s() == pytest.approx(3.0 + 9.5 / 4 - 5.0)
+    for _ in range(4):
+        budget.take_unit(10.0)
+    assert budget.guard_left_s() == pytest.approx(12.5 - 5.0)
+    assert "guard 5.0 s (100% of the timing)" in budget.summary()
+
+
+def test_a_budget_refuses_nonsense():
+    with pytest.raises(ValueError, match="total_s > 0"):
+        TimingBudget(0.0)
+    with pytest.raises(ValueError, match="guard_share"):
+        TimingBudget(10.0, guard_share=1.0)
+
+
+def test_only_the_outermost_booking_counts():
+    """A repeat is the guard's work, its rounds included: nothing is booked twice."""
+    clock = Clock()
+    budget = TimingBudget(100.0, clock=clock)
+    with budget.guarding():
+        clock.now += 1.0
+        with budget.measuring():
+            clock.now += 2.0
+    with budget.measuring():
+        clock.now += 4.0
+    assert (budget.guard_s, budget.measured_s) == (3.0, 4.0)
