@@ -24,6 +24,7 @@ from dlrm_sparsity.analysis import (
     AUC_DROP_BUDGETS,
     MODEL,
     against_base,
+    claimed_verdicts,
     faster_from,
     highest_within,
 )
@@ -140,7 +141,7 @@ def summary(df: pd.DataFrame) -> str:
                                  for b, top in zip(AUC_DROP_BUDGETS, tops, strict=True)))
         for variant in (COMPACT, MASKED_SPARSE):
             one = part[part["variant"] == variant].set_index("activation_level").sort_index()
-            start = faster_from(one["ratio_verdict"].eq("faster"))
+            start = faster_from(claimed_verdicts(one).eq("faster"))
             lines.append(f"  {variant} / dense time: {1 / one['speedup_vs_dense'].max():.2f}x at "
                          f"best, {1 / one['speedup_vs_dense'].min():.2f}x at worst; " +
                          ("not faster beyond noise at the highest level" if start is None else

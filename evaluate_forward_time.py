@@ -10,8 +10,9 @@ of it within --time-budget.
 dlrm_forward_time_info.csv holds the seed's columns (time_taken is the mean) plus median, IQR,
 rounds, the ratio and its interval, the guard's columns, and the densities of the embeddings
 and of the interaction output. A per-stage breakdown
-(bottom MLP, embedding lookups, interaction, COO conversion, top MLP) for chosen levels goes to
-dlrm_forward_stage_times.csv; forward_time.png plots both.
+(bottom MLP, embedding lookups, interaction, COO conversion, top MLP) at chosen levels of the
+first config (the one plotted) goes to dlrm_forward_stage_times.csv; forward_time.png plots
+both.
 
 With no arguments it runs on the demo (running the disk-savings step first if needed).
 """
@@ -65,6 +66,9 @@ def parse_args(argv=None):
     p.add_argument("--stage-levels", nargs="+", default=["0.0", "0.5", "0.9", "1.0"],
                    metavar="LEVEL", help="levels whose stage breakdown is measured ('all': "
                    "every row)")
+    p.add_argument("--stage-configs", choices=("first", "all"), default="first",
+                   help="configs whose stage breakdown is measured: the metadata's first (the "
+                        "one forward_time.png draws) or all")
     return p.parse_args(argv)
 
 
@@ -91,15 +95,18 @@ def time_model(exp: Experiment, meta: dict, with_stages: bool) -> tuple[list[dic
     whole = {r["dlrm_type"]: r["time_median_s"] for r in rows}
     if not with_stages:
         return rows, []
-    exp.budget.take_unit(exp.first_rounds_s(STAGE_CALLS, STAGE_RUN_TIME))
+    planned = exp.first_rounds_s(STAGE_CALLS, STAGE_RUN_TIME)
+    exp.budget.take_unit(planned)
     stage_timing = Timing(timing.threads, timing.min_run_time * STAGE_RUN_TIME,
                           min(timing.warmup_s, timing.min_run_time * STAGE_RUN_TIME))
     config = f"{meta['norm']} {meta['sparse_block_shape']}"
+    start = exp.budget.clock()
     with exp.budget.measuring():
         stages = [{"dlrm_type": variant, "stage": stage, "config": config,
                    **timing_columns(measure(call, stage, stage_timing)),
                    "whole_forward_median_s": whole[variant]}
                   for variant, stage, call in stage_calls(model, batch)]
+    exp.budget.record(planned, exp.budget.clock() - start)
     return rows, stages
 
 
@@ -141,9 +148,12 @@ def main(argv=None) -> None:
         exp = Experiment(run, args, test_limit=args.batch_size)
         stage_levels = (None if args.stage_levels == ["all"]
                         else {float(x) for x in args.stage_levels})
+        first = exp.metadata[0] if exp.metadata else {}
 
         def staged(meta) -> bool:
-            return stage_levels is None or float(meta["sparsity_level"]) in stage_levels
+            same_config = all(meta[c] == first[c] for c in ("norm", "sparse_block_shape"))
+            return ((stage_levels is None or float(meta["sparsity_level"]) in stage_levels)
+                    and (args.stage_configs == "all" or same_config))
 
         def describe(item, rows):
             return f"{item.fields['checkpoint']}: " + ", ".join(

@@ -4,7 +4,8 @@ For every pruned model of sparse_model_metadata.csv and every storage format of
 dlrm_sparsity/formats.py (dense, coo, csr, csr_int64, row_pruned; with FBGEMM int8, int4 and
 row_pruned_int8), the tables are built in that format one at a time: the exact bytes of every
 tensor it keeps, their ratio to the dense float32 tables, and the embedding stage's time on
-the timed batch (at --forward-levels also the whole forward's), each timed in alternating
+the timed batch (at --timed-levels: bytes and quality at every level), and there also the
+whole forward's, each timed in alternating
 rounds against the dense tables' (ratios with 95% intervals; each model's formats one point
 for the drift guard). Lossless formats must give the dense pruned model's outputs (within
 1e-5); lossy (quantized) ones are scored on the whole test split. A format larger than the
@@ -60,15 +61,17 @@ def parse_args(argv=None):
                    help=f"storage formats, of {', '.join(FORMATS)} (default: all, less "
                         "those needing a missing FBGEMM)")
     add_timing_args(p, min_run_time=0.02, time_budget=120.0)
-    p.add_argument("--forward-levels", nargs="+", default=["0.0", "0.5", "0.9", "1.0"],
-                   metavar="LEVEL", help="levels whose whole forward is timed in every format "
-                   "('all': every row)")
+    p.add_argument("--timed-levels", "--forward-levels", dest="timed_levels", nargs="+",
+                   default=["0.0", "0.5", "0.9", "1.0"], metavar="LEVEL",
+                   help="levels whose lookups and whole forward are timed in every format "
+                        "('all': every row)")
     return p.parse_args(argv)
 
 
 def measure_format(exp: Experiment, name: str, dense: FormatTables, reference: torch.Tensor,
-                   timed_forward: bool) -> dict:
-    """One format's row; dense: the model with its tables in the dense format."""
+                   timed: bool) -> dict:
+    """One format's row, its lookup and whole forward timed if asked; dense: the model with its
+    tables in the dense format."""
     cls, batch, model = FORMATS[name], exp.batch, dense.model
     tables = [bag.weight.detach() for bag in model.emb_l]
     dense_bytes = sum(t.nbytes for t in tables)
@@ -83,16 +86,18 @@ def measure_format(exp: Experiment, name: str, dense: FormatTables, reference: t
     if not cls.lossy and not row["max_abs_diff"] <= AGREEMENT_TOLERANCE:
         raise RuntimeError(f"format {name}: outputs differ from the dense model's by "
                            f"{row['max_abs_diff']:.3g} (> {AGREEMENT_TOLERANCE})")
-    row.update(timed(exp, "lookup", {v.label: lambda v=v: v.embed(batch.offsets, batch.indices)
-                                     for v in (dense, served)}, name))
-    if timed_forward:
-        row.update(timed(exp, "forward", {v.label: v.on(batch) for v in (dense, served)}, name))
+    if timed:
+        row.update(against_dense(exp, "lookup", {
+            v.label: lambda v=v: v.embed(batch.offsets, batch.indices) for v in (dense, served)},
+            name))
+        row.update(against_dense(exp, "forward", {v.label: v.on(batch) for v in (dense, served)},
+                                 name))
     if cls.lossy:
         row.update(exp.score(served), quality_source="scored in this format")
     return row
 
 
-def timed(exp: Experiment, what: str, calls: dict, name: str) -> dict:
+def against_dense(exp: Experiment, what: str, calls: dict, name: str) -> dict:
     """A format's calls against the dense format's, in alternating rounds (hundreds of short
     measurements: a warm-up as long as the timing itself); the format's median, IQR and ratio
     to dense, as what_* columns."""
@@ -143,15 +148,15 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     with Session(argv, args.output_dir, args.device, args.overwrite) as run:
         formats = choose_formats(args.formats, run.device)
-        forward_levels = (None if args.forward_levels == ["all"]
-                          else {float(x) for x in args.forward_levels})
+        timed_levels = (None if args.timed_levels == ["all"]
+                        else {float(x) for x in args.timed_levels})
         exp = Experiment(run, args)
 
-        def forward_timed(meta) -> bool:
-            return forward_levels is None or float(meta["sparsity_level"]) in forward_levels
+        def timed_at(meta) -> bool:
+            return timed_levels is None or float(meta["sparsity_level"]) in timed_levels
 
         items = [item for meta in exp.metadata for item in exp.items(
-            [meta], {"formats": formats, "forward": forward_timed(meta)})]
+            [meta], {"formats": formats, "timed": timed_at(meta)})]
 
         def compute(item):
             model = exp.model(item.payload)
@@ -165,13 +170,14 @@ def main(argv=None) -> None:
                 rows = []
                 for name in formats:
                     rows.append(measure_format(exp, name, dense_tables, reference,
-                                               forward_timed(item.payload)))
+                                               timed_at(item.payload)))
                     if large:  # freed tables must not stay resident under the next format's
                         trim_heap()  # (small models: regrowing the heap costs)
                 return rows
             # one model's formats are one point for the drift guard: hundreds of short
             # measurements, each read around, would cost more than they measure
-            rows, guarded = exp.guard.guarded(every_format)
+            rows, guarded = (exp.guard.guarded(every_format) if timed_at(item.payload)
+                             else (every_format(), {}))
             for row in rows:
                 row.update(guarded)  # held lossless formats give the dense model's outputs, checked
                 if not row["lossy"] and row["held"]:
@@ -183,7 +189,7 @@ def main(argv=None) -> None:
                 f"{r['format']} {r['bytes_ratio']:.2f}" for r in rows)
 
         def units(item) -> list[float]:  # each format's lookup, and forward if timed
-            return [exp.first_rounds_s(2)] * len(formats) * (1 + item.fields["forward"])
+            return [exp.first_rounds_s(2)] * len(formats) * 2 * item.fields["timed"]
 
         result = run.sweep(items, compute, tables=[MEMORY], label="formats", describe=describe,
                            start=exp.plan_timing(units))

@@ -66,11 +66,26 @@ def first_level_below(df: pd.DataFrame, column: str, limit: float = 1.0,
     return found
 
 
+FLAGGED = "flagged"  # the claimed verdict of a point the drift guard could not clean
+
+
+def claimed_verdicts(df: pd.DataFrame, column: str = "ratio_verdict") -> pd.Series:
+    """The verdicts a summary may claim: each row's, but FLAGGED where the drift guard kept
+    the point disturbed (a measurement that could not be made clean is never claimed from)."""
+    verdicts = df[column].copy()
+    if "disturbed" in df:
+        verdicts[df["disturbed"].eq(True)] = FLAGGED
+    return verdicts
+
+
 def verdict_counts(df: pd.DataFrame, column: str = "ratio_verdict") -> str:
-    """How many rows' intervals put a variant above, around or below its base."""
-    counts = df[column].value_counts()
-    return ", ".join(f"{what} at {counts.get(v, 0)}" for v, what in (
+    """How many rows' claimed verdicts put a variant above, around or below its base, and how
+    many are not claimed from."""
+    counts = claimed_verdicts(df, column).value_counts()
+    text = ", ".join(f"{what} at {counts.get(v, 0)}" for v, what in (
         ("slower", "slower"), ("same", "not distinguishable"), ("faster", "faster")))
+    flagged = counts.get(FLAGGED, 0)
+    return text + (f", disturbed (not claimed from) at {flagged}" if flagged else "")
 
 
 def machine_noise(df: pd.DataFrame) -> float | None:

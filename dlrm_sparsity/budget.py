@@ -6,8 +6,10 @@ TimingBudget per run is that cap, and both the rounds and the guard draw from it
 
 - the rounds: each unit of measurement (a point's paired rounds, a stage breakdown) states what
   its first rounds take at the requested --min-run-time; if all of them do not fit in
-  FIRST_ROUNDS_SHARE of the rounds' part, every unit is shortened alike (`scale`). Rounds added
-  for an undecided verdict draw on what is left, at most EXTENSION times the first rounds;
+  FIRST_ROUNDS_SHARE of the rounds' part, every unit is shortened alike (`scale`). What the
+  first rounds really take (`pace`: a slow call cannot be cut below one per round) is learnt
+  as units end. Rounds added for an undecided verdict draw on what is left beyond every unit's
+  first rounds, at most EXTENSION times a unit's first rounds in all;
 - the guard (noise probe, reference readings, repeats, waits): its share, released unit by
   unit, so an early storm cannot spend what later points need.
 
@@ -44,19 +46,37 @@ class TimingBudget:
         self.measured_s = self.guard_s = 0.0
         self._booking_now = False
         self.units = self.units_left = 0
-        self.first_left_s = 0.0
+        self.need_s = self.first_left_s = 0.0
+        self.planned_done_s = self.first_done_s = 0.0
         self.scale = 1.0
-        self.effective_s = total_s
 
     def plan(self, first_rounds_s: Sequence[float]) -> None:
         """The run's units, each given by what its first rounds take at the requested length."""
-        need = float(sum(first_rounds_s))
+        self.need_s = float(sum(first_rounds_s))
         self.units = self.units_left = len(first_rounds_s)
         rounds_s = self.total_s * (1.0 - self.guard_share)
-        self.scale = min(1.0, FIRST_ROUNDS_SHARE * rounds_s / need) if need else 1.0
-        self.effective_s = min(self.total_s,
-                               need / FIRST_ROUNDS_SHARE / (1.0 - self.guard_share))
-        self.first_left_s = need * self.scale
+        self.scale = min(1.0, FIRST_ROUNDS_SHARE * rounds_s / self.need_s) if self.need_s else 1.0
+        self.first_left_s = self.need_s * self.scale
+
+    @property
+    def pace(self) -> float:
+        """What the first rounds of the units done took over what the plan said (at least 1):
+        a unit takes one call per variant and round however short its blocks are asked to be,
+        which no plan made before the first call can know."""
+        return max(1.0, self.first_done_s / self.planned_done_s) if self.planned_done_s else 1.0
+
+    def record(self, planned_s: float, first_rounds_s: float) -> None:
+        """A unit planned at planned_s (at the requested length) whose first rounds took
+        first_rounds_s: the pace of the rest."""
+        self.planned_done_s += planned_s * self.scale
+        self.first_done_s += first_rounds_s
+
+    @property
+    def effective_s(self) -> float:
+        """What the run is budgeted: what its first rounds need at the pace seen, with room for
+        extra rounds and the guard, and never more than total_s."""
+        need = self.need_s * self.scale * self.pace
+        return min(self.total_s, need / FIRST_ROUNDS_SHARE / (1.0 - self.guard_share))
 
     @property
     def rounds_total_s(self) -> float:
@@ -68,13 +88,15 @@ class TimingBudget:
 
     def take_unit(self, first_rounds_s: float) -> float:
         """Start a unit whose first rounds take first_rounds_s at the requested length: the
-        most seconds it may take, extra rounds included (its share of what is left)."""
-        first = first_rounds_s * self.scale
-        left = max(0.0, self.rounds_total_s - self.measured_s)
-        fair = left * first / self.first_left_s if self.first_left_s > 0 else first
-        self.first_left_s = max(0.0, self.first_left_s - first)
+        most seconds it may take, extra rounds included: its first rounds at the pace seen,
+        and its share of what the rounds' part holds beyond every unit's first rounds."""
+        first = first_rounds_s * self.scale * self.pace
+        self.first_left_s = max(0.0, self.first_left_s - first_rounds_s * self.scale)
         self.units_left = max(0, self.units_left - 1)
-        return max(first, min(EXTENSION * first, fair))
+        others = self.first_left_s * self.pace
+        spare = self.rounds_total_s - self.measured_s - others - first
+        share = spare * first / (first + others) if first + others > 0 else 0.0
+        return first + max(0.0, min((EXTENSION - 1.0) * first, share))
 
     @property
     def probe_s(self) -> float:
@@ -121,7 +143,8 @@ class TimingBudget:
     def summary(self) -> str:
         share = self.guard_s / self.spent_s if self.spent_s else 0.0
         over = (" (over: a unit takes one call per variant and round at least)"
-                if self.spent_s > self.effective_s * 1.05 else "")
-        return (f"timing: {self.spent_s:.1f} s of {self.effective_s:.0f} s budgeted{over}; "
-                f"rounds {self.measured_s:.1f} s, drift guard {self.guard_s:.1f} s ({share:.0%} "
-                "of the timing)")
+                if self.spent_s > self.total_s * 1.05 else "")
+        return (f"timing: {self.spent_s:.1f} s of a {self.total_s:g} s budget{over} (this run "
+                f"needed {self.effective_s:.0f} s at the pace its first rounds took, "
+                f"{self.pace:.2f}x the plan); rounds {self.measured_s:.1f} s, drift guard "
+                f"{self.guard_s:.1f} s ({share:.0%} of the timing)")

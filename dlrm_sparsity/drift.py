@@ -5,8 +5,10 @@ seconds when a timed run starts: how much slower than their median its readings 
 machine's noise, written into every row. A point is then measured with the reference read
 before and after it; one taken while the reference was slower than the run median by more than
 the margin (twice the noise, unless given) is measured again once the reference is back within
-it. Every reading, repeat and wait is paid from the guard's share of the run's TimingBudget:
-when that is spent, points are measured as they are, and said to be unguarded.
+it. The noise is re-read from every reading as the run goes: a machine that settles into a
+slower state for minutes is noisier than its first seconds showed, not disturbed for the rest
+of the run. Every reading, repeat and wait is paid from the guard's share of the run's
+TimingBudget: when that is spent, points are measured as they are, and said to be unguarded.
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ class DriftGuard:
     """The reference read around every measurement, within the budget's guard share.
 
     reference None: no guard (every measurement is kept as it is, with no columns).
-    margin None: twice the noise measured at the start (at least MIN_MARGIN).
+    margin None: twice the noise (its 90th percentile) over the readings so far, at least
+    MIN_MARGIN.
     """
 
     def __init__(self, reference: Callable[[], object] | None, budget: TimingBudget,
@@ -68,8 +71,8 @@ class DriftGuard:
         self.readings: list[float] = []  # every reading
         self.baseline: list[float] = []  # the readings the run median is taken over
         self.measured_again = self.flagged = self.unguarded = 0
-        self.noise: Noise | None = None
-        self.margin = margin
+        self.noise: Noise | None = None  # at the start
+        self.fixed_margin = margin
         self.probe_cost_s = 0.0  # booked on the first point's guard_s column
         if reference is None:
             return
@@ -85,8 +88,6 @@ class DriftGuard:
                 self._read()
         self.noise = Noise.of(self.readings)
         self.baseline = list(self.readings)
-        if margin is None:
-            self.margin = max(MIN_MARGIN, MARGIN_PER_NOISE * self.noise.p90)
         self.read_s = (budget.clock() - start) / len(self.readings)
         self.probe_cost_s = budget.guard_s - guard_s
 
@@ -97,6 +98,13 @@ class DriftGuard:
         self.readings.append(seconds)
         return seconds
 
+    @property
+    def margin(self) -> float:
+        """How much slower than the run median a reading may be before it is a disturbance."""
+        if self.fixed_margin is not None:
+            return self.fixed_margin
+        return max(MIN_MARGIN, MARGIN_PER_NOISE * Noise.of(self.readings).p90)
+
     def drift(self, seconds: float) -> float:
         """How much slower a reading is than the run median (0.1: 10%; 0 if not slower). Only
         slowness counts: a load slows the reference down, while a reading faster than the
@@ -104,9 +112,8 @@ class DriftGuard:
         return max(0.0, seconds / float(np.median(self.baseline)) - 1.0)
 
     def run_columns(self) -> dict:
-        """The columns every guarded row shares: the noise measured at the start, the margin."""
-        return {"machine_noise_p90": self.noise.p90, "machine_noise_worst": self.noise.worst,
-                "drift_margin": self.margin}
+        """The columns every guarded row shares: the noise measured at the start."""
+        return {"machine_noise_p90": self.noise.p90, "machine_noise_worst": self.noise.worst}
 
     def guarded(self, measure: Callable[[], T]) -> tuple[T, dict]:
         """measure() (which books its own rounds) with the reference read around it; its
@@ -134,31 +141,31 @@ class DriftGuard:
         took = self.budget.clock() - start
         with self.budget.guarding():
             after = self._read()
-        drift, again = max(self.drift(before), self.drift(after)), 0
-        while (drift > self.margin and again < self.retries
+        drift, again, margin = max(self.drift(before), self.drift(after)), 0, self.margin
+        while (drift > margin and again < self.retries
                and self.budget.guard_left_s() >= took + 2 * self.read_s):
             again += 1
-            self.wait_for_calm(self.budget.guard_left_s() - took - 2 * self.read_s)
+            self.wait_for_calm(self.budget.guard_left_s() - took - 2 * self.read_s, margin)
             with self.budget.guarding():  # a repeat is the guard's extra work
                 before, result, after = self._read(), measure(), self._read()
             drift = max(self.drift(before), self.drift(after))
-        disturbed = drift > self.margin
+        disturbed = drift > margin
         if not disturbed:
             self.baseline += [before, after]
         self.measured_again += again
         self.flagged += disturbed
         return result, {"guarded": True, "reference_s": (before + after) / 2,
-                        "reference_drift": drift, "measured_again": again,
-                        "disturbed": disturbed}
+                        "reference_drift": drift, "drift_margin": margin,
+                        "measured_again": again, "disturbed": disturbed}
 
-    def wait_for_calm(self, limit_s: float) -> None:
+    def wait_for_calm(self, limit_s: float, margin: float) -> None:
         """Before measuring again: read the reference every WAIT_STEP_S until it is back within
         the margin, for at most limit_s (a machine that stays busy spends it, and the point is
         then measured again at once)."""
         with self.budget.guarding():
             start = self.budget.clock()
             while (self.budget.clock() - start < limit_s
-                   and self.drift(self._read()) > self.margin):
+                   and self.drift(self._read()) > margin):
                 time.sleep(max(0.0, min(WAIT_STEP_S, limit_s - (self.budget.clock() - start))))
 
     def spread(self) -> float:
@@ -172,6 +179,6 @@ class DriftGuard:
         return (f"machine noise: the reference (the unpruned dense forward, "
                 f"{np.median(self.baseline) * 1e3:.2f} ms) read {self.noise.describe()} over "
                 f"{self.noise.readings} readings at the start, {run.describe()} over all "
-                f"{run.readings}; drift guard margin {self.margin:.0%}: "
+                f"{run.readings}; drift guard margin {self.margin:.0%} at the end: "
                 f"{self.measured_again} measurement(s) taken again, {self.flagged} flagged "
                 f"as disturbed, {self.unguarded} unguarded (its share of the budget spent)")

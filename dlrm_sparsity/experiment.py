@@ -106,15 +106,17 @@ class Experiment:
 
     @property
     def timing(self) -> Timing:
-        """A point's first rounds: --min-run-time, shortened alike for all if the budget says."""
+        """A point's first rounds: --min-run-time, shortened alike for all if the budget says;
+        each variant warmed up for one block (two calls at least)."""
         run_time = self.args.min_run_time * self.budget.scale
-        return Timing(self.args.threads, run_time, warmup_s=min(WARMUP_S, run_time))
+        return Timing(self.args.threads, run_time,
+                      warmup_s=min(WARMUP_S, run_time / self.args.rounds))
 
     def first_rounds_s(self, variants: int, run_time_factor: float = 1.0) -> float:
         """What the first rounds of a measurement of that many variants take at the requested
         --min-run-time (times run_time_factor): per variant a warm-up and the timed calls."""
         run_time = self.args.min_run_time * run_time_factor
-        return variants * (run_time + min(WARMUP_S, run_time))
+        return variants * (run_time + min(WARMUP_S, run_time / self.args.rounds))
 
     def plan_timing(self, units_of: Callable[[Item], Sequence[float]]
                     ) -> Callable[[Sequence[Item]], None]:
@@ -130,10 +132,13 @@ class Experiment:
                called: int = 0) -> Paired:
         """One measurement: the calls in paired rounds of the budget's length, rounds added
         while a ratio to base is undecided and the budget allows."""
-        max_s = self.budget.take_unit(self.first_rounds_s(len(calls)))
+        planned = self.first_rounds_s(len(calls))
+        max_s = self.budget.take_unit(planned)
         with self.budget.measuring():
-            return measure_paired(calls, self.timing, self.args.rounds, called, base=base,
-                                  max_s=max_s, min_effect=self.args.min_effect)
+            paired = measure_paired(calls, self.timing, self.args.rounds, called, base=base,
+                                    max_s=max_s, min_effect=self.args.min_effect)
+        self.budget.record(planned, paired.first_rounds_s)
+        return paired
 
     def time_point(self, calls: Mapping[str, Callable[[], object]], base: str | None,
                    called: int = 0) -> tuple[Paired, dict]:

@@ -11,6 +11,7 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from dlrm_sparsity.analysis import claimed_verdicts  # noqa: E402
 from dlrm_sparsity.runner.atomic import atomic_path  # noqa: E402
 from dlrm_sparsity.variants import COMPACT, DENSE, MASKED, MASKED_SPARSE, SPARSE  # noqa: E402
 
@@ -117,7 +118,7 @@ def plot_activation_sparsity(df: pd.DataFrame, path: str | os.PathLike) -> None:
         axes[1].plot(part["activation_level"], part["time_median_s"] * 1e3, style, marker="o",
                      markersize=3, label=variant)
     compact = first[first["variant"] == COMPACT].sort_values("activation_level")
-    faster = (compact[compact["ratio_verdict"].eq("faster")] if "ratio_verdict" in compact
+    faster = (compact[claimed_verdicts(compact).eq("faster")] if "ratio_verdict" in compact
               else compact[:0])
     if not faster.empty:
         level = faster["activation_level"].iloc[0]

@@ -109,6 +109,11 @@ def timing_columns(m: benchmark.Measurement) -> dict:
 
 ROUNDS = 5  # a measurement's first rounds
 MAX_ROUNDS = 40  # rounds added for an undecided verdict stop here at the latest
+# an early look after this many rounds stops a measurement whose every round puts each variant
+# beyond twice the least effect on one side of its base: a stricter bar for an earlier look, as
+# group-sequential designs set it, so that a clear difference (torch.sparse at 1.4x to 11x the
+# dense time) does not pay for rounds that cannot change its verdict
+EARLY_ROUNDS = 3
 # a ratio within this of 1 is no claim: "same" needs its interval inside [1/(1+e), 1+e], and
 # "faster"/"slower" an interval that excludes 1 and a median beyond it. Without such a region a
 # 1% difference is "slower" on a quiet machine and "same" on a busy one.
@@ -164,6 +169,7 @@ class Paired:
     times: dict[str, list[float]]
     numbers: dict[str, int]
     min_effect: float = MIN_EFFECT
+    first_rounds_s: float = 0.0  # what the warm-up and the first rounds took, on the timer
 
     def median(self, label: str) -> float:
         return float(np.median(self.times[label]))
@@ -188,6 +194,16 @@ class Paired:
         """Whether every variant's ratio to base has a clear verdict."""
         return all(self.ratio(v, base).decided for v in self.times if v != base)
 
+    def clear_early(self, base: str) -> bool:
+        """Whether every round so far puts every variant at least twice min_effect away from
+        base, all on one side (the early look's bar)."""
+        far = 1.0 + 2.0 * self.min_effect
+        for v in self.times:
+            per_round = np.asarray(self.times[v]) / np.asarray(self.times[base])
+            if v != base and not ((per_round >= far).all() or (per_round <= 1 / far).all()):
+                return False
+        return True
+
     def columns(self, label: str, base: str | None = None) -> dict:
         """One variant's CSV columns; with base, its ratio to base and the interval."""
         found = {"time_median_s": self.median(label), "time_iqr_s": self.iqr(label),
@@ -209,9 +225,11 @@ def measure_paired(calls: Mapping[str, Callable[[], object]], timing: Timing,
     rotated every round (round_order). A block lasts about min_run_time / rounds (one call at
     least), so each variant gets about min_run_time of timed calls in the first rounds.
 
-    With base and max_s: rounds are added one at a time while a ratio to base is undecided,
-    as long as the next round still fits in max_s seconds from the start (warm-up included),
-    up to max_rounds: sequential, so a clear verdict stops at once."""
+    With base: the first rounds stop after EARLY_ROUNDS (when `rounds` is more) if every one
+    puts each variant beyond twice min_effect on one side of base (Paired.clear_early). With
+    base and max_s: rounds are added one at a time while a ratio to base is undecided, as long
+    as the next round still fits in max_s seconds from the start (warm-up included), up to
+    max_rounds: sequential, so a clear verdict stops at once."""
     labels = list(calls)
     start = timer()
     with torch.inference_mode():
@@ -222,14 +240,17 @@ def measure_paired(calls: Mapping[str, Callable[[], object]], timing: Timing,
         # function twice more before every block, which triples a slow statement's cost
         clocks = {v: timeit.Timer(calls[v], timer=timer) for v in labels}
         times: dict[str, list[float]] = {v: [] for v in labels}
-        paired = Paired(times, numbers, min_effect)
+        paired, first_rounds_s = Paired(times, numbers, min_effect), 0.0
         with set_torch_threads(timing.threads):
-            timed_from, done = timer(), 0
-            while done < rounds or (
-                    base is not None and max_s is not None and done < max_rounds
-                    and not paired.decided(base)
-                    and timer() - start + (timer() - timed_from) / done <= max_s):
+            timed_from, done, first = timer(), 0, True
+            while first or (base is not None and max_s is not None and done < max_rounds
+                            and not paired.decided(base)
+                            and timer() - start + (timer() - timed_from) / done <= max_s):
                 for v in round_order(labels, done):
                     times[v].append(clocks[v].timeit(numbers[v]) / numbers[v])
                 done += 1
-    return paired
+                early = (base is not None and done == EARLY_ROUNDS < rounds
+                         and paired.clear_early(base))
+                if first and (done == rounds or early):
+                    first, first_rounds_s = False, timer() - start
+    return Paired(times, numbers, min_effect, first_rounds_s)

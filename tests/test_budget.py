@@ -57,7 +57,7 @@ def test_the_guard_share_is_released_unit_by_unit():
     for _ in range(4):
         budget.take_unit(10.0)
     assert budget.guard_left_s() == pytest.approx(12.5 - 5.0)
-    assert "guard 5.0 s (100% of the timing)" in budget.summary()
+    assert "drift guard 5.0 s (100% of the timing)" in budget.summary()
 
 
 def test_a_budget_refuses_nonsense():
@@ -78,3 +78,23 @@ def test_only_the_outermost_booking_counts():
     with budget.measuring():
         clock.now += 4.0
     assert (budget.guard_s, budget.measured_s) == (3.0, 4.0)
+
+
+def test_the_pace_of_slow_calls_raises_the_run_s_need_up_to_the_budget():
+    """Units whose first rounds take twice the plan (one slow call per round cannot be cut):
+    the rest are planned at that pace, and the run may take up to its budget, no more."""
+    clock = Clock()
+    budget = TimingBudget(20.0, clock=clock)
+    budget.plan([1.0] * 4)  # needs 6.25 s at the plan's pace
+    for _ in range(2):
+        budget.take_unit(1.0)
+        with budget.measuring():
+            clock.now += 2.0
+        budget.record(1.0, 2.0)
+    assert budget.pace == 2.0 and budget.effective_s == pytest.approx(12.5)
+    # its first rounds at that pace, and its half of the 2 s that the rounds' 10 s hold beyond
+    # the 4 s spent and the 2 * 2 s of first rounds to come
+    assert budget.take_unit(1.0) == pytest.approx(2.0 + 1.0)
+    budget.plan([1.0] * 40)
+    budget.record(1.0, 100.0)
+    assert budget.effective_s == 20.0  # the cap

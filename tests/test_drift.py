@@ -78,13 +78,13 @@ def test_a_disturbed_point_is_measured_again_and_a_clean_one_kept():
 
 
 def test_the_guard_never_spends_more_than_its_share(monkeypatch):
-    """A load that never stops: every point is disturbed. A repeat costs a whole point, so the
-    guard's share pays for two of the twenty it would make; the rest are kept and flagged,
-    and the run stays within its budget."""
+    """A load that never stops, beyond a fixed margin: every point is disturbed. A repeat costs
+    a whole point, so the guard's share pays for two of the twenty it would make; the rest are
+    kept and flagged, and the run stays within its budget."""
     monkeypatch.setattr(drift, "WAIT_STEP_S", 0.0)
     m = Machine()
     budget = budget_on(m, total_s=20.0, units=10, unit_s=1.0)
-    guard = guard_on(m, budget)
+    guard = guard_on(m, budget, margin=0.1)
     m.slowdown = 1.5  # every call from now on is slower than the probe's median
     for _ in range(10):
         unit(guard, 1.0, m)
@@ -137,3 +137,26 @@ def test_a_reference_faster_than_its_median_is_no_disturbance():
     _, columns = unit(guard, 0.1, m)
     assert columns["reference_drift"] == 0.0 and not columns["disturbed"]
     assert len(guard.baseline) == baseline + 2
+
+
+def test_a_machine_settling_into_a_slower_state_is_noisy_not_disturbed_for_good(monkeypatch):
+    """The probe sees a quiet machine; then the machine runs 50% slower for good (another
+    tenant's long job). The first points are disturbed and measured again; as the readings
+    show the machine's new noise, the margin widens, and later points are kept clean instead
+    of all being flagged."""
+    monkeypatch.setattr(drift, "WAIT_STEP_S", 0.0)
+    m = Machine()
+    guard = guard_on(m, budget_on(m, units=40))
+    assert guard.margin == MIN_MARGIN
+    m.slowdown = 1.5
+    flags = [unit(guard, 0.1, m)[1]["disturbed"] for _ in range(40)]
+    assert flags[0] and not any(flags[-10:])
+    assert guard.margin > 0.5
+
+
+def test_a_fixed_margin_stays_fixed():
+    m = Machine()
+    guard = guard_on(m, margin=0.3)
+    m.slowdown = 1.2
+    _, columns = unit(guard, 0.1, m)
+    assert guard.margin == 0.3 and columns["drift_margin"] == 0.3 and not columns["disturbed"]

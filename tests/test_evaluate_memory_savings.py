@@ -95,3 +95,19 @@ def test_without_fbgemm_its_formats_are_skipped_with_a_notice(run, tmp_path, mon
     assert ("note: int8, int4, row_pruned_int8 skipped: FBGEMM is not installed for cpu"
             in capsys.readouterr().out)
     assert "int8" not in set(pd.read_csv(tmp_path / "sparse_model_memory.csv")["format"])
+
+
+def test_a_level_outside_the_timed_levels_has_bytes_and_quality_but_no_timing(run, tmp_path):
+    _, out, args, _ = run
+    data = args[:4]  # the raw and processed files
+    code = run_script(mem, [*data, "--output-dir", tmp_path, "--device", "cpu",
+                            "--batch-size", "128", "--min-run-time", "0.005", "--threads", "1",
+                            "--sparse-model-metadata", out / "sparse_model_metadata.csv",
+                            "--timed-levels", "0.5", "--no-report"])
+    df = pd.read_csv(tmp_path / "sparse_model_memory.csv")
+    untimed = df[df["sparsity_level"] != 0.5]
+    assert code == 0 and untimed["bytes"].notna().all() and untimed["lookup_median_s"].isna().all()
+    assert untimed[untimed["held"]]["roc_auc"].notna().all()
+    assert "reference_s" not in untimed or untimed["reference_s"].isna().all()
+    timed = df[(df["sparsity_level"] == 0.5) & df["held"]]
+    assert (timed["lookup_median_s"] > 0).all() and timed["forward_median_s"].notna().all()

@@ -60,19 +60,22 @@ RATIOS = {0.0: (11.0, 10.2, 11.9), 0.5: (5.0, 4.6, 5.5), 0.9: (1.6, 1.3, 1.9),
           1.0: (0.97, 0.85, 1.1)}  # (median, low, high); at 1.0 the interval holds 1
 
 
-def write_forward(folder: Path, faster_at: float | None = None):
+def write_forward(folder: Path, faster_at: float | None = None,
+                  disturbed_at: float | None = None, noise: float | None = None):
     rows = []
     for k in keys():
         lv = k["sparsity_level"]
         dense_ms = NOISY_DENSE_MS[LEVELS.index(lv)] + (k["sparse_block_shape"] == "(1, 4)")
         ratio = (0.6, 0.55, 0.66) if lv == faster_at else RATIOS[lv]
         verdict = "slower" if ratio[1] > 1 else "faster" if ratio[2] < 1 else "same"
+        guard = ({} if noise is None else
+                 {"machine_noise_p90": noise, "disturbed": lv == disturbed_at})
         rows.append({**k, "dlrm_type": "without_torch_sparse", "time_median_s": dense_ms / 1e3,
-                     "batch_size": 16384})
+                     "batch_size": 16384, **guard})
         rows.append({**k, "dlrm_type": "with_torch_sparse",
                      "time_median_s": dense_ms * ratio[0] / 1e3, "batch_size": 16384,
                      "ratio_median": ratio[0], "ratio_low": ratio[1], "ratio_high": ratio[2],
-                     "ratio_verdict": verdict})
+                     "ratio_verdict": verdict, **guard})
     pd.DataFrame(rows).to_csv(folder / "dlrm_forward_time_info.csv", index=False)
 
 
@@ -201,3 +204,18 @@ def test_noisy_dense_times_are_never_ranked_and_only_significant_ratios_named(tm
     assert ("- forward pass: the seed's torch.sparse variant is faster than dense at 2 of 4 "
             "models within budget; most at L1 (1, 1) level 0.5: 0.60x the dense time "
             "[0.55, 0.66]") in text
+
+
+def test_a_disturbed_point_is_never_claimed_from_and_the_noise_stands_beside_claims(tmp_path):
+    """The torch.sparse variant reads faster at level 0.5 of both configs, but the drift guard
+    flagged those points: no claim is made from them, and every timing claim carries the
+    machine's noise measured at the start."""
+    write_disk(tmp_path)
+    write_quality(tmp_path)
+    write_forward(tmp_path, faster_at=0.5, disturbed_at=0.5, noise=0.083)
+    text = write_report(tmp_path).read_text()
+    assert ("faster at none of the 4 models within budget (95% intervals), and pruning does "
+            "not speed up the dense forward") in text
+    assert "(machine noise +8.3% at the 90th percentile)" in text
+    assert "faster at 0, disturbed (not claimed from) at 1 of 4 levels" in text
+    assert "the machine's noise during the run: +8.3% at the 90th percentile" in text

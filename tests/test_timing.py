@@ -7,7 +7,14 @@ function's cost times the machine's current slowdown, so disturbances are inject
 
 import pytest
 
-from dlrm_sparsity.timing import Paired, Ratio, Timing, measure_paired, round_order
+from dlrm_sparsity.timing import (
+    EARLY_ROUNDS,
+    Paired,
+    Ratio,
+    Timing,
+    measure_paired,
+    round_order,
+)
 
 
 class Machine:
@@ -123,11 +130,29 @@ def test_rounds_are_added_until_the_verdict_is_clear():
     assert not shorter.ratio("sparse", "dense").decided  # it stopped at the first clear one
 
 
-def test_a_clear_verdict_takes_the_first_rounds_only():
+def test_a_clear_verdict_stops_at_the_early_look():
+    """Twice the dense time in every round: clear after three rounds, the rest not taken."""
     m = Machine()
     calls = {"dense": m.work("dense", 0.01), "sparse": m.work("sparse", 0.02)}
+    start = m.clock()
     paired = measure_paired(calls, TIMING, rounds=5, timer=m.clock, base="dense", max_s=10.0)
-    assert len(paired.times["sparse"]) == 5 and paired.ratio("sparse", "dense").verdict == "slower"
+    assert len(paired.times["sparse"]) == EARLY_ROUNDS
+    assert paired.ratio("sparse", "dense").verdict == "slower"
+    # no rounds added: the first rounds are the whole measurement, warm-up included
+    assert paired.first_rounds_s == pytest.approx(m.clock() - start)
+    assert paired.first_rounds_s > EARLY_ROUNDS * 0.03
+
+
+def test_the_early_look_needs_twice_the_least_effect_in_every_round():
+    """7% slower: clear by the end, but not beyond the early look's 10% bar, so the first
+    rounds are all taken; and without a base there is no early look at all."""
+    m = Machine()
+    calls = {"dense": m.work("dense", 0.01), "sparse": m.work("sparse", 0.0107)}
+    paired = measure_paired(calls, TIMING, rounds=5, timer=m.clock, base="dense", max_s=10.0)
+    assert len(paired.times["sparse"]) == 5
+    assert paired.ratio("sparse", "dense").verdict == "slower"
+    far = {"dense": m.work("dense", 0.01), "sparse": m.work("sparse", 0.05)}
+    assert len(measure_paired(far, TIMING, rounds=5, timer=m.clock).times["sparse"]) == 5
 
 
 def test_added_rounds_stop_at_the_measurement_s_time_limit():

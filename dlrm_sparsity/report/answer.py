@@ -7,6 +7,7 @@ import pandas as pd
 
 from dlrm_sparsity.analysis import (
     MODEL,
+    claimed_verdicts,
     highest_within,
     noise_note,
     smallest_within,
@@ -69,7 +70,7 @@ def forward_answer(forward: pd.DataFrame | None, within: pd.DataFrame) -> list[s
     sparse = forward[forward["dlrm_type"] == SPARSE].merge(within[MODEL], on=MODEL)
     if sparse.empty:
         return []
-    faster = sparse[sparse["ratio_verdict"] == "faster"]
+    faster = sparse[claimed_verdicts(sparse) == "faster"]
     if faster.empty:
         dense = forward[forward["dlrm_type"] == DENSE]["time_median_s"]
         return [f"- forward pass: run the dense model; the seed's torch.sparse variant is "
@@ -94,6 +95,8 @@ def activation_answer(df: pd.DataFrame | None, budget: float) -> list[str]:
                 "measure the AUC drops against"]
     lines = []
     compact = df[df["variant"] == COMPACT]
+    verdicts = (claimed_verdicts(compact) if "ratio_verdict" in compact
+                else pd.Series("", index=compact.index))
     found = highest_within(compact, budget, MODEL, "activation_level", "auc_drop_vs_level0")
     for (norm, block, emb), top in found.items():
         if top is None:
@@ -101,7 +104,7 @@ def activation_answer(df: pd.DataFrame | None, budget: float) -> list[str]:
         model = "the dense model" if emb == 0.0 else f"{config_name(norm, block)} at {emb:g}"
         speed = (f"the compact forward takes {top['ratio_median']:.2f}x the masked dense "
                  f"one's time [{top['ratio_low']:.2f}, {top['ratio_high']:.2f}]"
-                 if top.get("ratio_verdict") == "faster" else
+                 if verdicts.loc[top.name] == "faster" else
                  "the compact forward is not faster than the masked dense one beyond noise"
                  ) + noise_note(df)
         lines.append(f"- activation sparsity on {model}: up to level "
