@@ -76,19 +76,20 @@ class DriftGuard:
         self.probe_cost_s = 0.0  # booked on the first point's guard_s column
         if reference is None:
             return
-        guard_s = budget.guard_s
-        with budget.guarding():
+        guard_s, start = budget.guard_s, budget.clock()
+        with budget.guarding():  # the probe: its warm-up and readings within budget.probe_s
             with torch.inference_mode():
                 per_call = warm_up(reference, timing, 0, timer)
             self.number = max(1, round(max(block_s, GUARD_BLOCK_S) / max(per_call, 1e-9)))
             self.clock = timeit.Timer(reference, timer=timer)
-            start = budget.clock()
+            reads_from = budget.clock()
             while (len(self.readings) < MIN_PROBE_READINGS
-                   or budget.clock() - start < budget.probe_s):
+                   or budget.clock() - start + self.readings[-1] * self.number
+                   <= budget.probe_s):
                 self._read()
         self.noise = Noise.of(self.readings)
         self.baseline = list(self.readings)
-        self.read_s = (budget.clock() - start) / len(self.readings)
+        self.read_s = (budget.clock() - reads_from) / len(self.readings)
         self.probe_cost_s = budget.guard_s - guard_s
 
     def _read(self) -> float:
