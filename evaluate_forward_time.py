@@ -124,7 +124,7 @@ def summary(times: pd.DataFrame, stages: pd.DataFrame) -> str:
     return "\n".join([
         table.to_string(float_format="{:.2f}".format), "(median ms per forward)",
         f"torch.sparse / dense, per model (95% intervals over rounds): median "
-        f"{sparse['ratio_median'].median():.2f}x; {verdict_counts(sparse)} of {len(sparse)}"
+        f"{sparse['ratio'].median():.2f}x; {verdict_counts(sparse)} of {len(sparse)}"
         f"{noise_note(times)}",
         f"the dense forward (the same computation at every level): median "
         f"{dense.median() * 1e3:.2f} ms, max/min {dense.max() / dense.min():.2f} over "

@@ -46,9 +46,9 @@ from dlrm_sparsity.timing import AGREEMENT_TOLERANCE, trim_heap
 from dlrm_sparsity.variants import FormatTables
 
 MEMORY = Table("sparse_model_memory.csv", KEY_COLUMNS + [
-    "format", "bytes", "bytes_ratio", "lookup_median_s", "lookup_iqr_s", "lookup_ratio_median",
+    "format", "bytes", "bytes_ratio", "lookup_median_s", "lookup_iqr_s", "lookup_ratio",
     "lookup_ratio_low", "lookup_ratio_high", "forward_median_s", "forward_iqr_s",
-    "forward_ratio_median", "forward_ratio_low", "forward_ratio_high", "max_abs_diff", "roc_auc",
+    "forward_ratio", "forward_ratio_low", "forward_ratio_high", "max_abs_diff", "roc_auc",
     "quality_source", "auc_drop_vs_dense", "auc_drop_vs_level0"])
 
 
@@ -104,7 +104,7 @@ def against_dense(exp: Experiment, what: str, calls: dict, name: str) -> dict:
     calls = {v: calls[v] for v in dict.fromkeys(["dense", name])}
     paired = exp.paired(calls, "dense" if name != "dense" else None)
     columns = paired.columns(name, "dense" if name != "dense" else None)
-    keep = ("time_median_s", "time_iqr_s", "ratio_median", "ratio_low", "ratio_high",
+    keep = ("time_median_s", "time_iqr_s", "ratio", "ratio_low", "ratio_high",
             "ratio_verdict")
     return {f"{what}_{k.replace('time_', '')}": v for k, v in columns.items() if k in keep}
 
@@ -130,8 +130,8 @@ def summary(df: pd.DataFrame) -> str:
                                                       "bytes_ratio").items():
             lines.append(f"{norm} {block}: {fmt} " + (f"smaller than dense from level "
                          f"{level:g}" if level is not None else "never smaller than dense"))
-    timed = df.dropna(subset=["lookup_ratio_median"]) if "lookup_ratio_median" in df else df[:0]
-    lines += [f"lookup time / dense, {f}: median {part['lookup_ratio_median'].median():.2f}x; "
+    timed = df.dropna(subset=["lookup_ratio"]) if "lookup_ratio" in df else df[:0]
+    lines += [f"lookup time / dense, {f}: median {part['lookup_ratio'].median():.2f}x; "
               f"{verdict_counts(part, 'lookup_ratio_verdict')} of {len(part)} models"
               f"{noise_note(part)}" for f, part in timed.groupby("format", sort=False)]
     for budget in AUC_DROP_BUDGETS:
@@ -151,12 +151,9 @@ def main(argv=None) -> None:
         timed_levels = (None if args.timed_levels == ["all"]
                         else {float(x) for x in args.timed_levels})
         exp = Experiment(run, args)
-
-        def timed_at(meta) -> bool:
-            return timed_levels is None or float(meta["sparsity_level"]) in timed_levels
-
-        items = [item for meta in exp.metadata for item in exp.items(
-            [meta], {"formats": formats, "timed": timed_at(meta)})]
+        items = [item for meta in exp.metadata for item in exp.items([meta], {
+            "formats": formats, "timed": timed_levels is None
+            or float(meta["sparsity_level"]) in timed_levels})]
 
         def compute(item):
             model = exp.model(item.payload)
@@ -170,13 +167,13 @@ def main(argv=None) -> None:
                 rows = []
                 for name in formats:
                     rows.append(measure_format(exp, name, dense_tables, reference,
-                                               timed_at(item.payload)))
+                                               item.fields["timed"]))
                     if large:  # freed tables must not stay resident under the next format's
                         trim_heap()  # (small models: regrowing the heap costs)
                 return rows
             # one model's formats are one point for the drift guard: hundreds of short
             # measurements, each read around, would cost more than they measure
-            rows, guarded = (exp.guard.guarded(every_format) if timed_at(item.payload)
+            rows, guarded = (exp.guard.guarded(every_format) if item.fields["timed"]
                              else (every_format(), {}))
             for row in rows:
                 row.update(guarded)  # held lossless formats give the dense model's outputs, checked
@@ -188,11 +185,10 @@ def main(argv=None) -> None:
             return f"{item.fields['checkpoint']}: " + ", ".join(
                 f"{r['format']} {r['bytes_ratio']:.2f}" for r in rows)
 
-        def units(item) -> list[float]:  # each format's lookup, and forward if timed
-            return [exp.first_rounds_s(2)] * len(formats) * 2 * item.fields["timed"]
-
         result = run.sweep(items, compute, tables=[MEMORY], label="formats", describe=describe,
-                           start=exp.plan_timing(units))
+                           start=exp.plan_timing(  # each format's lookup and forward, if timed
+                               lambda item: [exp.first_rounds_s(2)] * len(formats) * 2
+                               * item.fields["timed"]))
         run.finish(result, [MEMORY], derive=add_drops,
                    plot=Figure(plot_memory_savings, "memory_savings.png"), summary=summary)
         if run.is_main:

@@ -13,8 +13,8 @@ torch.sparse/dense ratios agree (median |log(ratio_a / ratio_b)|); the share of 
 and whether the report's answer makes the same choices (its figures masked).
 
 --batch-size N times both runs at that batch (a small one puts torch.sparse near the dense
-time, where verdicts are hard to make). --beside COMMAND instead runs a shell command beside the
-neighbour and prints its wall time (the README's first command in a fresh clone, say).
+time, where verdicts are hard to make). The neighbour is benchmarks/noisy_neighbour.py, which
+also times any command beside it (the README's first command in a fresh clone, say).
 
 With --allocator-modes it measures the same dense forward 8 times in a row in three processes:
 glibc's dynamic mmap threshold; the threshold fixed at 64 MiB with trimming on; and trimming
@@ -23,7 +23,6 @@ off too, as the suite sets it (steady_cpu_allocator). Each prints its medians, t
 
     python benchmarks/bench_timing_stability.py
     python benchmarks/bench_timing_stability.py --batch-size 1024
-    python benchmarks/bench_timing_stability.py --beside "bash run_readme_command_1.sh"
     python benchmarks/bench_timing_stability.py --allocator-modes
 """
 
@@ -32,22 +31,19 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
-import os
 import re
 import resource
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pandas as pd
 import torch
 from bench_common import REPO_ROOT
+from noisy_neighbour import neighbour
 
 REPEATS = 8
 MODES = {"default": "glibc default", "threshold": "fixed threshold, trimming on",
@@ -79,59 +75,14 @@ def child(mode: str, min_run_time: float) -> None:
           f"spread {spread:.0%}, peak RSS {peak:.0f} MiB", flush=True)
 
 
-# The noisy neighbour: bursts of 0.05 to 0.5 s, each on a random non-empty set of the cores
-# (one spinning process per core), apart by random gaps that make it busy `duty` of the time.
-NEIGHBOUR = """
-import os, random, sys, time
-duty, rng = float(sys.argv[1]), random.Random(int(sys.argv[2]))
-cores = sorted(os.sched_getaffinity(0))
-while True:
-    burst = rng.uniform(0.05, 0.5)
-    spinners = []
-    for core in rng.sample(cores, rng.randint(1, len(cores))):
-        pid = os.fork()
-        if pid == 0:
-            os.sched_setaffinity(0, {core})
-            end = time.monotonic() + burst
-            while time.monotonic() < end:
-                pass
-            os._exit(0)
-        spinners.append(pid)
-    for pid in spinners:
-        os.waitpid(pid, 0)
-    time.sleep(rng.expovariate(duty / (burst * (1.0 - duty))))
-"""
-BUSY_LOOP = ("import os, sys, time\n"
-             "os.sched_setaffinity(0, {0})\n"
-             "time.sleep(float(sys.argv[1]))\n"
-             "end = time.monotonic() + float(sys.argv[2])\n"
-             "while time.monotonic() < end:\n    pass\n")
-
-
-@contextmanager
-def neighbour(kind: str | None, duty: float = 0.3, load: tuple[float, float] = (20, 60),
-              seed: int = 0) -> Iterator[None]:
-    """A noisy neighbour for the block's length: 'noisy' (random bursts, `duty` busy), 'burst'
-    (one busy loop on core 0 from load[0] s for load[1] s) or None (nothing)."""
-    if kind is None:
-        yield
-        return
-    code, args = (NEIGHBOUR, [str(duty), str(seed)]) if kind == "noisy" else \
-        (BUSY_LOOP, [str(load[0]), str(load[1])])
-    proc = subprocess.Popen([sys.executable, "-c", code, *args], start_new_session=True)
-    try:
-        yield
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the neighbour and any burst in flight
-        proc.wait()
-
-
-def forward_run(out: Path, metadata: Path, batch_size: int | None) -> tuple[pd.DataFrame, float]:
-    """evaluate_forward_time.py on the demo's models: its rows and its wall time."""
-    extra = ["--batch-size", str(batch_size)] if batch_size else []
+def forward_run(out: Path, metadata: Path, batch_size: int | None,
+                flags: str = "") -> tuple[pd.DataFrame, float]:
+    """evaluate_forward_time.py on the demo's models (a fresh run): its rows and wall time."""
+    extra = (["--batch-size", str(batch_size)] if batch_size else []) + flags.split()
     start = time.perf_counter()
     subprocess.run([sys.executable, "evaluate_forward_time.py", "--output-dir", str(out),
-                    "--sparse-model-metadata", str(metadata), "--no-report", *extra],
+                    "--sparse-model-metadata", str(metadata), "--no-report", "--overwrite",
+                    *extra],
                    check=True, cwd=REPO_ROOT, stdout=subprocess.DEVNULL)
     return pd.read_csv(out / "dlrm_forward_time_info.csv"), time.perf_counter() - start
 
@@ -145,7 +96,9 @@ def describe(name: str, df: pd.DataFrame, wall_s: float) -> None:
           f"{int(dense['measured_again'].sum())} measured again, "
           f"{int(dense['disturbed'].sum())} flagged, "
           f"{int((~dense['guarded'].astype(bool)).sum())} unguarded; rounds per model "
-          f"{dense['n_runs'].min()} to {dense['n_runs'].max()}", flush=True)
+          f"{dense['n_runs'].min()} to {dense['n_runs'].max()} (median "
+          f"{dense['n_runs'].median():g}); the points' timing {dense['measure_s'].sum():.1f} s "
+          f"and the guard's {dense['guard_s'].sum():.1f} s", flush=True)
 
 
 MASKS = [(re.compile(r"\[[-\d.]+, [-\d.]+\]"), "[interval]"),
@@ -169,7 +122,7 @@ def compare(quiet: pd.DataFrame, noisy: pd.DataFrame, walls: tuple[float, float]
     keys = ["norm", "sparse_block_shape", "sparsity_level"]
     a = quiet[quiet["dlrm_type"] == SPARSE].set_index(keys)
     b = noisy[noisy["dlrm_type"] == SPARSE].set_index(keys).reindex(a.index)
-    agreement = np.abs(np.log(a["ratio_median"] / b["ratio_median"]))
+    agreement = np.abs(np.log(a["ratio"] / b["ratio"]))
     same = a["ratio_verdict"] == b["ratio_verdict"]
     flips = ((a["ratio_verdict"] == "faster") & (b["ratio_verdict"] == "slower")) | \
         ((a["ratio_verdict"] == "slower") & (b["ratio_verdict"] == "faster"))
@@ -183,8 +136,9 @@ def compare(quiet: pd.DataFrame, noisy: pd.DataFrame, walls: tuple[float, float]
 
 
 def compare_runs(args: argparse.Namespace) -> None:
-    with tempfile.TemporaryDirectory(dir=REPO_ROOT) as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(dir=REPO_ROOT) as scratch:
+        tmp = Path(args.keep or scratch)
+        tmp.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, "evaluate_disk_savings.py", "--output-dir",
                         str(tmp / "disk"), "--no-report"], check=True, cwd=REPO_ROOT,
                        stdout=subprocess.DEVNULL)
@@ -201,9 +155,9 @@ def compare_runs(args: argparse.Namespace) -> None:
         runs, walls, choices = {}, [], []
         for name, kind in (("quiet", None), ("noisy", args.neighbour)):
             out = tmp / name
-            out.mkdir()
+            out.mkdir(exist_ok=True)
             with neighbour(kind, args.duty, (args.load_after, args.load_seconds)):
-                runs[name], wall = forward_run(out, metadata, args.batch_size)
+                runs[name], wall = forward_run(out, metadata, args.batch_size, args.extra)
             describe(name, runs[name], wall)
             walls.append(wall)
             for csv in ("sparse_model_metadata.csv", "sparse_model_metrics.csv"):
@@ -213,17 +167,6 @@ def compare_runs(args: argparse.Namespace) -> None:
         print("the report's answer makes the same choices in both runs" if choices[0] ==
               choices[1] else "the report's answers differ:\n  quiet: " +
               "\n  quiet: ".join(choices[0]) + "\n  noisy: " + "\n  noisy: ".join(choices[1]))
-
-
-def beside(command: str, duty: float) -> None:
-    print(f"running beside a noisy neighbour busy {duty:.0%} of the time: {command}",
-          flush=True)
-    start = time.perf_counter()
-    with neighbour("noisy", duty):
-        code = subprocess.run(command, shell=True).returncode
-    wall = time.perf_counter() - start
-    print(f"exit {code}; wall {wall:.0f} s ({wall // 60:.0f} min {wall % 60:.0f} s) beside the "
-          f"neighbour at {duty:.0%}", flush=True)
 
 
 def main() -> None:
@@ -240,8 +183,10 @@ def main() -> None:
                    help="with --neighbour burst: seconds into the run when the loop starts")
     p.add_argument("--load-seconds", type=float, default=60.0,
                    help="with --neighbour burst: how long the loop runs")
-    p.add_argument("--beside", metavar="COMMAND", default=None,
-                   help="run this shell command beside the noisy neighbour and time it")
+    p.add_argument("--flags", dest="extra", default="",
+                   help="more flags for both forward-time runs, as one string")
+    p.add_argument("--keep", metavar="DIR", default=None,
+                   help="keep the runs' folders here (default: a temporary folder)")
     p.add_argument("--allocator-modes", action="store_true",
                    help="compare the allocator settings instead of the two runs")
     p.add_argument("--min-run-time", type=float, default=0.2,
@@ -252,8 +197,6 @@ def main() -> None:
         p.error(f"--duty must be in (0, 1), got {args.duty}")
     if args.child:
         child(args.child, args.min_run_time)
-    elif args.beside:
-        beside(args.beside, args.duty)
     elif args.allocator_modes:
         print(f"{REPEATS} medians of the demo's dense forward, {torch.get_num_threads()} "
               "threads")

@@ -115,7 +115,7 @@ MAX_ROUNDS = 40  # rounds added for an undecided verdict stop here at the latest
 # dense time) does not pay for rounds that cannot change its verdict
 EARLY_ROUNDS = 3
 # a ratio within this of 1 is no claim: "same" needs its interval inside [1/(1+e), 1+e], and
-# "faster"/"slower" an interval that excludes 1 and a median beyond it. Without such a region a
+# "faster"/"slower" an interval that excludes 1 and a ratio beyond it. Without such a region a
 # 1% difference is "slower" on a quiet machine and "same" on a busy one.
 MIN_EFFECT = 0.05
 BOOTSTRAP_SAMPLES = 2000
@@ -131,19 +131,19 @@ def round_order(labels: Sequence[str], round_index: int) -> list[str]:
 
 @dataclass(frozen=True)
 class Ratio:
-    """One variant's time over another's: the median of the per-round ratios, and a 95%
-    interval from a bootstrap over the rounds (the rounds resampled with replacement)."""
+    """One variant's time over another's (`ratio`, from Paired.ratio), and a 95% interval from
+    a bootstrap over the rounds (the rounds resampled with replacement)."""
 
-    median: float
+    ratio: float
     low: float
     high: float
     min_effect: float = MIN_EFFECT
 
     def _claim(self) -> str | None:
         up, down = 1.0 + self.min_effect, 1.0 / (1.0 + self.min_effect)
-        if self.low > 1.0 and self.median >= up:
+        if self.low > 1.0 and self.ratio >= up:
             return "slower"
-        if self.high < 1.0 and self.median <= down:
+        if self.high < 1.0 and self.ratio <= down:
             return "faster"
         if down <= self.low and self.high <= up:
             return "same"
@@ -156,8 +156,8 @@ class Ratio:
 
     @property
     def verdict(self) -> str:
-        """"slower" or "faster" only where the interval excludes 1 and the median differs
-        from 1 by at least min_effect; else "same" (within min_effect, or undecided)."""
+        """"slower" or "faster" only where the interval excludes 1 and the ratio differs from
+        1 by at least min_effect; else "same" (within min_effect, or undecided)."""
         return self._claim() or "same"
 
 
@@ -182,13 +182,17 @@ class Paired:
         return float(np.mean(self.times[label]))
 
     def ratio(self, label: str, base: str) -> Ratio:
-        """label's time over base's, round by round: neighbouring blocks, so that a slow
-        minute of the machine slows both sides of each ratio."""
-        per_round = np.asarray(self.times[label]) / np.asarray(self.times[base])
+        """label's time over base's: the ratio of each one's fastest block over the rounds,
+        and a 95% interval from a bootstrap that resamples whole rounds (both blocks of a
+        round together). Interference only ever slows a block down, so the fastest of a few
+        is the least disturbed (Chen and Revels, "Robust benchmarking in noisy environments",
+        2016); the rounds interleave the variants, so both fastest blocks come from the same
+        stretch of the machine's time, and a slow minute slows both sides alike."""
+        a, b = np.asarray(self.times[label]), np.asarray(self.times[base])
         rng = np.random.default_rng(BOOTSTRAP_SEED)
-        picks = rng.integers(0, len(per_round), (BOOTSTRAP_SAMPLES, len(per_round)))
-        low, high = np.percentile(np.median(per_round[picks], axis=1), [2.5, 97.5])
-        return Ratio(float(np.median(per_round)), float(low), float(high), self.min_effect)
+        picks = rng.integers(0, len(a), (BOOTSTRAP_SAMPLES, len(a)))
+        low, high = np.percentile(a[picks].min(axis=1) / b[picks].min(axis=1), [2.5, 97.5])
+        return Ratio(float(a.min() / b.min()), float(low), float(high), self.min_effect)
 
     def decided(self, base: str) -> bool:
         """Whether every variant's ratio to base has a clear verdict."""
@@ -211,7 +215,7 @@ class Paired:
                  "number_per_run": self.numbers[label]}
         if base is not None:
             r = self.ratio(label, base)
-            found.update(ratio_median=r.median, ratio_low=r.low, ratio_high=r.high,
+            found.update(ratio=r.ratio, ratio_low=r.low, ratio_high=r.high,
                          ratio_verdict=r.verdict, ratio_decided=r.decided)
         return found
 

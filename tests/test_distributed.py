@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parent.parent
 TIMING = {"step_time_sec", "mask_time_sec", "check_time_sec", "zip_time_sec", "time_taken",
           "time_median_s", "time_iqr_s", "time_mean_s", "n_runs", "number_per_run", "command",
           "whole_forward_median_s", "num_threads",  # torchrun sets OMP_NUM_THREADS=1
-          "ratio_median", "ratio_low", "ratio_high", "ratio_verdict", "reference_s",
+          "ratio", "ratio_low", "ratio_high", "ratio_verdict", "reference_s",
           "reference_drift", "measured_again", "disturbed", "ratio_decided", "guarded",
           "machine_noise_p90", "machine_noise_worst", "drift_margin", "measure_s", "guard_s"}
 

@@ -5,6 +5,7 @@ A fake clock stands in for the machine: every call of a timed function advances 
 function's cost times the machine's current slowdown, so disturbances are injected exactly.
 """
 
+import numpy as np
 import pytest
 
 from dlrm_sparsity.timing import (
@@ -55,7 +56,7 @@ def test_paired_rounds_time_the_variants_in_the_rotated_order():
     assert timed == ["dense", "sparse", "sparse", "dense", "dense", "sparse", "sparse", "dense"]
     assert paired.times["sparse"] == pytest.approx([0.02] * 4)
     r = paired.ratio("sparse", "dense")
-    assert (r.median, r.low, r.high) == pytest.approx((2.0, 2.0, 2.0)) and r.verdict == "slower"
+    assert (r.ratio, r.low, r.high) == pytest.approx((2.0, 2.0, 2.0)) and r.verdict == "slower"
 
 
 def test_a_slow_minute_cancels_out_of_the_paired_ratio():
@@ -80,14 +81,16 @@ def test_a_slow_minute_cancels_out_of_the_paired_ratio():
     paired = measure_paired({v: slow_middle(v) for v in calls}, TIMING, rounds=4,
                             timer=m.clock)
     assert max(paired.times["dense"]) == pytest.approx(0.03) and probe.median("dense") > 0
-    assert paired.ratio("sparse", "dense").median == pytest.approx(2.0)
+    assert paired.ratio("sparse", "dense").ratio == pytest.approx(2.0)
 
 
 def test_an_interval_that_holds_one_is_no_verdict():
-    paired = Paired({"a": [1.0, 1.0, 1.0, 1.0, 1.0], "b": [0.9, 1.1, 0.95, 1.05, 1.0]},
+    """Bursts hit each variant in rounds the other is clean: the fastest blocks are equal, and
+    rounds resampled without one's clean round put either variant ahead."""
+    paired = Paired({"a": [1.0, 1.1, 1.2, 1.1, 1.05], "b": [1.1, 1.0, 1.05, 1.2, 1.1]},
                     {"a": 1, "b": 1})
     r = paired.ratio("b", "a")
-    assert r.low < 1.0 < r.high and r.verdict == "same"
+    assert r.ratio == 1.0 and r.low < 1.0 < r.high and r.verdict == "same"
     assert paired.columns("b", "a")["ratio_verdict"] == "same"
 
 
@@ -114,20 +117,41 @@ def test_a_difference_below_the_least_effect_is_the_same_not_slower():
     assert Ratio(1.02, 1.01, 1.03, min_effect=0.0).verdict == "slower"  # the plain rule
 
 
-def test_rounds_are_added_until_the_verdict_is_clear():
-    """A 10% slower variant whose first five rounds are noisy (per-round ratios 0.95 to 1.25):
-    its interval holds 1, so rounds are added one at a time, each 1.1, until it is clear."""
-    m = Machine()
-    costs = iter([0.011, 0.011] + [0.0095, 0.0125, 0.0095, 0.0125, 0.011])  # warm-up, rounds
+def costs(m: Machine, seconds: list[float], then: float):
+    """A call that costs each of seconds in turn on the machine's clock, then `then`."""
+    left = iter(seconds)
 
-    def sparse():
-        m.now += next(costs, 0.011)
-    calls = {"dense": m.work("dense", 0.01), "sparse": sparse}
+    def call():
+        m.now += next(left, then)
+    return call
+
+
+WARM = 2  # the warm-up's calls at TIMING's settings
+
+
+def test_rounds_are_added_until_the_verdict_is_clear():
+    """A 10% slower variant whose first five rounds have one clean block each, in different
+    rounds: rounds resampled without either one say anything from 0.92x to 1.45x, so rounds
+    (clean ones) are added one at a time until the interval is clear."""
+    m = Machine()
+    calls = {"dense": costs(m, [0.01] * WARM + [0.013, 0.01, 0.013, 0.012, 0.013], 0.01),
+             "sparse": costs(m, [0.011] * WARM + [0.011, 0.0145, 0.0145, 0.0145, 0.0145],
+                             0.011)}
     paired = measure_paired(calls, TIMING, rounds=5, timer=m.clock, base="dense", max_s=10.0)
     r = paired.ratio("sparse", "dense")
     assert len(paired.times["dense"]) > 5 and r.decided and r.verdict == "slower"
+    assert r.ratio == pytest.approx(1.1)
     shorter = Paired({v: t[:-1] for v, t in paired.times.items()}, paired.numbers)
     assert not shorter.ratio("sparse", "dense").decided  # it stopped at the first clear one
+
+
+def test_bursts_that_only_slow_blocks_down_leave_the_ratio_alone():
+    """Interference only ever slows a block: three of five torch.sparse blocks hit by a burst
+    (2x) double the median of the per-round ratios, not the ratio of the fastest blocks."""
+    times = {"dense": [0.01] * 5, "sparse": [0.04, 0.02, 0.04, 0.04, 0.02]}
+    r = Paired(times, {"dense": 1, "sparse": 1}).ratio("sparse", "dense")
+    assert r.ratio == pytest.approx(2.0) and r.low == pytest.approx(2.0)
+    assert np.median(np.divide(times["sparse"], times["dense"])) == pytest.approx(4.0)
 
 
 def test_a_clear_verdict_stops_at_the_early_look():
@@ -156,13 +180,21 @@ def test_the_early_look_needs_twice_the_least_effect_in_every_round():
 
 
 def test_added_rounds_stop_at_the_measurement_s_time_limit():
-    """Noise that never settles: rounds are added only while the next one fits in max_s."""
+    """Bursts on the variants in turn, never both clean in one round: undecided after five
+    rounds, clear after six. Rounds are added only while the next fits in max_s (here the five
+    rounds take 0.175 s and a sixth would end at 0.2 s), none without max_s."""
     m = Machine()
-    calls = {"dense": noisy(m, "dense", 0.01, [1.0, 1.5]),
-             "sparse": noisy(m, "sparse", 0.0104, [1.5, 1.0, 1.0])}
+
+    def alternating():
+        return {"dense": noisy(m, "dense", 0.01, [1.0, 1.5]),
+                "sparse": noisy(m, "sparse", 0.01, [1.5, 1.0])}
     start = m.clock()
-    paired = measure_paired(calls, TIMING, rounds=5, timer=m.clock, base="dense", max_s=0.4)
-    assert m.clock() - start <= 0.4 + 0.05  # the last round started within the limit
-    assert 5 < len(paired.times["dense"]) < 40
-    unlimited = measure_paired(calls, TIMING, rounds=5, timer=m.clock, base="dense")
-    assert len(unlimited.times["dense"]) == 5  # no limit given: no rounds added
+    limited = measure_paired(alternating(), TIMING, rounds=5, timer=m.clock, base="dense",
+                             max_s=0.18)
+    assert m.clock() - start <= 0.18 and len(limited.times["dense"]) == 5
+    assert not limited.decided("dense")
+    ample = measure_paired(alternating(), TIMING, rounds=5, timer=m.clock, base="dense",
+                           max_s=10.0)
+    assert ample.decided("dense") and len(ample.times["dense"]) == 6
+    unlimited = measure_paired(alternating(), TIMING, rounds=5, timer=m.clock, base="dense")
+    assert len(unlimited.times["dense"]) == 5

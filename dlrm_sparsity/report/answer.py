@@ -81,7 +81,7 @@ def forward_answer(forward: pd.DataFrame | None, within: pd.DataFrame) -> list[s
     return [f"- forward pass: the seed's torch.sparse variant is faster than dense at "
             f"{len(faster)} of {len(sparse)} models within budget; most at "
             f"{config_name(best['norm'], best['sparse_block_shape'])} level "
-            f"{best['sparsity_level']:g}: {best['ratio_median']:.2f}x the dense time "
+            f"{best['sparsity_level']:g}: {best['ratio']:.2f}x the dense time "
             f"[{best['ratio_low']:.2f}, {best['ratio_high']:.2f}]{noise_note(forward)}"]
 
 
@@ -102,7 +102,7 @@ def activation_answer(df: pd.DataFrame | None, budget: float) -> list[str]:
         if top is None:
             continue
         model = "the dense model" if emb == 0.0 else f"{config_name(norm, block)} at {emb:g}"
-        speed = (f"the compact forward takes {top['ratio_median']:.2f}x the masked dense "
+        speed = (f"the compact forward takes {top['ratio']:.2f}x the masked dense "
                  f"one's time [{top['ratio_low']:.2f}, {top['ratio_high']:.2f}]"
                  if verdicts.loc[top.name] == "faster" else
                  "the compact forward is not faster than the masked dense one beyond noise"

@@ -96,8 +96,8 @@ def add_timing_args(p: argparse.ArgumentParser, min_run_time: float, time_budget
                         "and waits")
     p.add_argument("--drift-margin", type=fraction, default=None,
                    help="how much slower than its median the reference may read before a "
-                        "point is measured again (default: twice the machine's noise measured "
-                        "at the start, at least 0.05)")
+                        "point is measured again (default: twice the 90th percentile of the "
+                        "machine's noise over the readings so far, at least 0.05)")
     p.add_argument("--drift-retries", type=int, default=2, choices=range(0, 11), metavar="N",
                    help="times a disturbed point is measured again before it is flagged")
 
