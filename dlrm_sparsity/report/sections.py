@@ -90,7 +90,8 @@ def forward_section(df: pd.DataFrame) -> list[str]:
                          f"{verdicts(part)} of {len(part)} levels.")
     table = sparse.assign(shown=[f"{m:.2f} [{lo:.2f}, {hi:.2f}]" for m, lo, hi in zip(
         sparse["ratio"], sparse["ratio_low"], sparse["ratio_high"], strict=True)])
-    return ["torch.sparse time / dense time, fastest blocks of the rounds [95% interval]:", "",
+    return ["torch.sparse time / dense time, each from its least disturbed block of the rounds "
+            "[95% interval]:", "",
             text_pivot(table, "shown"), "", " ".join(sentences), "", claims(df), "",
             dense_forward(df)]
 
