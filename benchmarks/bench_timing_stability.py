@@ -2,7 +2,8 @@
 does a run cost there?
 
 By default the forward-time experiment runs twice on the demo's 60 pruned models, one run after
-the other: on the machine as it is ("quiet"), and beside a noisy neighbour ("noisy"): a child
+the other: on the machine as it is ("quiet"), beside a noisy neighbour ("noisy"), and quiet again
+(a control: how far two runs on the same machine agree without a neighbour); the neighbour is a child
 process that, for the whole run, bursts on random cores at random times, busy --duty of the
 time (started and stopped here). With --neighbour burst the loaded run instead has one busy loop
 on core 0 from --load-after s for --load-seconds. Each run prints its wall time, the noise it
@@ -118,7 +119,8 @@ def answer_choices(folder: Path) -> list[str]:
     return lines
 
 
-def compare(quiet: pd.DataFrame, noisy: pd.DataFrame, walls: tuple[float, float]) -> None:
+def compare(quiet: pd.DataFrame, noisy: pd.DataFrame, walls: tuple[float, float],
+            what: str = "noisy/quiet") -> None:
     keys = ["norm", "sparse_block_shape", "sparsity_level"]
     a = quiet[quiet["dlrm_type"] == SPARSE].set_index(keys)
     b = noisy[noisy["dlrm_type"] == SPARSE].set_index(keys).reindex(a.index)
@@ -127,7 +129,7 @@ def compare(quiet: pd.DataFrame, noisy: pd.DataFrame, walls: tuple[float, float]
     flips = ((a["ratio_verdict"] == "faster") & (b["ratio_verdict"] == "slower")) | \
         ((a["ratio_verdict"] == "slower") & (b["ratio_verdict"] == "faster"))
     counts = {k: int(v) for k, v in a["ratio_verdict"].value_counts().items()}
-    print(f"side by side: wall time noisy/quiet {walls[1] / walls[0]:.3f} (target <= 1.3); "
+    print(f"{what}: wall time {walls[1] / walls[0]:.3f} (target <= 1.3); "
           f"torch.sparse/dense ratios agree to a median |log(ratio_a / ratio_b)| "
           f"{agreement.median():.4f} (target <= 0.1; largest {agreement.max():.4f}); verdicts "
           f"agree at {same.mean():.1%} of {len(same)} (target >= 95%; quiet run's verdicts "
@@ -153,8 +155,10 @@ def compare_runs(args: argparse.Namespace) -> None:
               f"batch {args.batch_size or 'the default'}; the noisy run beside {loaded}",
               flush=True)
         runs, walls, choices = {}, [], []
-        for name, kind in (("quiet", None), ("noisy", args.neighbour)):
-            out = tmp / name
+        plan = [("quiet", None), ("noisy", args.neighbour)] + (
+            [("quiet again", None)] if args.control else [])
+        for name, kind in plan:
+            out = tmp / name.replace(" ", "_")
             out.mkdir(exist_ok=True)
             with neighbour(kind, args.duty, (args.load_after, args.load_seconds)):
                 runs[name], wall = forward_run(out, metadata, args.batch_size, args.extra)
@@ -167,6 +171,9 @@ def compare_runs(args: argparse.Namespace) -> None:
         print("the report's answer makes the same choices in both runs" if choices[0] ==
               choices[1] else "the report's answers differ:\n  quiet: " +
               "\n  quiet: ".join(choices[0]) + "\n  noisy: " + "\n  noisy: ".join(choices[1]))
+        if args.control:  # the same comparison between two quiet runs: the machine's own floor
+            compare(runs["quiet"], runs["quiet again"], (walls[0], walls[2]),
+                    "control, quiet again/quiet")
 
 
 def main() -> None:
@@ -183,6 +190,9 @@ def main() -> None:
                    help="with --neighbour burst: seconds into the run when the loop starts")
     p.add_argument("--load-seconds", type=float, default=60.0,
                    help="with --neighbour burst: how long the loop runs")
+    p.add_argument("--no-control", dest="control", action="store_false",
+                   help="skip the third run, quiet again, whose agreement with the first is "
+                        "the machine's own floor")
     p.add_argument("--flags", dest="extra", default="",
                    help="more flags for both forward-time runs, as one string")
     p.add_argument("--keep", metavar="DIR", default=None,
