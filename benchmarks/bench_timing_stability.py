@@ -1,17 +1,17 @@
 """How far can the forward-time experiment's figures be trusted on a shared machine, and what
 does a run cost there?
 
-By default the forward-time experiment runs twice on the demo's 60 pruned models, one run after
-the other: on the machine as it is ("quiet"), beside a noisy neighbour ("noisy"), and quiet again
-(a control: how far two runs on the same machine agree without a neighbour); the neighbour is a child
-process that, for the whole run, bursts on random cores at random times, busy --duty of the
-time (started and stopped here). With --neighbour burst the loaded run instead has one busy loop
-on core 0 from --load-after s for --load-seconds. Each run prints its wall time, the noise it
-measured, the dense forward's max/min over the models, what the drift guard did and the budget
-it spent. Then, side by side: the wall time noisy/quiet; how well the per-model
-torch.sparse/dense ratios agree (median |log(ratio_a / ratio_b)|); the share of verdicts
-(faster / slower / not distinguishable) that agree, and the flips between faster and slower;
-and whether the report's answer makes the same choices (its figures masked).
+By default the forward-time experiment runs three times on the demo's 60 pruned models, one
+run after the other: on the machine as it is ("quiet"), beside a noisy neighbour ("noisy"), and
+quiet again (a control: how far two runs on one machine agree with no neighbour). The
+neighbour is a child process that, for the whole run, bursts on random cores at random times,
+busy --duty of the time (started and stopped here); with --neighbour burst it is instead one
+busy loop on core 0 from --load-after s for --load-seconds. Each run prints its wall time, the
+noise it measured, the dense forward's max/min over the models, what the drift guard did and
+the budget it spent. Then, side by side (noisy against quiet, and the control): the wall time;
+how well the per-model torch.sparse/dense ratios agree (median |log(ratio_a / ratio_b)|); the
+share of verdicts (faster / slower / not distinguishable) that agree, and the flips between
+faster and slower; and whether the report's answer makes the same choices (figures masked).
 
 --batch-size N times both runs at that batch (a small one puts torch.sparse near the dense
 time, where verdicts are hard to make). The neighbour is benchmarks/noisy_neighbour.py, which
