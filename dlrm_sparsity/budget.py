@@ -26,7 +26,7 @@ from typing import Callable, ContextManager, Iterator, Sequence
 GUARD_SHARE = 0.20  # the drift guard's part of a run's timing, at most
 FIRST_ROUNDS_SHARE = 0.80  # the first rounds' part of the rounds' seconds; the rest: extras
 EXTENSION = 3.0  # a unit's rounds in all take at most this many times its first rounds
-NOISE_PROBE_S = 3.0  # the longest noise probe at a run's start
+NOISE_PROBE_S = 2.0  # the longest noise probe at a run's start
 PROBE_SHARE = 0.25  # and at most this part of the guard's share
 
 
@@ -44,6 +44,7 @@ class TimingBudget:
                              f"{total_s} and {guard_share}")
         self.total_s, self.guard_share, self.clock = total_s, guard_share, clock
         self.measured_s = self.guard_s = 0.0
+        self.probe_spent_s = 0.0  # of guard_s, the noise probe's
         self._booking_now = False
         self.units = self.units_left = 0
         self.need_s = self.first_left_s = 0.0
@@ -104,10 +105,17 @@ class TimingBudget:
         return min(NOISE_PROBE_S, PROBE_SHARE * self.guard_total_s)
 
     def guard_left_s(self) -> float:
-        """What the guard may still spend now: the probe's part at once, the rest of its share
-        released unit by unit (the one about to start included)."""
+        """What the guard may still spend now: its share of the budget, released unit by unit
+        (the one about to start included), and its readings, repeats and waits never more than
+        guard_share of the timing so far and the next unit's, so that a run that times less
+        than it was budgeted (clear verdicts stop early) keeps the guard to its share. The
+        noise probe, the run's measurement of the machine, is booked apart."""
         started = min(1.0, (self.units - self.units_left + 1) / max(self.units, 1))
-        return self.probe_s + (self.guard_total_s - self.probe_s) * started - self.guard_s
+        released = self.probe_s + (self.guard_total_s - self.probe_s) * started
+        unit_s = self.need_s * self.scale * self.pace / max(self.units, 1)
+        earned = (self.probe_spent_s + self.guard_share / (1.0 - self.guard_share)
+                  * (self.measured_s + unit_s))
+        return min(released, earned) - self.guard_s
 
     def measuring(self) -> ContextManager[None]:
         """Book the block as the rounds' time (unless a block around it is booked already)."""
@@ -141,10 +149,13 @@ class TimingBudget:
                 f"guard's part at most {self.guard_share:.0%}{shortened}")
 
     def summary(self) -> str:
-        share = self.guard_s / self.spent_s if self.spent_s else 0.0
+        extra = self.guard_s - self.probe_spent_s
+        timing = self.measured_s + extra
         over = (" (over: a unit takes one call per variant and round at least)"
                 if self.spent_s > self.total_s * 1.05 else "")
         return (f"timing: {self.spent_s:.1f} s of a {self.total_s:g} s budget{over} (this run "
                 f"needed {self.effective_s:.0f} s at the pace its first rounds took, "
-                f"{self.pace:.2f}x the plan); rounds {self.measured_s:.1f} s, drift guard "
-                f"{self.guard_s:.1f} s ({share:.0%} of the timing)")
+                f"{self.pace:.2f}x the plan): noise probe {self.probe_spent_s:.1f} s, rounds "
+                f"{self.measured_s:.1f} s, drift guard {extra:.1f} s "
+                f"({extra / timing if timing else 0.0:.0%} of the rest, at most "
+                f"{self.guard_share:.0%})")

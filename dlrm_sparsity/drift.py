@@ -73,7 +73,7 @@ class DriftGuard:
         self.measured_again = self.flagged = self.unguarded = 0
         self.noise: Noise | None = None  # at the start
         self.fixed_margin = margin
-        self.probe_cost_s = 0.0  # booked on the first point's guard_s column
+        self.probe_cost_s = 0.0  # the noise probe's, warm-up included
         if reference is None:
             return
         guard_s, start = budget.guard_s, budget.clock()
@@ -91,6 +91,7 @@ class DriftGuard:
         self.baseline = list(self.readings)
         self.read_s = (budget.clock() - reads_from) / len(self.readings)
         self.probe_cost_s = budget.guard_s - guard_s
+        budget.probe_spent_s += self.probe_cost_s
 
     def _read(self) -> float:
         """One block of the reference: seconds per call, kept among the readings."""
@@ -113,8 +114,10 @@ class DriftGuard:
         return max(0.0, seconds / float(np.median(self.baseline)) - 1.0)
 
     def run_columns(self) -> dict:
-        """The columns every guarded row shares: the noise measured at the start."""
-        return {"machine_noise_p90": self.noise.p90, "machine_noise_worst": self.noise.worst}
+        """The columns every guarded row shares: the noise measured at the start, and what its
+        measurement took."""
+        return {"machine_noise_p90": self.noise.p90, "machine_noise_worst": self.noise.worst,
+                "noise_probe_s": self.probe_cost_s}
 
     def guarded(self, measure: Callable[[], T]) -> tuple[T, dict]:
         """measure() (which books its own rounds) with the reference read around it; its
@@ -124,8 +127,7 @@ class DriftGuard:
         and the seconds the point's measurement and the guard took."""
         if self.noise is None:  # no reference: no guard
             return measure(), {}
-        spent = (self.budget.measured_s, self.budget.guard_s - self.probe_cost_s)
-        self.probe_cost_s = 0.0
+        spent = (self.budget.measured_s, self.budget.guard_s)
         result, columns = self._guarded(measure)
         return result, {**self.run_columns(), **columns,
                         "measure_s": self.budget.measured_s - spent[0],

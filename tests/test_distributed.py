@@ -14,7 +14,8 @@ TIMING = {"step_time_sec", "mask_time_sec", "check_time_sec", "zip_time_sec", "t
           "whole_forward_median_s", "num_threads",  # torchrun sets OMP_NUM_THREADS=1
           "ratio", "ratio_low", "ratio_high", "ratio_verdict", "reference_s",
           "reference_drift", "measured_again", "disturbed", "ratio_decided", "guarded",
-          "machine_noise_p90", "machine_noise_worst", "drift_margin", "measure_s", "guard_s"}
+          "machine_noise_p90", "machine_noise_worst", "drift_margin", "measure_s", "guard_s",
+          "noise_probe_s"}
 
 
 def launch(script, args, nproc=None):
