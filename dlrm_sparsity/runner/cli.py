@@ -102,34 +102,27 @@ def add_timing_args(p: argparse.ArgumentParser, min_run_time: float, time_budget
                    help="times a disturbed point is measured again before it is flagged")
 
 
-def positive_int(text: str) -> int:
+def _number(text: str, cast, ok, expected: str):
+    """text as a number that ok() accepts, or argparse's error naming what was expected."""
     try:
-        value = int(text)
+        value = cast(text)
     except ValueError:
-        value = 0  # not a number: the same message
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+        value = None  # not a number: the same message
+    if value is None or not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _number(text, int, lambda v: v > 0, "a positive integer")
 
 
 def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0  # not a number: the same message
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
+    return _number(text, float, lambda v: 0 < v < float("inf"), "a positive number")
 
 
 def fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0  # not a number: the same message
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text}")
-    return value
+    return _number(text, float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
 def exit_for(exc: BaseException) -> None:
