@@ -71,7 +71,7 @@ def claims(df: pd.DataFrame) -> str:
     """The rule every timing claim of a section follows, and the noise it was made in."""
     effect = df["min_effect"].max() if "min_effect" in df else float("nan")
     rule = ("A variant is called faster or slower only where its 95% interval excludes 1"
-            + (f" and its median differs from 1 by {effect:.0%} at least" if effect > 0 else ""))
+            + (f" and its ratio differs from 1 by {effect:.0%} at least" if effect > 0 else ""))
     noise = machine_noise(df)
     return rule + ("." if noise is None else f"; the machine's noise during the run: "
                    f"+{noise:.1%} at the 90th percentile of a fixed reference's readings.")
