@@ -95,18 +95,14 @@ def time_model(exp: Experiment, meta: dict, with_stages: bool) -> tuple[list[dic
     whole = {r["dlrm_type"]: r["time_median_s"] for r in rows}
     if not with_stages:
         return rows, []
-    planned = exp.first_rounds_s(STAGE_CALLS, STAGE_RUN_TIME)
-    exp.budget.take_unit(planned)
     stage_timing = Timing(timing.threads, timing.min_run_time * STAGE_RUN_TIME,
                           min(timing.warmup_s, timing.min_run_time * STAGE_RUN_TIME))
     config = f"{meta['norm']} {meta['sparse_block_shape']}"
-    start = exp.budget.clock()
-    with exp.budget.measuring():
-        stages = [{"dlrm_type": variant, "stage": stage, "config": config,
-                   **timing_columns(measure(call, stage, stage_timing)),
-                   "whole_forward_median_s": whole[variant]}
-                  for variant, stage, call in stage_calls(model, batch)]
-    exp.budget.record(planned, exp.budget.clock() - start)
+    stages = exp.timed_unit(exp.first_rounds_s(STAGE_CALLS, STAGE_RUN_TIME), lambda _: [
+        {"dlrm_type": variant, "stage": stage, "config": config,
+         **timing_columns(measure(call, stage, stage_timing)),
+         "whole_forward_median_s": whole[variant]}
+        for variant, stage, call in stage_calls(model, batch)])
     return rows, stages
 
 

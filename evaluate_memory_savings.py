@@ -102,8 +102,8 @@ def against_dense(exp: Experiment, what: str, calls: dict, name: str) -> dict:
     measurements: a warm-up as long as the timing itself); the format's median, IQR and ratio
     to dense, as what_* columns."""
     calls = {v: calls[v] for v in dict.fromkeys(["dense", name])}
-    paired = exp.paired(calls, "dense" if name != "dense" else None)
-    columns = paired.columns(name, "dense" if name != "dense" else None)
+    base = "dense" if name != "dense" else None
+    columns = exp.paired(calls, base).columns(name, base)
     keep = ("time_median_s", "time_iqr_s", "ratio", "ratio_low", "ratio_high",
             "ratio_verdict")
     return {f"{what}_{k.replace('time_', '')}": v for k, v in columns.items() if k in keep}

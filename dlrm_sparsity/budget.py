@@ -10,8 +10,9 @@ TimingBudget per run is that cap, and both the rounds and the guard draw from it
   first rounds really take (`pace`: a slow call cannot be cut below one per round) is learnt
   as units end. Rounds added for an undecided verdict draw on what is left beyond every unit's
   first rounds, at most EXTENSION times a unit's first rounds in all;
-- the guard (noise probe, reference readings, repeats, waits): its share, released unit by
-  unit, so an early storm cannot spend what later points need.
+- the guard (reference readings, repeats, waits): its share, released unit by unit, so an
+  early storm cannot spend what later points need, and never more than that share of what the
+  run has timed. The noise probe at the start (probing()) is booked apart.
 
 A run that needs less than the budget is budgeted what it needs (`effective_s`), so that the
 guard's share is a share of the run, not of a cap the run never reaches.
@@ -125,8 +126,12 @@ class TimingBudget:
         """Book the block as the guard's time: a repeat is the guard's, rounds and all."""
         return self._booking("guard_s")
 
+    def probing(self) -> ContextManager[None]:
+        """Book the block as the noise probe's: the guard's time, outside its cap."""
+        return self._booking("guard_s", "probe_spent_s")
+
     @contextmanager
-    def _booking(self, account: str) -> Iterator[None]:
+    def _booking(self, *accounts: str) -> Iterator[None]:
         if self._booking_now:  # the outermost booking takes the whole block
             yield
             return
@@ -134,7 +139,8 @@ class TimingBudget:
         try:
             yield
         finally:
-            setattr(self, account, getattr(self, account) + self.clock() - start)
+            for account in accounts:
+                setattr(self, account, getattr(self, account) + self.clock() - start)
             self._booking_now = False
 
     @property

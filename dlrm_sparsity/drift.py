@@ -73,11 +73,10 @@ class DriftGuard:
         self.measured_again = self.flagged = self.unguarded = 0
         self.noise: Noise | None = None  # at the start
         self.fixed_margin = margin
-        self.probe_cost_s = 0.0  # the noise probe's, warm-up included
         if reference is None:
             return
-        guard_s, start = budget.guard_s, budget.clock()
-        with budget.guarding():  # the probe: its warm-up and readings within budget.probe_s
+        start = budget.clock()
+        with budget.probing():  # its warm-up and readings within budget.probe_s
             with torch.inference_mode():
                 per_call = warm_up(reference, timing, 0, timer)
             self.number = max(1, round(max(block_s, GUARD_BLOCK_S) / max(per_call, 1e-9)))
@@ -90,8 +89,6 @@ class DriftGuard:
         self.noise = Noise.of(self.readings)
         self.baseline = list(self.readings)
         self.read_s = (budget.clock() - reads_from) / len(self.readings)
-        self.probe_cost_s = budget.guard_s - guard_s
-        budget.probe_spent_s += self.probe_cost_s
 
     def _read(self) -> float:
         """One block of the reference: seconds per call, kept among the readings."""
@@ -117,14 +114,13 @@ class DriftGuard:
         """The columns every guarded row shares: the noise measured at the start, and what its
         measurement took."""
         return {"machine_noise_p90": self.noise.p90, "machine_noise_worst": self.noise.worst,
-                "noise_probe_s": self.probe_cost_s}
+                "noise_probe_s": self.budget.probe_spent_s}
 
     def guarded(self, measure: Callable[[], T]) -> tuple[T, dict]:
         """measure() (which books its own rounds) with the reference read around it; its
-        result and
-        the guard's columns: the reference's seconds and largest drift around the kept
-        attempt, the attempts made again, whether it stayed disturbed or was guarded at all,
-        and the seconds the point's measurement and the guard took."""
+        result and the guard's columns: the reference's seconds and largest drift around the
+        kept attempt, the attempts made again, whether it stayed disturbed or was guarded at
+        all, and the seconds the point's measurement and the guard took."""
         if self.noise is None:  # no reference: no guard
             return measure(), {}
         spent = (self.budget.measured_s, self.budget.guard_s)
@@ -170,10 +166,6 @@ class DriftGuard:
             while (self.budget.clock() - start < limit_s
                    and self.drift(self._read()) > margin):
                 time.sleep(max(0.0, min(WAIT_STEP_S, limit_s - (self.budget.clock() - start))))
-
-    def spread(self) -> float:
-        """The reference's max / min over the run."""
-        return max(self.readings) / min(self.readings)
 
     def summary(self) -> str:
         if self.noise is None:

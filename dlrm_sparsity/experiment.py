@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 from functools import cached_property, lru_cache
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence, TypeVar
 
 import torch
 
@@ -29,7 +29,7 @@ from dlrm_sparsity.criteo.data import tensors_fingerprint
 from dlrm_sparsity.criteo.npy import NpySplit, check_table_count, is_npy_data
 from dlrm_sparsity.criteo.splits import open_split
 from dlrm_sparsity.disk import ensure_demo_metadata
-from dlrm_sparsity.drift import GUARD_BLOCK_S, DriftGuard
+from dlrm_sparsity.drift import DriftGuard
 from dlrm_sparsity.errors import UserInputError
 from dlrm_sparsity.evaluation import quality_metrics, score_split, streamed_quality
 from dlrm_sparsity.inputs import checkpoint_sha256, resolve_inputs
@@ -41,6 +41,7 @@ from dlrm_sparsity.timing import Paired, Timing, measure_paired, steady_cpu_allo
 from dlrm_sparsity.variants import Dense
 
 WARMUP_S = 0.1  # the longest warm-up of one variant in a measurement
+T = TypeVar("T")
 
 
 class Experiment:
@@ -109,14 +110,30 @@ class Experiment:
         """A point's first rounds: --min-run-time, shortened alike for all if the budget says;
         each variant warmed up for one block (two calls at least)."""
         run_time = self.args.min_run_time * self.budget.scale
-        return Timing(self.args.threads, run_time,
-                      warmup_s=min(WARMUP_S, run_time / self.args.rounds))
+        return Timing(self.args.threads, run_time, warmup_s=self._warmup_s(run_time))
+
+    def _warmup_s(self, run_time: float) -> float:
+        """A variant's warm-up: one block of its first rounds, WARMUP_S at most."""
+        return min(WARMUP_S, run_time / self.args.rounds)
 
     def first_rounds_s(self, variants: int, run_time_factor: float = 1.0) -> float:
         """What the first rounds of a measurement of that many variants take at the requested
         --min-run-time (times run_time_factor): per variant a warm-up and the timed calls."""
         run_time = self.args.min_run_time * run_time_factor
-        return variants * (run_time + min(WARMUP_S, run_time / self.args.rounds))
+        return variants * (run_time + self._warmup_s(run_time))
+
+    def timed_unit(self, planned_s: float, measure: Callable[[float], T],
+                   first_rounds_s: Callable[[T], float] | None = None) -> T:
+        """One unit of measurement on the budget: measure(max_s), given the most seconds it may
+        take, booked as timing; its first rounds' seconds (first_rounds_s(result), or all it
+        took) tell the budget the pace of the rest."""
+        max_s = self.budget.take_unit(planned_s)
+        start = self.budget.clock()
+        with self.budget.measuring():
+            result = measure(max_s)
+        took = first_rounds_s(result) if first_rounds_s else self.budget.clock() - start
+        self.budget.record(planned_s, took)
+        return result
 
     def plan_timing(self, units_of: Callable[[Item], Sequence[float]]
                     ) -> Callable[[Sequence[Item]], None]:
@@ -132,13 +149,11 @@ class Experiment:
                called: int = 0) -> Paired:
         """One measurement: the calls in paired rounds of the budget's length, rounds added
         while a ratio to base is undecided and the budget allows."""
-        planned = self.first_rounds_s(len(calls))
-        max_s = self.budget.take_unit(planned)
-        with self.budget.measuring():
-            paired = measure_paired(calls, self.timing, self.args.rounds, called, base=base,
-                                    max_s=max_s, min_effect=self.args.min_effect)
-        self.budget.record(planned, paired.first_rounds_s)
-        return paired
+        return self.timed_unit(
+            self.first_rounds_s(len(calls)),
+            lambda max_s: measure_paired(calls, self.timing, self.args.rounds, called, base=base,
+                                         max_s=max_s, min_effect=self.args.min_effect),
+            lambda paired: paired.first_rounds_s)
 
     def time_point(self, calls: Mapping[str, Callable[[], object]], base: str | None,
                    called: int = 0) -> tuple[Paired, dict]:
@@ -157,8 +172,8 @@ class Experiment:
         except UserInputError as exc:  # that model's own row will say so too
             print(f"note: timings are not guarded against drift (its reference: {exc})")
             reference = None
-        block_s = max(GUARD_BLOCK_S, self.timing.min_run_time / self.args.rounds)
-        return DriftGuard(reference, self.budget, self.timing, block_s, self.args.drift_margin,
+        return DriftGuard(reference, self.budget, self.timing,
+                          self.timing.min_run_time / self.args.rounds, self.args.drift_margin,
                           self.args.drift_retries)
 
     def timing_summary(self) -> str:

@@ -68,9 +68,9 @@ def test_the_guard_keeps_to_its_share_of_what_the_run_timed():
     clock = Clock()
     budget = TimingBudget(1000.0, clock=clock)
     budget.plan([10.0] * 4)  # budgeted 62.5 s, of which 12.5 s for the guard
-    with budget.guarding():
+    with budget.probing():
         clock.now += 1.5
-    budget.probe_spent_s = 1.5
+    assert (budget.probe_spent_s, budget.guard_s) == (1.5, 1.5)
     budget.take_unit(10.0)
     with budget.measuring():
         clock.now += 4.0  # the first unit took 4 s, not the 10 s planned
