@@ -1,15 +1,15 @@
 """Experiment 4, memory savings: what pruned embedding tables cost in RAM, in every format.
 
 For every pruned model of sparse_model_metadata.csv and every storage format of
-dlrm_sparsity/formats.py (dense, coo, csr, csr_int64, row_pruned; with FBGEMM int8, int4 and
-row_pruned_int8), the tables are built in that format one at a time: the exact bytes of every
-tensor it keeps, their ratio to the dense float32 tables, and the embedding stage's time on
-the timed batch (at --timed-levels: bytes and quality at every level), and there also the
-whole forward's, each timed in alternating
-rounds against the dense tables' (ratios with 95% intervals; each model's formats one point
-for the drift guard). Lossless formats must give the dense pruned model's outputs (within
-1e-5); lossy (quantized) ones are scored on the whole test split. A format larger than the
-dense tables is counted but never held whole, nor timed. Writes sparse_model_memory.csv and
+dlrm_sparsity/formats.py (dense, coo, csr, csr_int64, row_pruned; with FBGEMM int8, int4,
+row_pruned_int8 and row_pruned_int4), the tables are built in that format one at a time: the
+exact bytes of every tensor it keeps, their ratio to the dense float32 tables, and the
+embedding stage's time on the timed batch (at --timed-levels: bytes and quality at every
+level), and there also the whole forward's, each timed in alternating rounds against the dense
+tables' (ratios with 95% intervals; each model's formats one point for the drift guard).
+Lossless formats must give the dense pruned model's outputs (within 1e-5); lossy (quantized)
+ones are scored on the whole test split. A format larger than the dense tables is counted but
+never held whole, nor timed. Writes sparse_model_memory.csv and
 memory_savings.png.
 """
 
@@ -27,7 +27,7 @@ from dlrm_sparsity.analysis import (
     smallest_within,
     verdict_counts,
 )
-from dlrm_sparsity.experiment import Experiment
+from dlrm_sparsity.experiment import Experiment, against_dense
 from dlrm_sparsity.formats import FORMATS, choose_formats, hold
 from dlrm_sparsity.plots import plot_memory_savings
 from dlrm_sparsity.pruning import LARGE_MODEL_BYTES
@@ -95,18 +95,6 @@ def measure_format(exp: Experiment, name: str, dense: FormatTables, reference: t
     if cls.lossy:
         row.update(exp.score(served), quality_source="scored in this format")
     return row
-
-
-def against_dense(exp: Experiment, what: str, calls: dict, name: str) -> dict:
-    """A format's calls against the dense format's, in alternating rounds (hundreds of short
-    measurements: a warm-up as long as the timing itself); the format's median, IQR and ratio
-    to dense, as what_* columns."""
-    calls = {v: calls[v] for v in dict.fromkeys(["dense", name])}
-    base = "dense" if name != "dense" else None
-    columns = exp.paired(calls, base).columns(name, base)
-    keep = ("time_median_s", "time_iqr_s", "ratio", "ratio_low", "ratio_high",
-            "ratio_verdict")
-    return {f"{what}_{k.replace('time_', '')}": v for k, v in columns.items() if k in keep}
 
 
 def add_drops(df: pd.DataFrame) -> pd.DataFrame:

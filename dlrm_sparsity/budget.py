@@ -155,7 +155,7 @@ class TimingBudget:
                 f"guard's part at most {self.guard_share:.0%}{shortened}")
 
     def summary(self) -> str:
-        extra = self.guard_s - self.probe_spent_s
+        extra = max(0.0, self.guard_s - self.probe_spent_s)  # clock rounding aside
         timing = self.measured_s + extra
         over = (" (over: a unit takes one call per variant and round at least)"
                 if self.spent_s > self.total_s * 1.05 else "")

@@ -230,3 +230,16 @@ class Experiment:
         model = DLRMNet.from_state_dict(self.model_state(meta))
         self.test.check_fits(model.config.table_sizes, meta["checkpoint"])
         return model.to(self.run.device).eval()
+
+
+def against_dense(exp: Experiment, what: str, calls: Mapping[str, Callable[[], object]],
+                  name: str) -> dict:
+    """Served tables' calls against the dense tables' (calls keyed "dense" and name), in
+    alternating rounds (hundreds of short measurements: a warm-up as long as the timing
+    itself); name's median, IQR and ratio to dense, as what_* columns."""
+    calls = {v: calls[v] for v in dict.fromkeys(["dense", name])}
+    base = "dense" if name != "dense" else None
+    columns = exp.paired(calls, base).columns(name, base)
+    keep = ("time_median_s", "time_iqr_s", "ratio", "ratio_low", "ratio_high",
+            "ratio_verdict")
+    return {f"{what}_{k.replace('time_', '')}": v for k, v in columns.items() if k in keep}

@@ -188,22 +188,27 @@ def fbgemm_available(device: torch.device | None = None) -> bool:
         return False
 
 
-class Quantized:
-    """Row-wise INT8 or INT4 in FBGEMM's inference table (scale and bias in half precision
-    per row); with prune_rows, only the non-zero rows, behind FBGEMM's index remap.
+WEIGHT_TYPES = ("fp32", "fp16", "int8", "int4", "int2")  # FBGEMM's CPU inference weights
+# TorchRec's QuantEmbeddingBagCollection pads every row to 16 bytes on every device (its
+# DEFAULT_ROW_ALIGNMENT); FBGEMM's own default is 1 on the CPU. Tables are counted as served.
+ROW_ALIGNMENT = 16
 
-    All the model's tables live in one table-batched op, as torchrec serves them: one kernel
-    call looks up every table, where one op per table costs 26 calls (on the demo's CPU,
-    lookups 4.6-4.7x dense with one op per table, 4.1-4.3x with one for all).
-    The op's weights are allocated once, quantized size; each table is quantized and copied
-    in on its own, so the float temporaries never exceed one table."""
 
-    name: ClassVar[str] = "int8"
-    lossy: ClassVar[bool] = True
-    bits: ClassVar[int] = 8
-    prune_rows: ClassVar[bool] = False
+class TableBatched:
+    """Every table of a model in one FBGEMM inference TBE (IntNBitTableBatchedEmbeddingBags-
+    Codegen, what torchrec serves tables with), in one weight type of WEIGHT_TYPES (row-wise
+    INT8/4/2 with a half-precision scale and bias per row), one kernel call for all the
+    tables: one op per table costs 26 calls (on the demo's CPU, lookups 4.6-4.7x dense with one
+    op per table, 4.1-4.3x with one for all). kept[k] (ascending row ids, or None for all)
+    holds only those rows of table k, behind FBGEMM's index remap: a pruned id maps to -1 and
+    adds nothing. nbytes counts the op's own buffers: its weights (rows padded to
+    row_alignment bytes, tables to 128) and the remap. The weights are allocated once,
+    quantized size; each table is quantized and copied in on its own, so the float
+    temporaries never exceed one table."""
 
-    def __init__(self, tables: list[torch.Tensor]):
+    def __init__(self, tables: list[torch.Tensor], weight_type: str,
+                 kept: list[torch.Tensor | None] | None = None,
+                 row_alignment: int = ROW_ALIGNMENT):
         from fbgemm_gpu.split_embedding_configs import SparseType
         from fbgemm_gpu.split_table_batched_embeddings_ops_common import (
             EmbeddingLocation,
@@ -215,30 +220,34 @@ class Quantized:
 
         device = tables[0].device
         cuda = device.type == "cuda"
-        kept = [kept_rows(t) if self.prune_rows else None for t in tables]
+        kept = kept or [None] * len(tables)
         rows = [t.shape[0] if k is None else len(k) for t, k in zip(tables, kept, strict=True)]
         self.dims = [t.shape[1] for t in tables]
+        sparse_type = SparseType(weight_type)
+        for k, dim in enumerate(self.dims):
+            if dim * sparse_type.bit_rate() % 8:  # the op's own refusal, said in one line
+                raise UserInputError(f"{weight_type}: table {k} is {dim} wide, and FBGEMM "
+                                     f"packs {weight_type} rows in whole bytes (a width "
+                                     f"divisible by {8 // sparse_type.bit_rate()})")
         self.op = IntNBitTableBatchedEmbeddingBagsCodegen(
-            [(f"table{k}", rows[k], self.dims[k],
-              SparseType.INT8 if self.bits == 8 else SparseType.INT4,
+            [(f"table{k}", rows[k], self.dims[k], sparse_type,
               EmbeddingLocation.DEVICE if cuda else EmbeddingLocation.HOST)
              for k in range(len(tables))],
-            device=device, pooling_mode=PoolingMode.SUM, output_dtype=SparseType.FP32)
+            device=device, pooling_mode=PoolingMode.SUM, output_dtype=SparseType.FP32,
+            row_alignment=row_alignment)
         self.op.initialize_weights()
-        weights = self.op.split_embedding_weights()
-        for (data, scale_bias), table, k in zip(weights, tables, kept, strict=True):
-            stored = table if k is None else table[k]
-            fused = torch.ops.fbgemm.FloatToFusedNBitRowwiseQuantizedSBHalf(stored.float(),
-                                                                            self.bits)
-            data.copy_(fused[:, :-4])  # the fused rows end with the half scale and bias
-            scale_bias.copy_(fused[:, -4:])
-            del fused
+        for (data, scale_bias), table, k in zip(self.op.split_embedding_weights(), tables, kept,
+                                                strict=True):
+            packed = pack_rows(table if k is None else table[k], weight_type)
+            data.copy_(packed if scale_bias is None else packed[:, :-4])
+            if scale_bias is not None:  # the fused rows end with the half scale and bias
+                scale_bias.copy_(packed[:, -4:])
+            del packed
         self.nbytes = (self.op.weights_dev if cuda else self.op.weights_host).nbytes
-        if self.prune_rows:
-            # a pruned id maps to -1: it adds nothing
+        if any(k is not None for k in kept):
             self.op.set_index_remappings_array(
-                [compact_ids(t.shape[0], k, missing=-1) for t, k in zip(tables, kept,
-                                                                         strict=True)])
+                [None if k is None else compact_ids(t.shape[0], k, missing=-1)
+                 for t, k in zip(tables, kept, strict=True)])
             self.nbytes += (self.op.index_remappings_array.nbytes
                             + self.op.index_remappings_array_offsets.nbytes)
 
@@ -263,17 +272,54 @@ class Quantized:
         """One table's lookup, for a format that holds one table."""
         return self.embed(offsets[None], indices[None])[0]
 
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """What the op holds, by name (for the zip)."""
+        return {name: b for name, b in self.op.named_buffers()
+                if name in ("weights_host", "weights_dev", "index_remappings_array",
+                            "index_remappings_array_offsets") and b.numel()}
+
+
+def pack_rows(rows: torch.Tensor, weight_type: str) -> torch.Tensor:
+    """(R, D) float rows as FBGEMM's inference TBE holds them, uint8: fp32 and fp16 as they
+    are, INT8/4/2 row-wise with the half scale and bias at each row's end, as torchrec's
+    quantize_state_dict packs them (FloatOrHalfToFusedNBitRowwiseQuantizedSBHalf)."""
+    rows = rows.detach().float()
+    if weight_type == "fp32":
+        return rows.contiguous().view(torch.uint8)
+    if weight_type == "fp16":
+        return rows.half().contiguous().view(torch.uint8)
+    bits = int(weight_type[3:])
+    return torch.ops.fbgemm.FloatOrHalfToFusedNBitRowwiseQuantizedSBHalf(rows, bits)
+
+
+class Quantized(TableBatched):
+    """An experiment-4 format: row-wise INT8 or INT4 in FBGEMM's inference table; with
+    prune_rows, only the non-zero rows."""
+
+    name: ClassVar[str] = "int8"
+    lossy: ClassVar[bool] = True
+    prune_rows: ClassVar[bool] = False
+
+    def __init__(self, tables: list[torch.Tensor]):
+        weight_type = self.name.rsplit("_", 1)[-1]
+        super().__init__(tables, weight_type,
+                         [kept_rows(t) for t in tables] if self.prune_rows else None)
+
 
 class Int8(Quantized):
     name = "int8"
 
 
 class Int4(Quantized):
-    name, bits = "int4", 4
+    name = "int4"
 
 
 class RowPrunedInt8(Quantized):
     name, prune_rows = "row_pruned_int8", True
+
+
+class RowPrunedInt4(Quantized):
+    name, prune_rows = "row_pruned_int4", True
 
 
 class PerTable:
@@ -310,7 +356,7 @@ def hold(cls, tables: list[torch.Tensor], budget: int) -> tuple[PerTable | Quant
 
 
 FORMATS = {cls.name: cls for cls in (Dense, Coo, Csr, Csr64, RowPruned, Int8, Int4,
-                                     RowPrunedInt8)}
+                                     RowPrunedInt8, RowPrunedInt4)}
 NEEDS_FBGEMM = {name for name, cls in FORMATS.items() if issubclass(cls, Quantized)}
 
 

@@ -75,3 +75,16 @@ def tiny_pipeline(tmp_path_factory):
                    Recipe(embedding_dim=4, bottom="13-8-4", top="8-1", num_batches=30),
                    device="cpu", print_every=0)
     return {"root": root, "raw": raw, "processed": processed, "model": model}
+
+
+@pytest.fixture(scope="session")
+def wide_model(tiny_pipeline):
+    """A DLRM 16 wide on the tiny pipeline's data: TorchRec pads a quantized row to 16 bytes,
+    so at the tiny pipeline's width of 4 no quantized table is smaller than the dense one."""
+    from dlrm_sparsity.training import Recipe, train_and_save
+
+    model = tiny_pipeline["root"] / "wide.ckpt"
+    train_and_save(str(tiny_pipeline["processed"]), str(tiny_pipeline["raw"]), str(model),
+                   Recipe(embedding_dim=16, bottom="13-8-16", top="8-1", num_batches=30),
+                   device="cpu", print_every=0)
+    return model

@@ -9,12 +9,14 @@ from conftest import run_script
 from dlrm_sparsity import formats
 from dlrm_sparsity.formats import FORMATS, fbgemm_available
 
+DIM = 16  # the embedding width of the wide model
+
 
 @pytest.fixture(scope="module")
-def run(tiny_pipeline, tmp_path_factory):
+def run(tiny_pipeline, wide_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("memory")
     assert run_script(evaluate_disk_savings, [
-        "--model-path", tiny_pipeline["model"], "--output-dir", out, "--device", "cpu",
+        "--model-path", wide_model, "--output-dir", out, "--device", "cpu",
         "--sparsity-levels", "0.0", "0.5", "1.0", "--norms", "L1", "--block-shapes", "1x4"]) == 0
     args = ["--raw-data-file", tiny_pipeline["raw"], "--processed-data-file",
             tiny_pipeline["processed"], "--output-dir", out, "--device", "cpu",
@@ -44,7 +46,7 @@ def test_formats_larger_than_dense_are_counted_but_not_held(run):
     assert not coo0["held"] and pd.isna(coo0["lookup_median_s"])
     assert pd.isna(coo0["roc_auc"]) and pd.isna(coo0["max_abs_diff"])  # nothing was checked
     full = df[df["sparsity_level"] == 1.0].set_index("format")
-    dim, tables = 4, 26  # the tiny pipeline's embedding width and Criteo's table count
+    dim, tables = DIM, 26  # Criteo's table count
     rows = full.loc["dense", "bytes"] // (4 * dim)
     assert full.loc["coo", "bytes"] == 0
     # every row pruned: the int32 remap, and one zero row per table
@@ -57,8 +59,9 @@ def test_quantized_formats_are_scored_and_their_drops_derived(run):
     int8 = df[df["format"] == "int8"].set_index("sparsity_level")
     dense = df[df["format"] == "dense"].set_index("sparsity_level")
     assert (int8["quality_source"] == "scored in this format").all()
-    # dim int8 values and a half scale and bias a row (FBGEMM pads rows), against 4 x dim
-    assert int8["bytes_ratio"].between((4 + 4) / 16, 0.6).all()
+    # a row: 16 int8 values and a half scale and bias, padded to 16 bytes as TorchRec serves
+    # it (32); each table padded to 128 bytes
+    assert int8["bytes_ratio"].between(0.5, 0.6).all()
     int4 = df[df["format"] == "int4"].set_index("sparsity_level")
     assert (int4["bytes"] < int8["bytes"]).all()
     drop = dense["roc_auc"] - int8["roc_auc"]
@@ -92,8 +95,8 @@ def test_without_fbgemm_its_formats_are_skipped_with_a_notice(run, tmp_path, mon
     assert err == ("error: --formats int8: needs FBGEMM, which is not installed for cpu "
                    "(fbgemm-gpu-cpu on a CPU, fbgemm-gpu on CUDA)")
     assert run_script(mem, [*args, "--min-run-time", "0.001"]) == 0  # the default: skipped
-    assert ("note: int8, int4, row_pruned_int8 skipped: FBGEMM is not installed for cpu"
-            in capsys.readouterr().out)
+    assert ("note: int8, int4, row_pruned_int8, row_pruned_int4 skipped: FBGEMM is not "
+            "installed for cpu" in capsys.readouterr().out)
     assert "int8" not in set(pd.read_csv(tmp_path / "sparse_model_memory.csv")["format"])
 
 

@@ -75,7 +75,8 @@ def test_row_pruning_maps_every_pruned_row_to_zero_and_keeps_the_others():
 
 
 @needs_fbgemm
-@pytest.mark.parametrize("name, bits", [("int8", 8), ("int4", 4), ("row_pruned_int8", 8)])
+@pytest.mark.parametrize("name, bits", [("int8", 8), ("int4", 4), ("row_pruned_int8", 8),
+                                        ("row_pruned_int4", 4)])
 def test_quantized_lookups_are_within_their_quantization_error(name, bits):
     table = pruned_table()
     fmt = FORMATS[name]([table])
@@ -88,8 +89,8 @@ def test_quantized_lookups_are_within_their_quantization_error(name, bits):
                      torch.diff(torch.cat([offsets, torch.tensor([len(indices)])]))),
                      step[indices] / 2 + 1e-3)  # + half precision of scale and bias
     assert ((got - want).abs() <= bound[:, None]).all()
-    if name == "row_pruned_int8":
-        assert fmt.nbytes < FORMATS["int8"]([table]).nbytes
+    if name.startswith("row_pruned"):
+        assert fmt.nbytes < FORMATS[name[len("row_pruned_"):]]([table]).nbytes
 
 
 @needs_fbgemm
@@ -123,7 +124,7 @@ def test_hold_keeps_what_fits_and_counts_what_does_not():
 
 
 def test_formats_needing_fbgemm_are_named():
-    assert NEEDS_FBGEMM == {"int8", "int4", "row_pruned_int8"}
+    assert NEEDS_FBGEMM == {"int8", "int4", "row_pruned_int8", "row_pruned_int4"}
 
 
 def test_a_large_coo_table_serves_lookups_in_and_out_of_inference_mode():
