@@ -2,8 +2,9 @@
 
 Builds a DLRM with dlrm's Kaggle configuration (26 tables, 33.8 M rows of width 16, 2.16 GB of
 float32; bottom 13-512-256-64-16, top 367-512-256-1), saves it in dlrm's checkpoint layout,
-writes processed test data whose ids span every table, then runs the three scripts on a reduced
-grid, each as a child process whose wall time and peak resident memory are reported.
+writes processed data whose ids span every table, then runs the experiments on a reduced grid,
+each as a child process whose wall time and peak resident memory are reported; the compression
+front's per-method sizes, quality and lookup ratios are printed from its CSV.
 
     python benchmarks/bench_kaggle_size.py                     # levels 0 0.5 0.9 1, L1 1x4
     python benchmarks/bench_kaggle_size.py --keep work/         # keep the files afterwards
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from bench_common import gib, measured
 
@@ -71,7 +73,7 @@ sparsifier.squash_mask()
 # what --experiments names, and how the report labels it
 LABELS = {"disk": "disk savings", "floor": "stock, 1 table", "metrics": "model metrics",
           "forward": "forward time", "memory": "memory savings",
-          "activation": "activation sparsity"}
+          "activation": "activation sparsity", "compression": "compression front"}
 
 
 # The child's own peak. wait4's ru_maxrss will not do: subprocess starts children with vfork
@@ -135,8 +137,12 @@ def main() -> None:
             "memory": ["evaluate_memory_savings.py", *data, "--forward-levels", "1.0"],
             "activation": ["evaluate_activation_sparsity.py", *data, "--embedding-levels",
                            "--levels", "0.0", "0.5", "0.9", "0.99"],
+            # after memory: its datanorm points are experiment 4's rows
+            "compression": ["evaluate_compression.py", *data, "--levels", "0.5", "0.9"],
         }
         results = {LABELS[e]: run_child(steps[e]) for e in args.experiments}
+        front_csv = work / "out" / "compression_front.csv"
+        front = pd.read_csv(front_csv) if "compression" in args.experiments else None
     print(f"\nKaggle-sized DLRM: {sum(KAGGLE.table_sizes):,} rows, embeddings "
           f"{gib(embedding_bytes)}, model {gib(model_bytes)}; built and saved in "
           f"{build.wall_s:.0f} s; {os.cpu_count()} CPUs, "
@@ -145,6 +151,15 @@ def main() -> None:
     for name, (wall, peak) in results.items():
         print(f"{name:>14}: {wall:7.1f} s wall, peak RSS {gib(peak)} "
               f"({peak / model_bytes:.2f}x the model)")
+    if front is not None:
+        print("\ncompression front (bytes held / dense tables, zipped checkpoint, ROC AUC on "
+              "random labels, lookups / dense):")
+        for row in front.dropna(subset=["bytes"]).to_dict("records"):
+            timed = (f", lookups {row['lookup_ratio']:.2f}x [{row['lookup_ratio_low']:.2f}, "
+                     f"{row['lookup_ratio_high']:.2f}]" if pd.notna(row.get("lookup_ratio"))
+                     else "")
+            print(f"  {row['method']:>14} {row['setting']:<34} {row['bytes_ratio']:.3f}, "
+                  f"zip {row['zip_file_size']:.0f} MB, AUC {row['roc_auc']:.4f}{timed}")
 
 
 if __name__ == "__main__":

@@ -56,6 +56,14 @@ def smallest_within(df: pd.DataFrame, budget: float, cost: str,
     return ok.loc[ok[cost].idxmin()] if not ok.empty else None
 
 
+def front_choice(df: pd.DataFrame, budget: float, cost: str = "bytes"
+                 ) -> tuple[pd.Series | None, pd.Series | None]:
+    """Across compression methods: the smallest setting within budget, and the smallest of the
+    seed's DataNormSparsifier points (methods datanorm*) within it (None where none is)."""
+    return (smallest_within(df, budget, cost),
+            smallest_within(df[df["method"].str.startswith("datanorm")], budget, cost))
+
+
 def first_level_below(df: pd.DataFrame, column: str, limit: float = 1.0,
                       groups: Sequence[str] = CONFIG) -> dict[tuple, float | None]:
     """Per group, the lowest level whose column is below limit (None where none is)."""

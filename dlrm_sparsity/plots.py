@@ -11,7 +11,7 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from dlrm_sparsity.analysis import claimed_verdicts  # noqa: E402
+from dlrm_sparsity.analysis import AUC_DROP_BUDGETS, claimed_verdicts  # noqa: E402
 from dlrm_sparsity.runner.atomic import atomic_path  # noqa: E402
 from dlrm_sparsity.variants import COMPACT, DENSE, MASKED, MASKED_SPARSE, SPARSE  # noqa: E402
 
@@ -208,4 +208,36 @@ def plot_memory_savings(df: pd.DataFrame, path: str | os.PathLike) -> None:
     axes[1].legend(fontsize=7)
     for ax in axes:
         ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def plot_compression_front(df: pd.DataFrame, path: str | os.PathLike) -> None:
+    """ROC AUC against the bytes the tables hold, one colour per method, the Pareto front
+    across methods drawn and named; the right panel zooms on the drops up to twice the
+    largest AUC budget, where a method is chosen."""
+    scored = df.dropna(subset=["roc_auc", "bytes"])
+    fig, axes = plt.subplots(1, 2, figsize=(12.5, 5.0))
+    markers = "osD^v<>Pp*Xh"
+    front = pareto_front(scored, "bytes")
+    base = scored.loc[scored["method"] == "dense", "roc_auc"]
+    for ax, zoom in zip(axes, (False, True), strict=True):
+        shown = scored if not zoom or base.empty else \
+            scored[scored["roc_auc"] >= base.iloc[0] - 2 * AUC_DROP_BUDGETS[-1]]
+        for i, (method, part) in enumerate(shown.groupby("method", sort=False)):
+            ax.scatter(part["bytes"] / 2**20, part["roc_auc"], s=12, label=method,
+                       marker=markers[i % len(markers)], color=f"C{i % 10}")
+        line = front[front.index.isin(shown.index)]
+        ax.plot(line["bytes"] / 2**20, line["roc_auc"], color="black", linewidth=0.8,
+                label="Pareto front")
+        if zoom:
+            for _, row in line.iterrows():
+                ax.annotate(f"{row['method']} {row['setting']}", (row["bytes"] / 2**20,
+                            row["roc_auc"]), fontsize=6, xytext=(3, -8),
+                            textcoords="offset points")
+        ax.set(xlabel="embedding tables held (MiB)", ylabel="ROC AUC", xscale="log",
+               title="Every setting" if not zoom else
+               f"Within an AUC drop of {2 * AUC_DROP_BUDGETS[-1]:g} (front named)")
+        ax.grid(alpha=0.3)
+    for ax in axes:
+        ax.legend(fontsize=6, ncol=2)
     _save(fig, path)

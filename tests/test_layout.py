@@ -10,7 +10,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = "dlrm_sparsity"
 ROOT_SCRIPTS = {"evaluate_disk_savings", "evaluate_model_metrics", "evaluate_forward_time",
-                "evaluate_memory_savings", "evaluate_activation_sparsity", "make_report",
+                "evaluate_memory_savings", "evaluate_activation_sparsity", "evaluate_compression",
+                "make_report",
                 "dlrm_forward_time", "sparse_utils", "train_dlrm", "synthetic_criteo"}
 RUNNER_MAY_USE = {f"{PACKAGE}.errors", f"{PACKAGE}.device"}  # rows and items, not DLRM
 

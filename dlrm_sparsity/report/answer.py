@@ -1,5 +1,6 @@
 """The report's answer: for each AUC budget, how far each config can be pruned and the best
-point for each resource (disk, forward time, memory, activation sparsity)."""
+point for each resource (disk, forward time, memory, activation sparsity), and the smallest
+compression across methods."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pandas as pd
 from dlrm_sparsity.analysis import (
     MODEL,
     claimed_verdicts,
+    front_choice,
     highest_within,
     noise_note,
     smallest_within,
@@ -33,7 +35,8 @@ def answer(results: Results, budgets: tuple[float, ...]) -> list[str]:
         lines += smallest_zip(scored, budget)
         lines += forward_answer(results.ok("forward"), within_budget(scored, budget))
         lines += activation_answer(results.ok("activation"), budget)
-        lines += smallest_in_memory(results.ok("memory"), budget)
+        lines += smallest_compression(results.ok("compression"), budget) or \
+            smallest_in_memory(results.ok("memory"), budget)
         lines.append("")
     return lines
 
@@ -111,6 +114,23 @@ def activation_answer(df: pd.DataFrame | None, budget: float) -> list[str]:
                      f"{top['activation_level']:g} (AUC {top['roc_auc']:.4f}, a drop of "
                      f"{top['auc_drop_vs_level0']:.4f} from the unpruned model), where {speed}")
     return lines
+
+
+def smallest_compression(front: pd.DataFrame | None, budget: float) -> list[str]:
+    """Across every compression method: the smallest tables within budget, and where the best
+    DataNormSparsifier point stands beside them."""
+    if front is None or "auc_drop" not in front:
+        return []
+    best, datanorm = front_choice(front.dropna(subset=["bytes", "roc_auc"]), budget)
+    if best is None:
+        return ["- smallest in memory across compression methods: none within budget"]
+    beside = ("no DataNormSparsifier point is within budget" if datanorm is None else
+              f"the best DataNormSparsifier point ({datanorm['method']}, {datanorm['setting']})"
+              f" holds {datanorm['bytes'] / best['bytes']:.2f}x its bytes "
+              f"(AUC {datanorm['roc_auc']:.4f})")
+    return [f"- smallest in memory across compression methods: {best['method']} "
+            f"({best['setting']}), {best['bytes'] / 2**20:.2f} MiB ({best['bytes_ratio']:.3f} "
+            f"of the dense tables), AUC {best['roc_auc']:.4f}; {beside}"]
 
 
 def smallest_in_memory(memory: pd.DataFrame | None, budget: float) -> list[str]:

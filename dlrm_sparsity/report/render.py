@@ -92,7 +92,9 @@ def failures(results: Results) -> list[str]:
         if df is None or "error" not in df:
             continue
         for row in df[df["error"].notna()].to_dict("records"):
-            where = ", ".join(f"{k} {row[k]}" for k in CONFIG + ["sparsity_level"] if k in row)
+            where = ", ".join(f"{k} {row[k]}" for k in CONFIG + ["sparsity_level", "method",
+                                                              "setting"]
+                              if k in row and pd.notna(row[k]))
             lines.append(f"- `{exp.csv}` ({where}): {row['error']}")
     return lines
 

@@ -29,6 +29,8 @@ EXPERIMENTS = (
                "memory_savings.png"),
     Experiment("activation", "evaluate_activation_sparsity.py", "activation_sparsity.csv",
                "activation_sparsity.png"),
+    Experiment("compression", "evaluate_compression.py", "compression_front.csv",
+               "compression_front.png"),
 )
 
 

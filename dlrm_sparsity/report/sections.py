@@ -6,8 +6,17 @@ from typing import Iterator
 
 import pandas as pd
 
-from dlrm_sparsity.analysis import CONFIG, MODEL, first_level_below, machine_noise
+from dlrm_sparsity.analysis import (
+    AUC_DROP_BUDGETS,
+    CONFIG,
+    MODEL,
+    first_level_below,
+    machine_noise,
+    noise_note,
+    smallest_within,
+)
 from dlrm_sparsity.analysis import verdict_counts as verdicts
+from dlrm_sparsity.plots import pareto_front
 from dlrm_sparsity.report.answer import config_name
 from dlrm_sparsity.variants import COMPACT, DENSE, MASKED, SPARSE
 
@@ -186,7 +195,40 @@ def stability_section(results) -> list[str]:
     return lines
 
 
+def compression_section(df: pd.DataFrame) -> list[str]:
+    """Per method, the smallest setting within each AUC budget and its lookups against the
+    dense tables; the front across methods; what was skipped."""
+    scored = df.dropna(subset=["bytes", "roc_auc"])
+    heads = [f"smallest within an AUC drop of {b}" for b in AUC_DROP_BUDGETS]
+    lines = ["Every method on the unpruned model (the datanorm points: experiment 4's pruned "
+             "models, each in its smallest format); bytes held as served, against the dense "
+             "float32 tables:", "", "| method | settings | " + " | ".join(heads)
+             + " | lookups / dense (timed settings, median) |", "|---" * (len(heads) + 3) + "|"]
+    for method, part in scored.groupby("method", sort=False):
+        cells = []
+        for budget in AUC_DROP_BUDGETS:
+            best = smallest_within(part, budget, "bytes")
+            cells.append("none" if best is None else f"{best['setting']}: "
+                         f"{best['bytes_ratio']:.3f}, AUC {best['roc_auc']:.4f}")
+        timed = part["lookup_ratio"].dropna() if "lookup_ratio" in part else part[:0]
+        lines.append(f"| {method} | {len(part)} | " + " | ".join(cells) + " | "
+                     + (f"{timed.median():.2f}x ({len(timed)})" if len(timed) else "-") + " |")
+    front = pareto_front(scored, "bytes")
+    lines += ["", "The Pareto front across methods (no other setting is both smaller and "
+              "better): " + "; ".join(f"{r['method']} {r['setting']} ({r['bytes_ratio']:.3f}, "
+                                      f"AUC {r['roc_auc']:.4f})"
+                                      for r in front.to_dict("records")) + "."]
+    if "lookup_ratio" in scored and scored["lookup_ratio"].notna().any():
+        lines += ["", f"Lookups are timed against the dense tables in paired rounds, their 95% "
+                      f"intervals in the CSV{noise_note(scored)}."]
+    skipped = df[df["skipped"].notna()] if "skipped" in df else df[:0]
+    if not skipped.empty:
+        lines += ["", "Skipped: " + "; ".join(sorted({str(s) for s in skipped["skipped"]})) + "."]
+    return lines
+
+
 SECTIONS = {"disk": ("Disk savings", disk_section), "quality": ("Quality", quality_section),
             "forward": ("Forward time", forward_section),
             "memory": ("Memory savings", memory_section),
-            "activation": ("Activation sparsity", activation_section)}
+            "activation": ("Activation sparsity", activation_section),
+            "compression": ("Compression front", compression_section)}
