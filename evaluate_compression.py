@@ -70,7 +70,7 @@ def parse_args(argv=None):
                         "(default: the metadata's levels, less 0 and 1)")
     p.add_argument("--svd-ranks", nargs="+", type=positive_int, default=[], metavar="RANK",
                    help="svd also at these ranks, every table (default: none)")
-    add_timing_args(p, min_run_time=0.2, time_budget=60.0)
+    add_timing_args(p, min_run_time=0.2, time_budget=30.0)
     p.add_argument("--timed-levels", nargs="+", default=["0.5", "0.9"], metavar="LEVEL",
                    help="levels whose lookups are timed, an encoding alone always ('all': "
                         "every row)")
