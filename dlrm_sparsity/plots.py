@@ -147,18 +147,21 @@ def plot_tradeoffs(scored: pd.DataFrame, front: pd.DataFrame, memory: pd.DataFra
             label="Pareto front")
     ax.set(xlabel="zipped checkpoint (MB)", ylabel="ROC AUC", title="Quality against disk")
     ax.legend(fontsize=7)
-    if memory is not None:
+    if memory is not None:  # experiment 4's formats, or the compression front's methods
         ax = axes[0][1]
-        held = memory.dropna(subset=["roc_auc"])
-        for fmt, part in held.groupby("format", sort=False):
-            ax.scatter(part["bytes"] / 2**20, part["roc_auc"], s=10, label=fmt)
+        held = memory.dropna(subset=["roc_auc", "bytes"])
+        kind = "method" if "method" in held else "format"
+        for i, (name, part) in enumerate(held.groupby(kind, sort=False)):
+            ax.scatter(part["bytes"] / 2**20, part["roc_auc"], s=10, label=name,
+                       color=plt.cm.tab20(i % 20))
         if not held.empty:
             best = pareto_front(held, "bytes")
             ax.plot(best["bytes"] / 2**20, best["roc_auc"], color="black", linewidth=0.8,
                     label="Pareto front")
         ax.set(xlabel="embedding tables held (MiB)", ylabel="ROC AUC", xscale="log",
-               title="Quality against memory")
-        ax.legend(fontsize=7)
+               title="Quality against memory" + (", every compression method"
+                                                 if kind == "method" else ""))
+        ax.legend(fontsize=6, ncol=2)
     if activation is not None:
         ax = axes[0][-1]
         compact = activation[activation["variant"] == COMPACT]
@@ -225,7 +228,7 @@ def plot_compression_front(df: pd.DataFrame, path: str | os.PathLike) -> None:
             scored[scored["roc_auc"] >= base.iloc[0] - 2 * AUC_DROP_BUDGETS[-1]]
         for i, (method, part) in enumerate(shown.groupby("method", sort=False)):
             ax.scatter(part["bytes"] / 2**20, part["roc_auc"], s=12, label=method,
-                       marker=markers[i % len(markers)], color=f"C{i % 10}")
+                       marker=markers[i % len(markers)], color=plt.cm.tab20(i % 20))
         line = front[front.index.isin(shown.index)]
         ax.plot(line["bytes"] / 2**20, line["roc_auc"], color="black", linewidth=0.8,
                 label="Pareto front")
@@ -238,6 +241,5 @@ def plot_compression_front(df: pd.DataFrame, path: str | os.PathLike) -> None:
                title="Every setting" if not zoom else
                f"Within an AUC drop of {2 * AUC_DROP_BUDGETS[-1]:g} (front named)")
         ax.grid(alpha=0.3)
-    for ax in axes:
-        ax.legend(fontsize=6, ncol=2)
+    axes[0].legend(fontsize=6, ncol=2)
     _save(fig, path)
