@@ -192,6 +192,7 @@ WEIGHT_TYPES = ("fp32", "fp16", "int8", "int4", "int2")  # FBGEMM's CPU inferenc
 # TorchRec's QuantEmbeddingBagCollection pads every row to 16 bytes on every device (its
 # DEFAULT_ROW_ALIGNMENT); FBGEMM's own default is 1 on the CPU. Tables are counted as served.
 ROW_ALIGNMENT = 16
+PACK_ROWS = 1 << 20  # rows packed at a time: bounded temporaries on a table of 10 M rows
 
 
 class TableBatched:
@@ -238,11 +239,13 @@ class TableBatched:
         self.op.initialize_weights()
         for (data, scale_bias), table, k in zip(self.op.split_embedding_weights(), tables, kept,
                                                 strict=True):
-            packed = pack_rows(table if k is None else table[k], weight_type)
-            data.copy_(packed if scale_bias is None else packed[:, :-4])
-            if scale_bias is not None:  # the fused rows end with the half scale and bias
-                scale_bias.copy_(packed[:, -4:])
-            del packed
+            for start in range(0, len(data), PACK_ROWS):  # a chunk's temporaries at a time
+                end = min(len(data), start + PACK_ROWS)
+                packed = pack_rows(table[start:end] if k is None else table[k[start:end]],
+                                   weight_type)
+                data[start:end].copy_(packed if scale_bias is None else packed[:, :-4])
+                if scale_bias is not None:  # the fused rows end with the half scale and bias
+                    scale_bias[start:end].copy_(packed[:, -4:])
         self.nbytes = (self.op.weights_dev if cuda else self.op.weights_host).nbytes
         if any(k is not None for k in kept):
             self.op.set_index_remappings_array(
@@ -273,10 +276,14 @@ class TableBatched:
         return self.embed(offsets[None], indices[None])[0]
 
     def buffers(self) -> dict[str, torch.Tensor]:
-        """What the op holds, by name (for the zip)."""
-        return {name: b for name, b in self.op.named_buffers()
-                if name in ("weights_host", "weights_dev", "index_remappings_array",
-                            "index_remappings_array_offsets") and b.numel()}
+        """What nbytes counts, by name (for the zip): the weights (an attribute of the op, not
+        one of its registered buffers) and the remap."""
+        weights = self.op.weights_dev if self.op.weights_dev.numel() else self.op.weights_host
+        found = {"weights": weights}
+        if hasattr(self.op, "index_remappings_array") and self.op.index_remappings_array.numel():
+            found.update(index_remappings_array=self.op.index_remappings_array,
+                         index_remappings_array_offsets=self.op.index_remappings_array_offsets)
+        return found
 
 
 def pack_rows(rows: torch.Tensor, weight_type: str) -> torch.Tensor:

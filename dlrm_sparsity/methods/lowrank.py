@@ -23,6 +23,17 @@ def rank_for(rows: int, dim: int, fraction: float) -> int | None:
     return None if rank >= min(rows, dim) else rank
 
 
+def truncated_svd(table: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """U_r S_r (R, r) and V_r^T (r, D) of a tall table, from the eigenvectors of its (D, D)
+    Gram matrix in float64: W V_r is U_r S_r, with no (R, D) U held beside the table, as
+    torch.linalg.svd would (640 MB more for a 10 M-row table of width 16)."""
+    gram = table.double().T @ table.double() if table.shape[0] < 1 << 20 else \
+        sum(c.double().T @ c.double() for c in table.split(1 << 20))  # (D, D)
+    _, vectors = torch.linalg.eigh(gram)  # ascending eigenvalues
+    right = vectors[:, -rank:].flip(1).to(table.dtype)  # (D, r), largest first
+    return (table @ right).contiguous(), right.T.contiguous()
+
+
 class LowRankTables:
     """The tables as factors (or whole, where a factor pair would not be smaller)."""
 
@@ -37,10 +48,7 @@ class LowRankTables:
                 self.ranks.append(None)
                 continue
             self.ranks.append(rank)
-            u, s, vh = torch.linalg.svd(table.detach().float(), full_matrices=False)
-            self.factors.append(((u[:, :rank] * s[:rank]).contiguous(),
-                                 vh[:rank].contiguous()))
-            del u, s, vh
+            self.factors.append(truncated_svd(table.detach().float(), rank))
         self.nbytes = sum(a.nbytes + (0 if b is None else b.nbytes) for a, b in self.factors)
 
     def embed(self, offsets, indices) -> list[torch.Tensor]:
