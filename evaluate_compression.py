@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from dlrm_sparsity.analysis import AUC_DROP_BUDGETS, against_base, front_choice, noise_note
-from dlrm_sparsity.criteo.counts import training_counts
+from dlrm_sparsity.criteo.counts import counts_or_why
 from dlrm_sparsity.criteo.data import tensors_fingerprint
 from dlrm_sparsity.errors import UserInputError
 from dlrm_sparsity.experiment import Experiment, against_dense
@@ -37,6 +37,7 @@ from dlrm_sparsity.methods import (
 )
 from dlrm_sparsity.methods.datanorm import datanorm_rows
 from dlrm_sparsity.plots import plot_compression_front
+from dlrm_sparsity.pruning import LARGE_MODEL_BYTES
 from dlrm_sparsity.report import refresh_report
 from dlrm_sparsity.runner.cli import (
     add_data_args,
@@ -49,6 +50,7 @@ from dlrm_sparsity.runner.cli import (
 from dlrm_sparsity.runner.outputs import KEY_COLUMNS, read_metadata
 from dlrm_sparsity.runner.session import Session
 from dlrm_sparsity.runner.sweep import Figure, Item, Table
+from dlrm_sparsity.timing import trim_heap
 from dlrm_sparsity.variants import FormatTables
 
 FRONT = Table("compression_front.csv", [
@@ -105,9 +107,9 @@ def summary(df: pd.DataFrame) -> str:
     timed = scored.dropna(subset=["lookup_ratio"]) if "lookup_ratio" in scored else scored[:0]
     lines += [f"lookups / dense, {m}: {p['lookup_ratio'].median():.2f}x (median of {len(p)})"
               f"{noise_note(p)}" for m, p in timed.groupby("method", sort=False)]
-    for row in df[df["skipped"].notna()].to_dict("records") if "skipped" in df else []:
-        lines.append(f"skipped {row['method']} {row['setting']}: {row['skipped']}")
-    return "\n".join(lines)
+    skipped = df[df["skipped"].notna()] if "skipped" in df else df[:0]
+    return "\n".join(lines + [f"skipped {r['method']} {r['setting']}: {r['skipped']}"
+                              for r in skipped.to_dict("records")])
 
 
 def main(argv=None) -> None:
@@ -124,13 +126,10 @@ def main(argv=None) -> None:
         levels = args.levels or sorted({float(m["sparsity_level"]) for m in exp.metadata} -
                                        {0.0, 1.0})
         timed = None if args.timed_levels == ["all"] else {float(x) for x in args.timed_levels}
-        counts, counts_error = None, None
-        if any(getattr(m, "needs_counts", False) for m in methods):
-            try:
-                counts = training_counts(exp.inputs.processed, exp.inputs.raw,
-                                         model.config.table_sizes)
-            except UserInputError as exc:
-                counts_error = str(exc)
+        counts, counts_error = (counts_or_why(exp.inputs.processed, exp.inputs.raw,
+                                              model.config.table_sizes)
+                                if any(getattr(m, "needs_counts", False) for m in methods)
+                                else (None, None))
         made = [m for m in [Uncompressed(), *methods] if not isinstance(m, str)]
         [meta] = exp.items([base])
         shared = {k: v for k, v in meta.fields.items() if k not in KEY_COLUMNS}
@@ -152,6 +151,8 @@ def main(argv=None) -> None:
 
         def compute(item):
             method, kw = item.payload
+            if dense.tables.nbytes > LARGE_MODEL_BYTES:  # the last setting's tables are freed:
+                trim_heap()  # give them back before the next is built (the timing never trims)
             if method.needs_counts and counts is None:
                 return {"skipped": f"{method.name}: {counts_error}"}
             try:
@@ -173,10 +174,9 @@ def main(argv=None) -> None:
             return row
 
         def describe(item, rows):
-            r = rows[0]
-            return (f"{item.fields['method']} {item.fields['setting']}: " +
-                    (f"skipped ({r['skipped']})" if "skipped" in r else
-                     f"{r['bytes_ratio']:.3f} of dense, AUC {r['roc_auc']:.4f}"))
+            return f"{item.fields['method']} {item.fields['setting']}: " + (
+                f"skipped ({rows[0]['skipped']})" if "skipped" in rows[0] else
+                f"{rows[0]['bytes_ratio']:.3f} of dense, AUC {rows[0]['roc_auc']:.4f}")
 
         result = run.sweep(items, compute, tables=[FRONT], label="compressions",
                            key_columns=["method", "setting"], describe=describe,

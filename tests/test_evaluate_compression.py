@@ -10,6 +10,7 @@ import evaluate_disk_savings
 import evaluate_memory_savings
 from conftest import run_script
 from dlrm_sparsity.checkpoints import load_dlrm_state_dict
+from dlrm_sparsity.criteo import counts
 from dlrm_sparsity.criteo.data import load_split
 from dlrm_sparsity.evaluation import quality_metrics, score_split
 from dlrm_sparsity.formats import fbgemm_available
@@ -154,7 +155,7 @@ def test_frequency_pruning_without_training_days_is_skipped_with_one_line(run, m
 
     def no_training_days(*_):
         raise DataError("data: one day only, so no training days to count ids over")
-    monkeypatch.setattr(comp, "training_counts", no_training_days)
+    monkeypatch.setattr(counts, "training_counts", no_training_days)
     args = [*args[:4], "--output-dir", tmp_path, *args[6:],
             "--sparse-model-metadata", out / "sparse_model_metadata.csv"]
     assert run_script(comp, [*args, "--methods", "row_freq", "int8"]) == 0

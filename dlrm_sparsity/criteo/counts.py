@@ -75,3 +75,12 @@ def training_counts(processed: str, raw: str | None, sizes: tuple[int, ...]
     if is_npy_data(processed):
         return _npy_counts(processed, sizes)
     return _dlrm_counts(processed, raw, sizes)
+
+
+def counts_or_why(processed: str, raw: str | None, sizes: tuple[int, ...]
+                  ) -> tuple[list[np.ndarray] | None, str | None]:
+    """training_counts, or None and why they cannot be had (for the rows that need them)."""
+    try:
+        return training_counts(processed, raw, sizes), None
+    except DataError as exc:
+        return None, str(exc)
