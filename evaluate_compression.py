@@ -121,7 +121,7 @@ def main(argv=None) -> None:
         if base is None:
             raise UserInputError(f"{exp.inputs.metadata}: no level-0 row, the unpruned model "
                                  "that every method compresses (run the grid with level 0)")
-        model = exp.model(base)
+        model = exp.unpruned_model(base)
         tables = [bag.weight.detach() for bag in model.emb_l]
         levels = args.levels or sorted({float(m["sparsity_level"]) for m in exp.metadata} -
                                        {0.0, 1.0})

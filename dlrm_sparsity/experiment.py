@@ -168,7 +168,7 @@ class Experiment:
         base = next((m for m in self.metadata if float(m["sparsity_level"]) == 0.0),
                     self.metadata[0])
         try:
-            reference = Dense(self.model(base)).on(self.batch)
+            reference = Dense(self.unpruned_model(base)).on(self.batch)
         except UserInputError as exc:  # that model's own row will say so too
             print(f"note: timings are not guarded against drift (its reference: {exc})")
             reference = None
@@ -223,6 +223,24 @@ class Experiment:
         """The state dict of a metadata row's pruned model."""
         recorded = meta.get("sha256") if isinstance(meta.get("sha256"), str) else None
         return self.state_dict(meta["checkpoint"], recorded)
+
+    def unpruned_model(self, meta: dict) -> DLRMNet:
+        """A level-0 row's model, read through a memory map from the checkpoint the disk step
+        pruned, where that file is still there and unchanged (a deflated zip is read whole and
+        then unpickled: twice the model at the peak); else from the row's own zip. One model
+        for the run: the guard's reference and the compression front share it."""
+        source, sha = meta.get("model_path"), meta.get("model_sha256")
+        if not (isinstance(source, str) and isinstance(sha, str) and os.path.isfile(source)):
+            return self.model(meta)
+        return self._mapped_model(source, sha) or self.model(meta)
+
+    @lru_cache(maxsize=1)  # noqa: B019 (one Experiment per run)
+    def _mapped_model(self, source: str, sha: str) -> DLRMNet | None:
+        if sha256_of_file(source) != sha:
+            return None
+        model = DLRMNet.from_state_dict(load_dlrm_state_dict(source, mmap=True))
+        self.test.check_fits(model.config.table_sizes, source)
+        return model.to(self.run.device).eval()
 
     def model(self, meta: dict) -> DLRMNet:
         """The pruned model of a metadata row on the device, in eval mode, checked to fit the
