@@ -240,6 +240,7 @@ class Experiment:
             return None
         model = DLRMNet.from_state_dict(load_dlrm_state_dict(source, mmap=True))
         self.test.check_fits(model.config.table_sizes, source)
+        model.mapped = self.run.device.type == "cpu"  # its tensors are the file's private map
         return model.to(self.run.device).eval()
 
     def model(self, meta: dict) -> DLRMNet:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import resource
 import timeit
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
@@ -71,6 +72,23 @@ def trim_heap() -> None:
         _libc().malloc_trim(0)
     except (OSError, AttributeError, TypeError):
         pass  # not glibc: nothing to trim
+
+
+_MADV_DONTNEED = 4  # Linux
+
+
+def drop_mapped_pages(tensor: torch.Tensor) -> None:
+    """Let the system take back the resident pages of a tensor read through a private file map
+    (torch.load(mmap=True)) now; they are read from the file again when next touched. Only for
+    such tensors, never written: on a private map a written page would be lost, and on
+    anonymous memory the pages would read as zeros. Elsewhere than Linux, nothing."""
+    page = resource.getpagesize()
+    start = tensor.data_ptr() // page * page  # the map starts on a page: still inside it
+    end = tensor.data_ptr() + tensor.nbytes
+    try:
+        _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
+    except (OSError, AttributeError, TypeError):
+        pass
 
 
 def warm_up(fn: Callable[[], object], timing: Timing, called: int,

@@ -5,14 +5,18 @@ A fake clock stands in for the machine: every call of a timed function advances 
 function's cost times the machine's current slowdown, so disturbances are injected exactly.
 """
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
 
 from dlrm_sparsity.timing import (
     EARLY_ROUNDS,
     Paired,
     Ratio,
     Timing,
+    drop_mapped_pages,
     measure_paired,
     round_order,
 )
@@ -198,3 +202,19 @@ def test_added_rounds_stop_at_the_measurement_s_time_limit():
     assert ample.decided("dense") and len(ample.times["dense"]) == 6
     unlimited = measure_paired(alternating(), TIMING, rounds=5, timer=m.clock, base="dense")
     assert len(unlimited.times["dense"]) == 5
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux's RssFile")
+def test_a_mapped_tensors_dropped_pages_leave_memory_and_read_back_from_the_file(tmp_path):
+    def rss_file_kib() -> int:
+        status = Path("/proc/self/status").read_text()
+        return int(status.split("RssFile:")[1].split()[0])
+
+    table = torch.randn(500_000, 16)  # 32 MB
+    torch.save({"w": table}, tmp_path / "m.pt")
+    mapped = torch.load(tmp_path / "m.pt", mmap=True)["w"]
+    assert torch.equal(mapped, table)  # every page read in
+    before = rss_file_kib()
+    drop_mapped_pages(mapped)
+    assert before - rss_file_kib() > 0.9 * table.nbytes / 1024
+    assert torch.equal(mapped, table)  # read again from the file
