@@ -129,17 +129,16 @@ def main(argv=None) -> None:
                                               model.config.table_sizes)
                                 if any(getattr(m, "needs_counts", False) for m in methods)
                                 else (None, None))
+        counted = (counts_error if counts is None else  # what a row_freq row depends on
+                   tensors_fingerprint([torch.from_numpy(c) for c in counts]))
         made = [m for m in [Uncompressed(), *methods] if not isinstance(m, str)]
         [meta] = exp.items([base])
         shared = {k: v for k, v in meta.fields.items() if k not in KEY_COLUMNS}
         items = []
         for method in made:
             for label, kw in settings(method, levels, args.svd_ranks):
-                determinants = {**meta.determinants, "method": method.name, "setting": label}
-                if method.needs_counts:
-                    determinants["counts"] = (counts_error if counts is None else
-                                              tensors_fingerprint([torch.from_numpy(c)
-                                                                   for c in counts]))
+                determinants = {**meta.determinants, "method": method.name, "setting": label,
+                                **({"counts": counted} if method.needs_counts else {})}
                 is_timed = method.name != "dense" and "rank" not in kw and (
                     timed is None or kw.get("level", 0.5) in timed or not method.leveled)
                 items.append(Item({**shared, "method": method.name, "setting": label,
