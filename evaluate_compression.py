@@ -116,7 +116,7 @@ def main(argv=None) -> None:
     with Session(argv, args.output_dir, args.device, args.overwrite) as run:
         methods = parse_methods(args.methods)
         exp = Experiment(run, args)
-        base = next((m for m in exp.metadata if float(m["sparsity_level"]) == 0.0), None)
+        base = exp.level0_row()
         if base is None:
             raise UserInputError(f"{exp.inputs.metadata}: no level-0 row, the unpruned model "
                                  "that every method compresses (run the grid with level 0)")

@@ -165,8 +165,7 @@ class Experiment:
         """The run's drift guard, its reference the unpruned model's dense forward on the
         timed batch (the metadata's first level-0 model, else its first); its readings as
         long as a block of a point's first rounds."""
-        base = next((m for m in self.metadata if float(m["sparsity_level"]) == 0.0),
-                    self.metadata[0])
+        base = self.level0_row() or self.metadata[0]
         try:
             reference = Dense(self.unpruned_model(base)).on(self.batch)
         except UserInputError as exc:  # that model's own row will say so too
@@ -223,6 +222,10 @@ class Experiment:
         """The state dict of a metadata row's pruned model."""
         recorded = meta.get("sha256") if isinstance(meta.get("sha256"), str) else None
         return self.state_dict(meta["checkpoint"], recorded)
+
+    def level0_row(self) -> dict | None:
+        """The metadata's first level-0 row: the unpruned model (None where the grid has none)."""
+        return next((m for m in self.metadata if float(m["sparsity_level"]) == 0.0), None)
 
     def unpruned_model(self, meta: dict) -> DLRMNet:
         """A level-0 row's model, read through a memory map from the checkpoint the disk step
