@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from zlib_ng import zlib_ng
 
+from dlrm_sparsity.archive import Chunks, write_streamed
 from dlrm_sparsity.deflate import ParallelDeflate
 from dlrm_sparsity.errors import CheckpointError
 from dlrm_sparsity.model import DLRMConfig
@@ -265,10 +266,12 @@ class _InPieces:
 
 def save_state_dict_zip(state_dict: Mapping[str, torch.Tensor], zip_path: str | os.PathLike,
                         compresslevel: int = 6, compressor: str = "zlib-ng",
-                        threads: int = 1) -> int:
+                        threads: int = 1, tables: Mapping[str, Chunks] | None = None) -> int:
     """Stream torch.save(state_dict) into a deflated zip member; return the zip's size in bytes.
 
     No uncompressed copy is written anywhere: torch.save writes straight into the zip member.
+    With `tables`, the tensors it names are made as they are written, chunk by chunk
+    (archive.write_streamed: the same bytes, without the tensors ever held whole).
     Both compressors write standard deflate that any unzip reads. "zlib" is what Python's
     zipfile uses, so it deflates as the seed did; "zlib-ng" deflates the same input in about
     two thirds of the time, into a stream a few percent smaller at high sparsity. Level 6 is
@@ -296,5 +299,8 @@ def save_state_dict_zip(state_dict: Mapping[str, torch.Tensor], zip_path: str | 
                     f._compressor = (ParallelDeflate(module, compresslevel, threads)
                                      if threads > 1 else
                                      module.compressobj(compresslevel, module.DEFLATED, -15))
-                torch.save(dict(state_dict), writer)
+                if tables:
+                    write_streamed(state_dict, writer, tables, writer.PIECE)
+                else:
+                    torch.save(dict(state_dict), writer)
     return zip_path.stat().st_size

@@ -39,11 +39,10 @@ from dlrm_sparsity.mask_engine import NAME as MASK_ENGINE
 from dlrm_sparsity.plots import plot_disk_savings
 from dlrm_sparsity.pruning import (
     LARGE_MODEL_BYTES,
+    Streamed,
     hold_model,
-    make_zeros_positive,
-    sparsify_embeddings,
+    stream_stock,
     tensor_bytes,
-    zero_fraction,
 )
 from dlrm_sparsity.runner.atomic import remove_stale_temporaries
 from dlrm_sparsity.runner.outputs import METADATA_COLUMNS, METADATA_CSV
@@ -52,9 +51,9 @@ from dlrm_sparsity.runner.sweep import Figure, Item, SweepResult, Table
 from dlrm_sparsity.sort_once import (
     GridEngines,
     StockCheck,
-    prune_sort_once,
     stock_check_fraction,
     stock_check_points,
+    stream_sort_once,
 )
 
 METADATA = Table(METADATA_CSV, METADATA_COLUMNS)
@@ -65,6 +64,9 @@ LARGE_MODEL_WORKERS_FROM_CPUS = 8
 # temporaries beside it; with workers the original model is held too. Twice the model per
 # point in flight, and twice the model held, leave room for both.
 MODEL_COPIES_PER_WORKER = 2
+# The stock check's copies fit in a quarter of the model: a streamed point holds a few chunks
+# and one table's sort, so the check, were it given the model's size, would set the peak.
+STOCK_CHECK_SHARE = 4
 
 
 @dataclass(frozen=True)
@@ -170,7 +172,8 @@ class DiskGrid:
                                    LARGE_MODEL_BYTES) if sort_once else None
         self.checked = (stock_check_points(self.pruned_points)
                         if sort_once and settings.stock_check else set())
-        self.check = StockCheck(None if settings.whole_stock_check else self.model.dense_bytes)
+        self.check = StockCheck(None if settings.whole_stock_check else
+                                self.model.dense_bytes // STOCK_CHECK_SHARE)
         self.setup = {"model_sha256": sha256_of_file(self.model_path),
                       "compressor": compressor_label(settings.compressor),
                       "compress_level": settings.compress_level,
@@ -195,23 +198,21 @@ class DiskGrid:
         zip_path = self.run.output_dir / str(row["path"])
         return zip_path.is_file() and sha256_of_file(zip_path) == row["sha256"]
 
-    def prune(self, item: Item) -> tuple[GridPoint, dict, dict]:
-        """Every table pruned at the item's point (by the engine, or by the stock sparsifier
-        without one); the step's columns."""
+    def prune(self, item: Item) -> tuple[GridPoint, Streamed, bool]:
+        """Every table sorted (and checked against the stock sparsifier) at the item's point;
+        the pruned tables are made as the zip is written, unless the pruning runs apart from
+        the zipping (a GPU feeding zip workers), where they are made here."""
         point, device = item.payload, self.run.device
         checked = point in self.checked
         if self.engines is None:
-            pruning = sparsify_embeddings(self.model, point, device)
+            pruning = stream_stock(self.model, point, device, self.settings.positive_zeros)
         else:
-            pruning = prune_sort_once(self.model, point, device, self.engines(point),
-                                      self.check if checked else None)
-        if self.settings.positive_zeros:
-            make_zeros_positive(pruning.weights)
-        share = stock_check_fraction(self.model.state_dict, self.check.budget) if checked else 0.0
-        return point, pruning.weights, {
-            "step_time_sec": pruning.stock_s, "mask_time_sec": pruning.engine_s,
-            "stock_checked": checked, "stock_check_fraction": share,
-            "check_time_sec": pruning.check_s}
+            pruning = stream_sort_once(self.model, point, device, self.engines(point),
+                                       self.check if checked else None,
+                                       self.settings.positive_zeros)
+        if not self.on_workers:
+            pruning.materialized()
+        return point, pruning, checked
 
     def zip_path(self, point: GridPoint) -> Path:
         path = self.dump_dir / point.zip_relpath()
@@ -225,14 +226,20 @@ class DiskGrid:
                 "sha256": sha256_of_file(zip_path), "compression_ratio": dense / size,
                 "dense_size_bytes": dense}
 
-    def store(self, job: tuple[GridPoint, dict, dict]) -> dict:
-        """The pruned model streamed into its zip; the point's metadata row."""
-        point, pruned, step = job
+    def store(self, job: tuple[GridPoint, Streamed, bool]) -> dict:
+        """The pruned model streamed into its zip, table by table; the point's metadata row.
+        zip_time_sec is the writing's time less the tables' making inside it."""
+        point, pruning, checked = job
         zip_path, start = self.zip_path(point), time.perf_counter()
-        size = save_state_dict_zip(pruned, zip_path, self.settings.compress_level,
-                                   self.settings.compressor, self.threads)
-        return {**step, "zip_time_sec": time.perf_counter() - start,
-                "actual_sparsity": zero_fraction(pruned), **self.zip_columns(zip_path, size)}
+        made_before = _made_seconds(pruning)
+        size = save_state_dict_zip(pruning.state_dict, zip_path, self.settings.compress_level,
+                                   self.settings.compressor, self.threads, pruning.tables)
+        zip_s = time.perf_counter() - start - (_made_seconds(pruning) - made_before)
+        share = stock_check_fraction(self.model.state_dict, self.check.budget) if checked else 0.0
+        return {"step_time_sec": pruning.stock_s, "mask_time_sec": pruning.engine_s,
+                "stock_checked": checked, "stock_check_fraction": share,
+                "check_time_sec": pruning.check_s, "zip_time_sec": zip_s,
+                "actual_sparsity": pruning.zero_fraction(), **self.zip_columns(zip_path, size)}
 
     def copy(self, point: GridPoint, first: dict) -> dict:
         """A point whose weights equal an earlier point's: its zip copied, not pruned again."""
@@ -279,6 +286,11 @@ class DiskGrid:
         order = {p.key: i for i, p in enumerate(self.points)}
         return pruned.followed_by(copied, lambda r: order[
             (r["norm"], r["sparse_block_shape"], float(r["sparsity_level"]))])
+
+
+def _made_seconds(pruning: Streamed) -> float:
+    """The seconds the tables' making has taken so far (stock steps and engine)."""
+    return sum(x for x in (pruning.stock_s, pruning.engine_s) if x == x)  # nan: none
 
 
 def summary(df: pd.DataFrame) -> str:

@@ -25,8 +25,9 @@ column), the engine defers to it for that table.
 
 from __future__ import annotations
 
+import math
 import threading
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,24 @@ def block_norms(table: torch.Tensor, norm: str, block_shape: tuple[int, int]) ->
     pooled = F.avg_pool2d(data_norm[None, None], kernel_size=block_shape, stride=block_shape,
                           ceil_mode=True)
     return pooled.flatten()
+
+
+def chunked_block_norms(chunks: Iterable[torch.Tensor], shape: tuple[int, int], norm: str,
+                        block_shape: tuple[int, int]) -> torch.Tensor:
+    """block_norms of a table of `shape` read as chunks of whole block rows, in order, into
+    one tensor: each block lies in one chunk and is averaged alone, so the values are the
+    same, with one chunk's |x| at a time instead of the table's."""
+    out, at = None, 0
+    for rows in chunks:
+        part = block_norms(rows, norm, block_shape)
+        if out is None:
+            out = torch.empty(math.prod(block_grid(shape, block_shape)), dtype=part.dtype,
+                              device=part.device)
+        out[at:at + len(part)] = part
+        at += len(part)
+    if out is None or at != len(out):
+        raise ValueError(f"the chunks hold {at} blocks of a table of {shape}")
+    return out
 
 
 def smallest_index_dtype(count: int) -> torch.dtype:
@@ -93,13 +112,17 @@ def is_matrix(table: torch.Tensor) -> bool:
 
 
 def keep_mask(first: torch.Tensor, level_index: int, shape: tuple[int, int],
-              block_shape: tuple[int, int]) -> torch.Tensor:
-    """The level's keep mask over the table's values, as a bool tensor that broadcasts to the
-    table viewed as (rows, block columns, block width) when blocks are one row high and tile
-    the width, else as the full (rows, width) mask."""
-    rows, width = shape
+              block_shape: tuple[int, int], first_row: int = 0,
+              rows: int | None = None) -> torch.Tensor:
+    """The level's keep mask over the table's values (or over `rows` of them from first_row,
+    a multiple of the block height), as a bool tensor that broadcasts to those rows viewed as
+    (rows, block columns, block width) when blocks are one row high and tile the width, else
+    as the full (rows, width) mask."""
+    rows = shape[0] - first_row if rows is None else rows
+    width = shape[1]
     bh, bw = block_shape
-    kept = (first > level_index).view(*block_grid(shape, block_shape))
+    block_rows = slice(first_row // bh, -(-(first_row + rows) // bh))
+    kept = (first.view(*block_grid(shape, block_shape))[block_rows] > level_index)
     if bh == 1 and width % bw == 0:
         return kept[:, :, None]  # no copy: broadcast over each block's values
     full = kept.repeat_interleave(bh, 0).repeat_interleave(bw, 1)
@@ -136,16 +159,22 @@ class SortOnceMasks:
     def knows(self, name: str) -> bool:
         return name in self._first
 
-    def first_levels_of(self, name: str, read: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """The table's per-block first levels, sorted on first use. read() gives the table:
-        where nothing else holds it, it is freed once its block averages are taken, before the
-        sort, which holds 4x those averages beside them, its int64 order and as much again in
-        temporaries (measured; at 1x1 blocks, 4x the table)."""
+    def first_levels_of(self, name: str,
+                        read: Callable[[], torch.Tensor | Iterable[torch.Tensor]],
+                        shape: tuple[int, int] | None = None) -> torch.Tensor:
+        """The table's per-block first levels, sorted on first use. read() gives the table,
+        or (with its shape) its rows in chunks of whole block rows: where nothing else holds
+        them, they are freed once their block averages are taken, before the sort, which holds
+        4x those averages beside them, its int64 order and as much again in temporaries
+        (measured; at 1x1 blocks, 4x the table)."""
         with self._guard:
             lock = self._locks.setdefault(name, threading.Lock())
         with lock:
             if name not in self._first:
-                norms = block_norms(read(), self.norm, self.block_shape)
+                if shape is None:
+                    norms = block_norms(read(), self.norm, self.block_shape)
+                else:
+                    norms = chunked_block_norms(read(), shape, self.norm, self.block_shape)
                 order = sort_blocks(norms)
                 del norms
                 self._first[name] = first_levels(order, self.levels)
@@ -158,10 +187,21 @@ class SortOnceMasks:
         return round(level * grid_rows * grid_cols) > 0
 
     def pruned(self, name: str, table: torch.Tensor, level: float) -> torch.Tensor:
+        if level in self.levels and self.needs_order(tuple(table.shape), level):
+            self.first_levels_of(name, lambda: table)
+        return self.pruned_rows(name, table, 0, tuple(table.shape), level)
+
+    def pruned_rows(self, name: str, rows: torch.Tensor, first_row: int,
+                    shape: tuple[int, int], level: float) -> torch.Tensor:
+        """Rows of a table of `shape` from first_row (a multiple of the block height) pruned
+        at a level, as a new tensor; the table must have been sorted (first_levels_of)
+        where the level needs its order."""
         if level not in self.levels:
             raise KeyError(f"level {level} is not one of this engine's levels")
-        if not self.needs_order(tuple(table.shape), level):
-            return table * True  # the stock all-ones mask times the table, as a new tensor
-        first = self.first_levels_of(name, lambda: table)
-        keep = keep_mask(first, self.levels.index(level), tuple(table.shape), self.block_shape)
-        return apply_mask(table, keep, self.block_shape)
+        if not self.needs_order(shape, level):
+            return rows * True  # the stock all-ones mask times the rows, as a new tensor
+        if first_row % self.block_shape[0]:
+            raise ValueError(f"rows from {first_row} cut a block of {self.block_shape}")
+        keep = keep_mask(self._first[name], self.levels.index(level), shape,
+                         self.block_shape, first_row, rows.shape[0])
+        return apply_mask(rows, keep, self.block_shape)

@@ -4,13 +4,16 @@ sweep prunes.
 Every `emb_l.*.weight` is pruned at one grid point with the stock sparsifier: add the table,
 step once, squash the mask. Only embedding weights are copied; the MLP tensors are shared with
 the source state dict. The sort-once engine that makes the same masks faster is in sort_once.py.
+A pruning can also be Streamed: each table made, in chunks of rows where the engine allows, only
+as the disk step writes it (archive.py), so that no pruned model is ever held whole.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass
-from typing import Callable, Mapping, NamedTuple
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Mapping, NamedTuple
 
 import torch
 from torch.ao.pruning._experimental.data_sparsifier import DataNormSparsifier
@@ -18,8 +21,10 @@ from torch.ao.pruning._experimental.data_sparsifier import DataNormSparsifier
 from dlrm_sparsity.checkpoints import CheckpointTables, is_torch_archive
 from dlrm_sparsity.grid import GridPoint
 from dlrm_sparsity.model import embedding_names
+from dlrm_sparsity.timing import drop_mapped_pages
 
 LARGE_MODEL_BYTES = 2**30  # above this, memory comes before overlap
+CHUNK_BYTES = 64 * 2**20  # a streamed table is read, pruned and written this much at a time
 
 
 def synchronize(device: torch.device) -> None:
@@ -83,6 +88,82 @@ class Model:
             return self.state_dict[name].to(device, copy=copy)
         return self.read_table(name, copy).to(device)
 
+    def row_chunks(self, name: str, device: torch.device, rows_multiple: int = 1,
+                   chunk_bytes: int | None = CHUNK_BYTES) -> Iterator[tuple[int, torch.Tensor]]:
+        """An original table where it lies, as (first row, rows) about chunk_bytes at a time
+        (a multiple of rows_multiple; the whole table when chunk_bytes is None), to be read
+        only. Rows read from the checkpoint file are given back to the system after their
+        chunk, so the process holds one chunk of the original, not the table."""
+        table = self.original(name, device, copy=False)
+        rows = table.shape[0]
+        row_bytes = max(1, table[:1].nbytes)
+        step = rows if chunk_bytes is None else max(1, chunk_bytes // row_bytes)
+        step = max(rows_multiple, step // rows_multiple * rows_multiple, 1)
+        from_file = self.read_table is not None and table.device.type == "cpu"
+        for start in range(0, max(rows, 1), step):
+            part = table[start:start + step]
+            yield start, part
+            if from_file:
+                drop_mapped_pages(part)
+
+
+@dataclass
+class Streamed:
+    """A model pruned at a grid point whose tables are made when called, in chunks of rows:
+    state_dict holds the MLP tensors and each table's shape (any device, meta included);
+    tables[name]() yields that table's pruned rows in order. The seconds of the stock
+    sparsifier and of the engine, and the zeros, add up as the tables are made."""
+
+    state_dict: dict
+    tables: dict[str, Callable[[], Iterator[torch.Tensor]]] = field(default_factory=dict)
+    stock_s: float = math.nan  # nan until the stock sparsifier runs
+    engine_s: float = math.nan  # nan when no engine runs
+    check_s: float = math.nan
+    positive_zeros: bool = False
+    zeros: int = 0
+    values: int = 0
+
+    def add_stock(self, seconds: float) -> None:
+        self.stock_s = seconds if math.isnan(self.stock_s) else self.stock_s + seconds
+
+    def made(self, chunk: torch.Tensor) -> torch.Tensor:
+        """A pruned chunk, its zeros counted (and made +0.0 when asked)."""
+        if self.positive_zeros:
+            chunk.masked_fill_(chunk == 0, 0.0)
+        self.values += chunk.numel()
+        self.zeros += chunk.numel() - int(torch.count_nonzero(chunk))
+        return chunk
+
+    def zero_fraction(self) -> float:
+        """Of every embedding weight made so far, the fraction exactly zero."""
+        return self.zeros / max(1, self.values)
+
+    def materialized(self) -> Pruning:
+        """Every table made now and held, whole."""
+        weights = dict(self.state_dict)
+        for name, make in self.tables.items():
+            chunks = list(make())
+            weights[name] = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+        self.tables = {name: (lambda t=weights[name]: iter([t])) for name in self.tables}
+        self.state_dict = weights
+        return Pruning(weights, self.stock_s, self.engine_s, self.check_s)
+
+
+def stream_stock(model: Model, point: GridPoint, device: torch.device,
+                 positive_zeros: bool = False) -> Streamed:
+    """Every embedding table pruned by the stock sparsifier when it is made (the sparsifier
+    takes a whole table: one chunk), MLP tensors shared."""
+    streamed = Streamed(model.state_dict, positive_zeros=positive_zeros)
+
+    def make(name: str) -> Iterator[torch.Tensor]:
+        table, seconds = sparsify_table(model.original(name, device), point, name, device)
+        streamed.add_stock(seconds)
+        yield streamed.made(table)
+
+    streamed.tables = {name: (lambda n=name: make(n)) for name in
+                       embedding_names(model.state_dict)}
+    return streamed
+
 
 def sparsify_embeddings(model: Model | Mapping[str, torch.Tensor], point: GridPoint,
                         device: torch.device) -> Pruning:
@@ -90,11 +171,8 @@ def sparsify_embeddings(model: Model | Mapping[str, torch.Tensor], point: GridPo
     temporaries exist for one table at once), MLP tensors shared; with the steps' seconds."""
     if not isinstance(model, Model):
         model = Model(dict(model))
-    pruned, stock_s = dict(model.state_dict), 0.0
-    for name in embedding_names(model.state_dict):
-        pruned[name], seconds = sparsify_table(model.original(name, device), point, name, device)
-        stock_s += seconds
-    return Pruning(pruned, stock_s, float("nan"), float("nan"))
+    pruning = stream_stock(model, point, device).materialized()
+    return pruning._replace(stock_s=0.0 if math.isnan(pruning.stock_s) else pruning.stock_s)
 
 
 def hold_model(mapped: dict, model_path: str, workers: int) -> Model:

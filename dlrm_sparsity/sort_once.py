@@ -8,11 +8,12 @@ a difference stops the run.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Iterable, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import torch
 
@@ -21,7 +22,15 @@ from dlrm_sparsity.grid import GridPoint
 from dlrm_sparsity.mask_engine import NAME as MASK_ENGINE
 from dlrm_sparsity.mask_engine import SortOnceMasks, is_matrix
 from dlrm_sparsity.model import embedding_names
-from dlrm_sparsity.pruning import Model, Pruning, same_bits, sparsify_table, synchronize
+from dlrm_sparsity.pruning import (
+    CHUNK_BYTES,
+    Model,
+    Pruning,
+    Streamed,
+    same_bits,
+    sparsify_table,
+    synchronize,
+)
 
 # The stock check holds a table's copy and, while the stock sparsifier steps and squashes,
 # 8x the table in temporaries (measured for both norms and any block shape); a slice's check
@@ -132,39 +141,68 @@ class StockCheck:
     budget: int | None = None
 
 
+def _rows(model: Model, name: str, device: torch.device, multiple: int,
+          chunk_bytes: int | None) -> Iterator[torch.Tensor]:
+    return (rows for _, rows in model.row_chunks(name, device, multiple, chunk_bytes))
+
+
+def stream_sort_once(model: Model, point: GridPoint, device: torch.device,
+                     engine: SortOnceMasks, check: StockCheck | None = None,
+                     positive_zeros: bool = False, chunk_bytes: int | None = CHUNK_BYTES
+                     ) -> Streamed:
+    """Every table sorted (where the point needs its order) and, with a check, pruned by the
+    stock sparsifier too (StopRun where they differ), now; the engine's pruned tables then
+    made when called, chunk_bytes of rows at a time (MLP tensors shared)."""
+    names = embedding_names(model.state_dict)
+    start = time.perf_counter()  # every table sorted before any pruned table is held: the
+    for name in names:  # sort's temporaries never meet the pruned tables
+        table = model.state_dict[name]
+        if (not engine.knows(name) and is_matrix(table)
+                and engine.needs_order(tuple(table.shape), point.level)):
+            # read for it alone, a chunk at a time: freed before the sort
+            engine.first_levels_of(name, partial(_rows, model, name, device,
+                                                 engine.block_shape[0], chunk_bytes),
+                                   tuple(table.shape))
+    synchronize(device)
+    streamed = Streamed(model.state_dict, engine_s=time.perf_counter() - start,
+                        positive_zeros=positive_zeros)
+    if check is not None:  # the check first, each table's results then dropped: the
+        start = time.perf_counter()  # stock sparsifier's temporaries (about 9x a table)
+        for name in names:  # never meet a pruned table
+            table = model.state_dict[name]
+            if is_matrix(table):
+                rows = stock_check_rows(table, check.budget)
+                streamed.add_stock(check_table(model, point, name, device, engine,
+                                               rows if rows < table.shape[0] else None))
+        streamed.check_s = time.perf_counter() - start - streamed.stock_s
+        streamed.stock_s = 0.0 if math.isnan(streamed.stock_s) else streamed.stock_s
+
+    def make(name: str) -> Iterator[torch.Tensor]:
+        shape = tuple(model.state_dict[name].shape)
+        if not is_matrix(model.state_dict[name]):  # a table the stock sparsifier squeezes
+            table, seconds = sparsify_table(model.original(name, device), point, name, device)
+            streamed.engine_s += seconds  # is its own
+            if check is not None:
+                streamed.add_stock(seconds)
+            yield streamed.made(table)
+            return
+        for first_row, rows in model.row_chunks(name, device, engine.block_shape[0],
+                                                chunk_bytes):
+            # read where it lies (on a GPU, copied there): the engine writes new rows
+            synchronize(device)
+            begin = time.perf_counter()
+            pruned = engine.pruned_rows(name, rows, first_row, shape, point.level)
+            synchronize(device)
+            streamed.engine_s += time.perf_counter() - begin
+            yield streamed.made(pruned.cpu())
+
+    streamed.tables = {name: (lambda n=name: make(n)) for name in names}
+    return streamed
+
+
 def prune_sort_once(model: Model, point: GridPoint, device: torch.device,
                     engine: SortOnceMasks, check: StockCheck | None = None) -> Pruning:
     """Every embedding table pruned by the engine (MLP tensors shared), one table at a time,
     and with a check, by the stock sparsifier too (StopRun where they differ)."""
-    names = embedding_names(model.state_dict)
-    start = time.perf_counter()  # every table sorted before any pruned table is held: the
-    for name in names:  # sort's temporaries never meet the pruned model
-        table = model.state_dict[name]
-        if (not engine.knows(name) and is_matrix(table)
-                and engine.needs_order(tuple(table.shape), point.level)):
-            # read for it alone: the copy is freed before the sort
-            engine.first_levels_of(name, partial(model.original, name, device, copy=False))
-    synchronize(device)
-    engine_s, stock_s, check_s = time.perf_counter() - start, 0.0, float("nan")
-    if check is not None:  # the check first, each table's results then dropped: the
-        start = time.perf_counter()  # stock sparsifier's temporaries (about 9x a table)
-        for name in names:  # never meet the pruned model
-            table = model.state_dict[name]
-            if is_matrix(table):
-                rows = stock_check_rows(table, check.budget)
-                stock_s += check_table(model, point, name, device, engine,
-                                       rows if rows < table.shape[0] else None)
-        check_s = time.perf_counter() - start - stock_s
-    pruned = dict(model.state_dict)
-    for name in names:
-        if not is_matrix(model.state_dict[name]):  # a table the stock sparsifier squeezes is
-            pruned[name], seconds = sparsify_table(model.original(name, device), point, name,
-                                                   device)  # its own
-            stock_s += seconds
-            engine_s += seconds
-        else:  # read where it lies (on a GPU, copied there): the engine writes a new tensor
-            pruned[name], own = prune_with_engine(model.original(name, device, copy=False),
-                                                  point, name, device, engine)
-            engine_s += own
-    return Pruning(pruned, stock_s if check is not None else float("nan"), engine_s,
-                   check_s)
+    return stream_sort_once(model, point, device, engine, check, chunk_bytes=None
+                            ).materialized()
