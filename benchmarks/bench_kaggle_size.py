@@ -100,11 +100,11 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def run_child(args: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS bytes of one script run as a child process."""
+def run_child(args: list[str], cwd: Path = REPO) -> tuple[float, int]:
+    """Wall seconds and peak RSS bytes of one script run as a child process (in cwd)."""
     with tempfile.NamedTemporaryFile(suffix=".peak") as peak_file:
         start = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", PEAK_WRAPPER, *args], cwd=REPO,
+        proc = subprocess.run([sys.executable, "-c", PEAK_WRAPPER, *args], cwd=cwd,
                               env={**os.environ, "BENCH_PEAK_FILE": peak_file.name})
         wall = time.perf_counter() - start
         if proc.returncode != 0:

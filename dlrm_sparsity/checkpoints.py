@@ -1,9 +1,9 @@
 """Reading and writing DLRM checkpoints safely.
 
 Accepted inputs: a checkpoint dict written by dlrm's `--save-model` (its "state_dict" is used),
-a bare state dict of dlrm's or TorchRec's layout (layouts.py), or a zip written by
-evaluate_disk_savings.py that holds one of those. Loading
-is always `weights_only=True`; only the numpy scalars and dtypes that dlrm puts in its
+a bare state dict of dlrm's or TorchRec's layout (layouts.py), a zip written by
+evaluate_disk_savings.py that holds one of those, or a torchsnapshot or DCP folder (stores.py).
+Loading is always `weights_only=True`; only the numpy scalars and dtypes that dlrm puts in its
 bookkeeping are allow-listed. Zips are read in memory, never extracted to disk.
 """
 
@@ -29,6 +29,7 @@ from dlrm_sparsity.deflate import ParallelDeflate
 from dlrm_sparsity.errors import CheckpointError
 from dlrm_sparsity.model import DLRMConfig
 from dlrm_sparsity.runner.atomic import atomic_path
+from dlrm_sparsity.stores import folder_files, load_folder, open_folder
 
 COMPRESSORS = ("zlib-ng", "zlib")
 _TORCH_ZIP_MARKER = "data.pkl"  # every torch.save zip archive has <prefix>/data.pkl
@@ -97,6 +98,8 @@ def _is_torch_archive(zf: zipfile.ZipFile) -> bool:
 
 def is_torch_archive(path: str | os.PathLike) -> bool:
     """A plain torch.save file (dlrm's checkpoints are), which torch.load can memory-map."""
+    if os.path.isdir(path):
+        return False
     try:
         with zipfile.ZipFile(path) as zf:
             return _is_torch_archive(zf)
@@ -113,8 +116,8 @@ def load_checkpoint_object(path: str | os.PathLike, mmap: bool = False) -> objec
     origin = str(path)
     if not os.path.exists(path):
         raise CheckpointError(f"{origin}: checkpoint file not found")
-    if os.path.isdir(path):
-        raise CheckpointError(f"{origin}: is a folder, not a checkpoint file")
+    if os.path.isdir(path):  # torchsnapshot's or DCP's, read table by table
+        return load_folder(path, mmap)
     if zipfile.is_zipfile(path):
         try:
             with zipfile.ZipFile(path) as zf:
@@ -155,31 +158,41 @@ class CheckpointTables:
 
     def __init__(self, path: str | os.PathLike):
         self.path, self.origin = os.fspath(path), str(path)
+        self.folder = open_folder(path) if os.path.isdir(path) else None
         self.stamp = self._stamp()
 
     def _stamp(self) -> tuple[int, int]:
+        files = folder_files(self.path) if self.folder else [Path(self.path)]
         try:
-            stat = os.stat(self.path)
+            stats = [os.stat(f) for f in files]
         except OSError as exc:
             raise CheckpointError(f"{self.origin}: cannot read the checkpoint "
                                   f"({exc.strerror})") from None
-        return stat.st_size, stat.st_mtime_ns
+        return sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0)
 
     def read(self, name: str, copy: bool = True) -> torch.Tensor:
         """A private in-memory copy of one tensor, or (copy False) a view of it in the file,
         mapped privately (the file is never written), whose map lasts as long as the view."""
         if self._stamp() != self.stamp:
             raise CheckpointError(f"{self.origin}: the checkpoint changed during the run")
+        if self.folder is not None:
+            table = self.folder.read(name, mmap=True)
+            return table.clone() if copy else table
         mapped = _extract_state_dict(_torch_load_safe(self.path, self.origin, mmap=True),
                                      self.origin)
         return mapped[name].clone() if copy else mapped[name]
 
 
 def sha256_of_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
+    """The file's sha256; a checkpoint folder's is that of its files' names and bytes."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk_bytes), b""):
-            digest.update(block)
+    root = Path(path)
+    for file in folder_files(root) if root.is_dir() else [root]:
+        if root.is_dir():
+            digest.update(file.relative_to(root).as_posix().encode() + b"\0")
+        with open(file, "rb") as f:
+            for block in iter(lambda f=f: f.read(chunk_bytes), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 

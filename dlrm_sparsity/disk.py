@@ -64,9 +64,11 @@ LARGE_MODEL_WORKERS_FROM_CPUS = 8
 # temporaries beside it; with workers the original model is held too. Twice the model per
 # point in flight, and twice the model held, leave room for both.
 MODEL_COPIES_PER_WORKER = 2
-# The stock check's copies fit in a quarter of the model: a streamed point holds a few chunks
-# and one table's sort, so the check, were it given the model's size, would set the peak.
-STOCK_CHECK_SHARE = 4
+# The stock check's copies fit in an eighth of the model, or 256 MiB if that is more: a
+# streamed point holds a few chunks and one table's first levels, so the check, were it given
+# the model's size, would set the peak.
+STOCK_CHECK_SHARE = 8
+STOCK_CHECK_FLOOR = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -95,22 +97,52 @@ def usable_cpus() -> int:
 
 
 def physical_memory() -> int:
-    """The machine's RAM in bytes (0 where the system does not say)."""
+    """The memory this process may use, in bytes: the machine's RAM, or its cgroup's limit
+    (v1 or v2) where that is lower (0 where the system says neither)."""
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):
+        ram = 0
+    limit = cgroup_memory_limit()
+    return min(ram, limit) if ram and limit else ram or limit
+
+
+def cgroup_memory_limit() -> int:
+    """The memory limit of this process's cgroup in bytes (0: none, or not Linux)."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
         return 0
+    for line in lines:
+        _, controllers, group = line.split(":", 2)
+        if controllers == "":  # v2
+            where = Path("/sys/fs/cgroup") / group.lstrip("/") / "memory.max"
+        elif "memory" in controllers.split(","):
+            where = (Path("/sys/fs/cgroup/memory") / group.lstrip("/")
+                     / "memory.limit_in_bytes")
+        else:
+            continue
+        try:
+            value = where.read_text().strip()
+        except OSError:
+            continue
+        if value.isdigit() and int(value) < 2**60:  # v1 writes a huge number for none
+            return int(value)
+    return 0
 
 
 def default_workers(dense_bytes: int, cpus: int, ram_bytes: int) -> int:
     """Points in flight when --workers is not given. A model under 1 GiB: min(4, CPUs). A
     larger one, from 8 CPUs: two, and one per 16 CPUs beyond 32, up to 4 (all feed one pool
-    of deflate threads, so one zip's serial parts run while another's chunks are deflated),
-    as many as the RAM holds; none below 8 CPUs, where memory comes first and each point
-    reads its tables from the file."""
+    of deflate threads, so one zip's serial parts run while another's chunks are deflated);
+    none below 8 CPUs, where memory comes first and each point reads its tables from the
+    file. Either way, as many as the memory holds (none for a model larger than it)."""
     if dense_bytes <= LARGE_MODEL_BYTES:
-        return min(4, cpus)
-    workers = min(4, max(2, cpus // 16)) if cpus >= LARGE_MODEL_WORKERS_FROM_CPUS else 0
+        workers = min(4, cpus)
+    else:
+        workers = min(4, max(2, cpus // 16)) if cpus >= LARGE_MODEL_WORKERS_FROM_CPUS else 0
+    if not ram_bytes:  # unknown: a large model is kept to one point
+        return workers if dense_bytes <= LARGE_MODEL_BYTES else 0
     while workers and (workers + 1) * MODEL_COPIES_PER_WORKER * dense_bytes > ram_bytes:
         workers -= 1
     return workers
@@ -172,8 +204,8 @@ class DiskGrid:
                                    LARGE_MODEL_BYTES) if sort_once else None
         self.checked = (stock_check_points(self.pruned_points)
                         if sort_once and settings.stock_check else set())
-        self.check = StockCheck(None if settings.whole_stock_check else
-                                self.model.dense_bytes // STOCK_CHECK_SHARE)
+        self.check = StockCheck(None if settings.whole_stock_check else max(
+            self.model.dense_bytes // STOCK_CHECK_SHARE, STOCK_CHECK_FLOOR))
         self.setup = {"model_sha256": sha256_of_file(self.model_path),
                       "compressor": compressor_label(settings.compressor),
                       "compress_level": settings.compress_level,

@@ -14,6 +14,10 @@ changes nothing, since every row of that repeat holds the same values and torch 
 alone. The sort's int64 order is reduced at once to what the grid needs: for each block, the
 index of the first grid level that zeroes it (uint8, one byte a block: a quarter of a float32
 table at 1x1 blocks, where the order itself, even as int32, would weigh as much as the table).
+Most tables need no order at all: where no two equal averages straddle a level's cut, the
+blocks it zeroes are those at most the cut's value, found by one numpy.partition for every
+level (first_levels_by_threshold), with a fraction of the sort's memory; the sort is the
+fallback where ties do straddle a cut, and the stock check covers both.
 A level's mask is then one comparison, and the weight the same product mask * x, so -0.0 for
 pruned negative values, as the stock sparsifier leaves them. A level that zeroes no block
 (level 0) has the all-ones mask and needs no order: a grid's first point is pruned at once,
@@ -29,6 +33,7 @@ import math
 import threading
 from typing import Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -100,6 +105,47 @@ def first_levels(order: torch.Tensor, levels: Sequence[float]) -> torch.Tensor:
     return first
 
 
+def first_levels_by_threshold(norms: torch.Tensor, levels: Sequence[float]
+                              ) -> torch.Tensor | None:
+    """first_levels without the order, where the order does not matter: None where it does.
+
+    A level zeroes the round(level * n) blocks that come first in torch.sort's order. Where
+    exactly that many blocks have an average at most the k-th smallest average t, they are
+    the k smallest whatever the sort does with ties, and so the stock ones: blocks <= t. Only
+    where equal averages straddle the k-th place (or t is NaN, which torch.sort puts last)
+    does the order of ties decide, and then None sends the caller to torch.sort. The k-th
+    smallest values come from one numpy.partition of a copy of the averages, for every level
+    at once: the averages and one copy held, where the sort holds them and four times that
+    beside them. On a GPU, None (the sort runs there, in the device's memory)."""
+    count = len(norms)
+    if len(levels) > 255:
+        raise ValueError("at most 255 levels in one engine (one byte a block)")
+    first = torch.full((count,), len(levels), dtype=torch.uint8)
+    zeroed = sorted({round(level * count) for level in levels} - {0})
+    if not zeroed:
+        return first
+    if norms.device.type != "cpu":
+        return None
+    values = norms.numpy()
+    smallest = np.partition(values, [k - 1 for k in zeroed])
+    thresholds = {k: smallest[k - 1] for k in zeroed}
+    del smallest
+    for i, level in enumerate(levels):
+        k = round(level * count)
+        if k == 0:
+            continue
+        if k == count:  # every block, NaN ones included
+            first[first == len(levels)] = i
+            continue
+        if np.isnan(thresholds[k]):
+            return None
+        chosen = norms <= float(thresholds[k])
+        if int(chosen.sum()) != k:
+            return None  # ties across the k-th place: torch.sort's order decides
+        first[chosen & (first == len(levels))] = i
+    return first
+
+
 def block_grid(shape: tuple[int, int], block_shape: tuple[int, int]) -> tuple[int, int]:
     """Rows and columns of blocks over a table, partial blocks at the edges included
     (avg_pool2d's ceil_mode)."""
@@ -164,9 +210,10 @@ class SortOnceMasks:
                         shape: tuple[int, int] | None = None) -> torch.Tensor:
         """The table's per-block first levels, sorted on first use. read() gives the table,
         or (with its shape) its rows in chunks of whole block rows: where nothing else holds
-        them, they are freed once their block averages are taken, before the sort, which holds
-        4x those averages beside them, its int64 order and as much again in temporaries
-        (measured; at 1x1 blocks, 4x the table)."""
+        them, they are freed once their block averages are taken. The first levels then come
+        from thresholds (a copy of the averages beside them), or where ties straddle a cut
+        from the sort, which holds 4x the averages beside them, its int64 order and as much
+        again in temporaries (measured; at 1x1 blocks, 4x the table)."""
         with self._guard:
             lock = self._locks.setdefault(name, threading.Lock())
         with lock:
@@ -175,9 +222,12 @@ class SortOnceMasks:
                     norms = block_norms(read(), self.norm, self.block_shape)
                 else:
                     norms = chunked_block_norms(read(), shape, self.norm, self.block_shape)
-                order = sort_blocks(norms)
-                del norms
-                self._first[name] = first_levels(order, self.levels)
+                first = first_levels_by_threshold(norms, self.levels)
+                if first is None:
+                    order = sort_blocks(norms)
+                    del norms
+                    first = first_levels(order, self.levels)
+                self._first[name] = first
             return self._first[name]
 
     def needs_order(self, shape: tuple[int, int], level: float) -> bool:

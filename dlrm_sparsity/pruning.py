@@ -11,6 +11,7 @@ as the disk step writes it (archive.py), so that no pruned model is ever held wh
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping, NamedTuple
@@ -178,15 +179,16 @@ def sparsify_embeddings(model: Model | Mapping[str, torch.Tensor], point: GridPo
 def hold_model(mapped: dict, model_path: str, workers: int) -> Model:
     """What the sweep keeps in memory.
 
-    Workers need the original tables at hand, so they are read in. Without them, a large
-    model's tables stay in the checkpoint file and each grid point reads them one at a time:
-    the process then holds one pruned model and one table with the sparsifier's temporaries
-    (several times that table), not the model twice.
+    Workers need the original tables at hand, so they are read in. Without them, the
+    tables stay in the checkpoint file (a plain torch.save file, or a torchsnapshot or DCP
+    folder) and each grid point reads them a chunk at a time: the process then holds a chunk
+    and one table's sort (or the stock sparsifier's temporaries), not the model.
     """
     dense_bytes = tensor_bytes(mapped)
-    if not is_torch_archive(model_path):  # a zip or legacy file: already read into memory
+    if not (is_torch_archive(model_path) or os.path.isdir(model_path)):  # a zip or legacy
+        # file: already read into memory
         return Model(mapped, None, dense_bytes)
-    if workers == 0 and dense_bytes > LARGE_MODEL_BYTES:
+    if workers == 0:
         tables = set(embedding_names(mapped))
         held = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") if k in tables
                 else v.clone() for k, v in mapped.items()}

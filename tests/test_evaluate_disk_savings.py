@@ -135,15 +135,12 @@ def test_positive_zeros_keep_the_model_and_shrink_the_zip(run, tiny_pipeline, tm
     assert pd.read_csv(tmp_path / "sparse_model_metadata.csv")["sha256"][0] == signed["sha256"]
 
 
-def test_large_model_path_reads_tables_from_the_file_and_writes_the_same_zips(
-        run, tiny_pipeline, tmp_path, monkeypatch):
-    """Above the size limit with --workers 0 the originals stay in the file, and one point is
-    pruned at a time: the same bytes out as two workers pruning side by side in memory."""
+def test_without_workers_tables_are_read_from_the_file_and_write_the_same_zips(
+        run, tiny_pipeline, tmp_path):
+    """With --workers 0 the originals stay in the file, and one point is pruned at a time:
+    the same bytes out as two workers pruning side by side in memory."""
     _, out, df = run
     mapped = load_state_dict(tiny_pipeline["model"], mmap=True)
-    held = pruning.hold_model(mapped, tiny_pipeline["model"], 0)
-    assert held.read_table is None  # small model: held in memory
-    monkeypatch.setattr(pruning, "LARGE_MODEL_BYTES", 0)
     held = pruning.hold_model(mapped, tiny_pipeline["model"], 0)
     tables = held.state_dict
     assert {v.device.type for k, v in tables.items() if "emb_l" in k} == {"meta"}
@@ -174,6 +171,15 @@ def test_default_workers_keep_a_large_model_to_one_point_unless_cores_and_ram_al
     assert workers(kaggle, cpus=128, ram_bytes=512 * gib) == 4  # at most 4
     assert workers(kaggle, cpus=16, ram_bytes=12 * gib) == 1  # (1 + 1) x 2 copies fit, 3 do not
     assert workers(kaggle, cpus=16, ram_bytes=0) == 0  # RAM unknown
+    assert workers(gib // 2, cpus=2, ram_bytes=0) == 2
+    assert workers(gib // 2, cpus=4, ram_bytes=gib // 4) == 0  # larger than its memory
+
+
+def test_the_memory_a_process_may_use_is_its_cgroups_limit_where_lower(monkeypatch, tmp_path):
+    monkeypatch.setattr(disk, "cgroup_memory_limit", lambda: 2**20)
+    assert disk.physical_memory() == 2**20
+    monkeypatch.setattr(disk, "cgroup_memory_limit", lambda: 0)
+    assert disk.physical_memory() > 2**20
 
 
 def test_pruning_on_the_calling_thread_as_on_a_gpu_writes_the_same_zips(

@@ -12,6 +12,7 @@ from dlrm_sparsity.mask_engine import (
     SortOnceMasks,
     block_norms,
     first_levels,
+    first_levels_by_threshold,
     smallest_index_dtype,
     sort_blocks,
 )
@@ -142,6 +143,23 @@ def test_the_block_averages_are_sorted_in_place_into_torch_sorts_order():
     order = sort_blocks(norms)
     assert torch.equal(order.long(), expected.indices.view(-1))
     assert torch.equal(norms, expected.values.view(-1))  # written over: no sorted copy
+
+
+def test_thresholds_give_the_sorts_first_levels_or_step_aside_for_ties():
+    """Distinct averages (and NaN beyond every cut): the thresholds' first levels are the
+    sort's. Ties across a cut: None, so the sort decides; ties inside a cut do not matter."""
+    torch.manual_seed(0)
+    levels = list(SEED_LEVELS)
+    norms = block_norms(torch.randn(5000, 16), "L1", (1, 4))
+    norms[-3:] = float("nan")
+    expected = first_levels(sort_blocks(norms.clone()), levels)
+    assert torch.equal(first_levels_by_threshold(norms, levels), expected)
+    tied = torch.tensor([3.0, 1.0, 1.0, 2.0])  # 0.5 zeroes 2 of the 4: both 1.0, no choice
+    assert first_levels_by_threshold(tied, [0.5]).tolist() == [1, 0, 0, 1]
+    assert first_levels_by_threshold(tied, [0.25]) is None  # one of the two 1.0: the order's
+    nan = float("nan")  # a cut among NaNs: the sort's; level 1 takes every block, NaN too
+    assert first_levels_by_threshold(torch.tensor([1.0, nan, nan]), [0.67]) is None
+    assert first_levels_by_threshold(torch.tensor([1.0, nan]), [1.0]).tolist() == [0, 0]
 
 
 def test_first_levels_follow_the_stock_block_count():
