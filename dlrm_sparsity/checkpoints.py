@@ -15,6 +15,7 @@ import os
 import pickle
 import re
 import shutil
+import tempfile
 import zipfile
 import zlib
 from pathlib import Path
@@ -111,7 +112,8 @@ def load_checkpoint_object(path: str | os.PathLike, mmap: bool = False) -> objec
     """Whatever torch.load safely returns for this file (reading a zip's member in memory).
 
     mmap=True maps a plain torch.save archive instead of reading it (tensors are read from the
-    file when touched); other inputs are read as usual.
+    file when touched), and a zip's member once inflated into a file beside it; a legacy file
+    is read as usual.
     """
     origin = str(path)
     if not os.path.exists(path):
@@ -124,11 +126,26 @@ def load_checkpoint_object(path: str | os.PathLike, mmap: bool = False) -> objec
                 if _is_torch_archive(zf):
                     return _torch_load_safe(origin, origin, mmap)  # a plain torch.save archive
                 member = _inner_member(zf, origin)
+                if mmap:
+                    return _load_inflated(zf, member, Path(path), f"{origin}:{member}")
                 payload = zf.read(member)
         except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as exc:
             raise CheckpointError(f"{origin}: damaged zip file ({exc})") from None
         return _torch_load_safe(io.BytesIO(payload), f"{origin}:{member}")
     return _torch_load_safe(origin, origin)
+
+
+def _load_inflated(zf: zipfile.ZipFile, member: str, path: Path, origin: str) -> object:
+    """A zip's member inflated into a file beside the zip and memory-mapped from there: for a
+    pruned model larger than memory, which a deflated zip cannot be mapped from. The file is
+    unlinked once mapped (the map keeps it until the tensors go), so nothing stays behind."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".inflated", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as out, zf.open(member) as src:
+            shutil.copyfileobj(src, out, 16 * 2**20)
+        return _torch_load_safe(tmp, origin, mmap=True)
+    finally:
+        os.unlink(tmp)
 
 
 def load_state_dict(path: str | os.PathLike, mmap: bool = False) -> dict[str, torch.Tensor]:

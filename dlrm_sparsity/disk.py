@@ -64,9 +64,9 @@ LARGE_MODEL_WORKERS_FROM_CPUS = 8
 # temporaries beside it; with workers the original model is held too. Twice the model per
 # point in flight, and twice the model held, leave room for both.
 MODEL_COPIES_PER_WORKER = 2
-# The stock check's copies fit in an eighth of the model, or 256 MiB if that is more: a
-# streamed point holds a few chunks and one table's first levels, so the check, were it given
-# the model's size, would set the peak.
+# The stock check's copies fit in an eighth of the model, or 256 MiB if that is more, and in
+# an eighth of the memory: a streamed point holds a few chunks and the tables' first levels,
+# so the check, were it given the model's size, would set the peak.
 STOCK_CHECK_SHARE = 8
 STOCK_CHECK_FLOOR = 256 * 2**20
 
@@ -129,6 +129,12 @@ def cgroup_memory_limit() -> int:
         if value.isdigit() and int(value) < 2**60:  # v1 writes a huge number for none
             return int(value)
     return 0
+
+
+def check_budget(dense_bytes: int, memory_bytes: int) -> int:
+    """Bytes the stock check's copies may take (see STOCK_CHECK_SHARE)."""
+    budget = max(dense_bytes // STOCK_CHECK_SHARE, STOCK_CHECK_FLOOR)
+    return min(budget, memory_bytes // STOCK_CHECK_SHARE) if memory_bytes else budget
 
 
 def default_workers(dense_bytes: int, cpus: int, ram_bytes: int) -> int:
@@ -204,8 +210,8 @@ class DiskGrid:
                                    LARGE_MODEL_BYTES) if sort_once else None
         self.checked = (stock_check_points(self.pruned_points)
                         if sort_once and settings.stock_check else set())
-        self.check = StockCheck(None if settings.whole_stock_check else max(
-            self.model.dense_bytes // STOCK_CHECK_SHARE, STOCK_CHECK_FLOOR))
+        self.check = StockCheck(None if settings.whole_stock_check else
+                                check_budget(self.model.dense_bytes, physical_memory()))
         self.setup = {"model_sha256": sha256_of_file(self.model_path),
                       "compressor": compressor_label(settings.compressor),
                       "compress_level": settings.compress_level,

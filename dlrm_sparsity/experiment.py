@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import zipfile
 from functools import cached_property, lru_cache
 from typing import Callable, Mapping, Sequence, TypeVar
 
@@ -28,7 +29,7 @@ from dlrm_sparsity.checkpoints import load_dlrm_state_dict, sha256_of_file
 from dlrm_sparsity.criteo.data import tensors_fingerprint
 from dlrm_sparsity.criteo.npy import NpySplit, check_table_count, is_npy_data
 from dlrm_sparsity.criteo.splits import open_split
-from dlrm_sparsity.disk import ensure_demo_metadata
+from dlrm_sparsity.disk import ensure_demo_metadata, physical_memory
 from dlrm_sparsity.drift import DriftGuard
 from dlrm_sparsity.errors import UserInputError
 from dlrm_sparsity.evaluation import quality_metrics, score_split, streamed_quality
@@ -41,6 +42,7 @@ from dlrm_sparsity.timing import Paired, Timing, measure_paired, steady_cpu_allo
 from dlrm_sparsity.variants import Dense
 
 WARMUP_S = 0.1  # the longest warm-up of one variant in a measurement
+LARGE_SHARE_OF_MEMORY = 4  # a pruned model above this share of memory is mapped, not read
 T = TypeVar("T")
 
 
@@ -216,7 +218,7 @@ class Experiment:
                     f"{path}: sha256 {actual} differs from the {recorded_sha256} that "
                     f"{self.inputs.metadata} records; the file changed after the disk-savings "
                     "run (rerun evaluate_disk_savings.py)")
-        return load_dlrm_state_dict(path)
+        return load_dlrm_state_dict(path, mmap=too_large_to_read(path))
 
     def model_state(self, meta: dict) -> dict:
         """The state dict of a metadata row's pruned model."""
@@ -252,6 +254,18 @@ class Experiment:
         model = DLRMNet.from_state_dict(self.model_state(meta))
         self.test.check_fits(model.config.table_sizes, meta["checkpoint"])
         return model.to(self.run.device).eval()
+
+
+def too_large_to_read(path: str) -> bool:
+    """A pruned zip whose model would take more than a quarter of the memory the process may
+    use: mapped from an inflated file (its pages the system's to drop) rather than read."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            inflated = sum(i.file_size for i in zf.infolist())
+    except (OSError, zipfile.BadZipFile):
+        return False  # not a zip: the loader reads it and says what is wrong
+    memory = physical_memory()
+    return bool(memory) and inflated > memory // LARGE_SHARE_OF_MEMORY
 
 
 def against_dense(exp: Experiment, what: str, calls: Mapping[str, Callable[[], object]],

@@ -88,3 +88,37 @@ def wide_model(tiny_pipeline):
                    Recipe(embedding_dim=16, bottom="13-8-16", top="8-1", num_batches=30),
                    device="cpu", print_every=0)
     return model
+
+
+class AppState:
+    """What torchsnapshot snapshots: any object with state_dict and load_state_dict."""
+
+    def __init__(self, state_dict):
+        self.sd = state_dict
+
+    def state_dict(self):
+        return self.sd
+
+    def load_state_dict(self, state_dict):
+        self.sd = state_dict
+
+
+def write_snapshot(state_dict, path) -> None:
+    """A torchsnapshot folder of a state dict, taken by torchsnapshot itself (app state
+    'model', as MLCommons' DLRM v2 snapshot is)."""
+    import warnings
+
+    import torchsnapshot
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torchsnapshot.Snapshot.take(path=str(path), app_state={"model": AppState(state_dict)})
+
+
+def write_dcp(state_dict, path) -> None:
+    """A torch.distributed.checkpoint folder of a state dict, saved by DCP in one process."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(dict(state_dict), checkpoint_id=str(path))

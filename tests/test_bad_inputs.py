@@ -14,8 +14,16 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+import yaml
 
-from conftest import random_raw_rows, run_script, tiny_config, write_raw_lines
+from conftest import (
+    random_raw_rows,
+    run_script,
+    tiny_config,
+    write_dcp,
+    write_raw_lines,
+    write_snapshot,
+)
 from dlrm_sparsity.criteo.npy_write import write_npy_days
 from dlrm_sparsity.layouts import TORCHREC, torchrec_layout
 from dlrm_sparsity.model import DLRMConfig, DLRMNet
@@ -96,6 +104,21 @@ def make(world, kind: str) -> Path:
     elif kind == "three_tables.csv":
         torch.save(torchrec_state_dict(tiny_config()), bad / "three_tables.pt")
         one_row_metadata(path, bad / "three_tables.pt")
+    elif kind.startswith(("snapshot_", "dcp_")) and not path.exists():
+        sd = torch.load(world["model"], weights_only=False)["state_dict"]
+        if kind == "dcp_of_another_model":
+            sd = torch.nn.Linear(3, 2).state_dict()
+        (write_snapshot if kind.startswith("snapshot_") else write_dcp)(sd, path)
+        if kind == "snapshot_missing_file":
+            next((path / "batched").iterdir()).unlink()
+        elif kind == "snapshot_missing_entry":  # the manifest lists a key it holds no entry for
+            manifest = yaml.safe_load((path / ".snapshot_metadata").read_text())
+            del manifest["manifest"]["0/model/emb_l.1.weight"]
+            (path / ".snapshot_metadata").write_text(yaml.safe_dump(manifest))
+        elif kind == "dcp_missing_shard":
+            next(path.glob("*.distcp")).unlink()
+    elif kind == "empty_folder":
+        path.mkdir(exist_ok=True)
     elif kind in ("npy", "npy_without_labels"):
         if not path.exists():
             write_npy_days(world["processed"], world["raw"], path)
@@ -157,6 +180,20 @@ CASES = [
      "not allowed in safe (weights_only) loading", "evil.pt"),
     ("level of 1.5", DISK, lambda w: disk_args(w, "--sparsity-levels", "1.5"),
      "sparsity level 1.5 is outside [0, 1]", None),
+    ("snapshot missing a data file", DISK,
+     lambda w: disk_args(w, model=make(w, "snapshot_missing_file")),
+     "its data file", "snapshot_missing_file"),
+    ("snapshot manifest without an entry it lists", DISK,
+     lambda w: disk_args(w, model=make(w, "snapshot_missing_entry")),
+     "the manifest lists 'emb_l.1.weight' but holds no entry", "snapshot_missing_entry"),
+    ("DCP folder missing a shard", DISK,
+     lambda w: disk_args(w, model=make(w, "dcp_missing_shard")),
+     ".distcp is missing", "dcp_missing_shard"),
+    ("DCP folder of another model", DISK,
+     lambda w: disk_args(w, model=make(w, "dcp_of_another_model")),
+     "not a DLRM state dict", "dcp_of_another_model"),
+    ("folder that is no checkpoint", DISK, lambda w: disk_args(w, model=make(w, "empty_folder")),
+     "neither a torchsnapshot", "empty_folder"),
     ("unknown norm", DISK, lambda w: disk_args(w, "--norms", "L7"), "unknown norm 'L7'", None),
     ("block shape 0x4", DISK, lambda w: disk_args(w, "--block-shapes", "0x4"),
      "block shape '0x4'", None),
