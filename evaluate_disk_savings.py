@@ -29,8 +29,8 @@ from dlrm_sparsity.runner.session import Session
 def parse_args(argv=None):
     p = make_parser(__doc__)
     p.add_argument("--model_path", "--model-path", dest="model_path", default=None,
-                   help="dlrm's or TorchRec's (DLRM, DLRM_DCN) checkpoint, state dict or "
-                        "zip (default: the demo model)")
+                   help="dlrm's or TorchRec's (DLRM, DLRM_DCN) checkpoint, state dict, zip, "
+                        "or torchsnapshot or DCP folder (default: the demo model)")
     p.add_argument("--sparsified_model_dump_path", "--sparsified-model-dump-path",
                    dest="dump_path", default=None,
                    help="folder for the pruned zips (default: OUTPUT_DIR/sparsified_models)")

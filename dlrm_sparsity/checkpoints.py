@@ -52,9 +52,9 @@ def _torch_load_safe(source, origin: str, mmap: bool = False) -> object:
         match = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
         if match and re.search(r"ShardedTensor|DTensor|_shard", match.group(1)):
             raise CheckpointError(
-                f"{origin}: holds sharded tables ({match.group(1).rsplit('.', 1)[-1]}); gather "
-                "them into one plain state dict first (docs/usage.md, 'A sharded TorchRec "
-                "model')") from None
+                f"{origin}: holds sharded tables ({match.group(1).rsplit('.', 1)[-1]}); save "
+                "them with torchsnapshot or DCP, or gather them into one plain state dict "
+                "(docs/usage.md, 'Checkpoint folders')") from None
         if match:
             raise CheckpointError(
                 f"{origin}: refused to load: it needs the pickled global '{match.group(1)}', "

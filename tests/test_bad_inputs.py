@@ -251,7 +251,7 @@ CASES = [
     ("batch size of zero", FORWARD, lambda w: metrics_args(w) + ["--batch-size", "0"],
      "expected a positive integer, got 0", None),
     ("sharded TorchRec checkpoint", DISK, lambda w: disk_args(w, model=make(w, "sharded.pt")),
-     "holds sharded tables (ShardedTensor); gather them", "sharded.pt"),
+     "holds sharded tables (ShardedTensor); save them", "sharded.pt"),
     ("interaction the suite does not know", DISK,
      lambda w: disk_args(w, model=make(w, "projection.pt")),
      "an interaction the suite does not know", "projection.pt"),
