@@ -99,7 +99,8 @@ def main() -> None:
     mean_point = sum(per_point.values()) / len(per_point)
     print(f"p4d disk step per point ({P4D_CORES} cores, perfect scaling): "
           + ", ".join(f"{lv}: {s / 60:.1f} min" for lv, s in per_point.items())
-          + f"; {PRUNED_POINTS} pruned points at their mean: {PRUNED_POINTS * mean_point / 3600:.1f} h")
+          + f"; {PRUNED_POINTS} pruned points at their mean: "
+            f"{PRUNED_POINTS * mean_point / 3600:.1f} h")
     print(f"zips for the {GRID_POINTS} points, at the Kaggle grid's {KAGGLE_ZIPS_PER_MODEL:.1f}x "
           f"the model: {KAGGLE_ZIPS_PER_MODEL * model_bytes / 1e12:.2f} TB")
     print(f"metrics per point on the CPUs ({TEST_SAMPLES:,} test samples, {P4D_CORES} cores): "

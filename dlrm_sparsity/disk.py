@@ -64,10 +64,12 @@ LARGE_MODEL_WORKERS_FROM_CPUS = 8
 # temporaries beside it; with workers the original model is held too. Twice the model per
 # point in flight, and twice the model held, leave room for both.
 MODEL_COPIES_PER_WORKER = 2
-# The stock check's copies fit in an eighth of the model, or 256 MiB if that is more, and in
-# an eighth of the memory: a streamed point holds a few chunks and the tables' first levels,
-# so the check, were it given the model's size, would set the peak.
-STOCK_CHECK_SHARE = 8
+# The stock check's copies fit in a quarter of the model, or 256 MiB if that is more, and in
+# an eighth of the memory: a streamed point holds a few chunks, the tables' first levels and
+# one table's sort (at 1x4 blocks, the Kaggle model's largest takes a third of the model), so
+# the check, were it given the model's size, would set the peak.
+STOCK_CHECK_SHARE = 4
+STOCK_CHECK_MEMORY_SHARE = 8
 STOCK_CHECK_FLOOR = 256 * 2**20
 
 
@@ -134,7 +136,7 @@ def cgroup_memory_limit() -> int:
 def check_budget(dense_bytes: int, memory_bytes: int) -> int:
     """Bytes the stock check's copies may take (see STOCK_CHECK_SHARE)."""
     budget = max(dense_bytes // STOCK_CHECK_SHARE, STOCK_CHECK_FLOOR)
-    return min(budget, memory_bytes // STOCK_CHECK_SHARE) if memory_bytes else budget
+    return min(budget, memory_bytes // STOCK_CHECK_MEMORY_SHARE) if memory_bytes else budget
 
 
 def default_workers(dense_bytes: int, cpus: int, ram_bytes: int) -> int:

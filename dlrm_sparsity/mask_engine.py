@@ -14,10 +14,12 @@ changes nothing, since every row of that repeat holds the same values and torch 
 alone. The sort's int64 order is reduced at once to what the grid needs: for each block, the
 index of the first grid level that zeroes it (uint8, one byte a block: a quarter of a float32
 table at 1x1 blocks, where the order itself, even as int32, would weigh as much as the table).
-Most tables need no order at all: where no two equal averages straddle a level's cut, the
-blocks it zeroes are those at most the cut's value, found by one numpy.partition for every
-level (first_levels_by_threshold), with a fraction of the sort's memory; the sort is the
-fallback where ties do straddle a cut, and the stock check covers both.
+Where no two equal averages straddle a level's cut, the blocks it zeroes are those at most
+the cut's value, found by one numpy.partition for every level (first_levels_by_threshold),
+with a fraction of the sort's memory. Where ties do straddle a cut, only the sort knows their
+order (torch.sort is not stable), and it runs: float32 averages of millions of small weights
+repeat often enough that the Kaggle-size model's largest table needs it at 1x1 and at 1x4.
+The stock check covers both ways.
 A level's mask is then one comparison, and the weight the same product mask * x, so -0.0 for
 pruned negative values, as the stock sparsifier leaves them. A level that zeroes no block
 (level 0) has the all-ones mask and needs no order: a grid's first point is pruned at once,

@@ -175,9 +175,9 @@ def test_default_workers_keep_a_large_model_to_one_point_unless_cores_and_ram_al
     assert workers(gib // 2, cpus=4, ram_bytes=gib // 4) == 0  # larger than its memory
 
 
-def test_the_stock_checks_budget_is_an_eighth_of_the_model_and_of_the_memory():
+def test_the_stock_checks_budget_is_a_quarter_of_the_model_and_an_eighth_of_the_memory():
     mib = 2**20
-    assert disk.check_budget(16 * 1024 * mib, 0) == 2048 * mib
+    assert disk.check_budget(16 * 1024 * mib, 0) == 4096 * mib
     assert disk.check_budget(100 * mib, 0) == 256 * mib  # the floor
     assert disk.check_budget(16 * 1024 * mib, 4096 * mib) == 512 * mib  # the memory's eighth
 
