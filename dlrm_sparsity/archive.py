@@ -60,18 +60,12 @@ class _Layout(io.RawIOBase):
         return self.pos
 
 
-class _Sparse(io.RawIOBase):
-    """The layout read back as a file whose holes read as zeros, never allocated: for
-    zipfile, which reads only the directory at the end."""
+class ReadView(io.RawIOBase):
+    """A read-only file of `size` bytes whose subclass says what read() gives: for zipfile,
+    which seeks and reads only what it needs."""
 
-    def __init__(self, pieces: list[bytes | int]):
-        super().__init__()
-        self.spans, at = [], 0
-        for piece in pieces:
-            size = piece if isinstance(piece, int) else len(piece)
-            self.spans.append((at, piece))
-            at += size
-        self.size, self.at = at, 0
+    size = 0
+    at = 0
 
     def readable(self) -> bool:
         return True
@@ -85,6 +79,20 @@ class _Sparse(io.RawIOBase):
 
     def tell(self) -> int:
         return self.at
+
+
+class _Sparse(ReadView):
+    """The layout read back as a file whose holes read as zeros, never allocated: for
+    zipfile, which reads only the directory at the end."""
+
+    def __init__(self, pieces: list[bytes | int]):
+        super().__init__()
+        self.spans, at = [], 0
+        for piece in pieces:
+            size = piece if isinstance(piece, int) else len(piece)
+            self.spans.append((at, piece))
+            at += size
+        self.size = at
 
     def read(self, n: int = -1) -> bytes:
         end = self.size if n is None or n < 0 else min(self.size, self.at + n)

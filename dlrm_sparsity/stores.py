@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import yaml
 
+from dlrm_sparsity.archive import ReadView
 from dlrm_sparsity.errors import CheckpointError
 
 SNAPSHOT, DCP = "torchsnapshot", "dcp"
@@ -201,29 +202,16 @@ class DCPFolder:
             return torch.load(io.BytesIO(f.read(info.length)), weights_only=True).reshape(sizes)
 
 
-class _Slice(io.RawIOBase):
+class _Slice(ReadView):
     """A byte range of an open file, as a file (for zipfile to read one DCP chunk's archive
     directory without reading the chunk)."""
 
     def __init__(self, f, start: int, length: int):
         super().__init__()
-        self.f, self.start, self.length, self.at = f, start, length, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        self.at = {io.SEEK_SET: 0, io.SEEK_CUR: self.at, io.SEEK_END: self.length}[whence] + offset
-        return self.at
-
-    def tell(self) -> int:
-        return self.at
+        self.f, self.start, self.size = f, start, length
 
     def read(self, n: int = -1) -> bytes:
-        n = self.length - self.at if n is None or n < 0 else min(n, self.length - self.at)
+        n = self.size - self.at if n is None or n < 0 else min(n, self.size - self.at)
         self.f.seek(self.start + self.at)
         data = self.f.read(max(0, n))
         self.at += len(data)
