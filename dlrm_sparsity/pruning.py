@@ -193,7 +193,9 @@ def hold_model(mapped: dict, model_path: str, workers: int) -> Model:
         held = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") if k in tables
                 else v.clone() for k, v in mapped.items()}
         return Model(held, CheckpointTables(model_path).read, dense_bytes)
-    return Model({k: v.clone() for k, v in mapped.items()}, None, dense_bytes)
+    read = CheckpointTables(model_path).read  # a folder's sharded tables: meta until read
+    return Model({k: read(k) if v.is_meta else v.clone() for k, v in mapped.items()}, None,
+                 dense_bytes)
 
 
 def make_zeros_positive(state_dict: dict[str, torch.Tensor]) -> None:

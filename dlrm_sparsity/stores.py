@@ -11,9 +11,10 @@
 Both are read table by table. With mmap, a tensor stored whole as raw bytes (every
 torchsnapshot buffer, and every DCP chunk that is a tensor's whole storage) is a private,
 read-only map of its bytes in the file, as `torch.load(mmap=True)` gives for a plain file:
-nothing is read until it is touched. Tensors cut into shards or chunks are assembled in memory,
-one at a time when read. Neither library is needed for this (the formats are read as laid out);
-the tests write both with the real libraries. What does not fit the layout is one line naming
+nothing is read until it is touched; a tensor cut into shards or chunks is then only its shape
+(meta), and is put together in memory when it is read for itself, one table at a time.
+Neither library is needed for this (the formats are read as laid out); the tests write both
+with the real libraries. What does not fit the layout is one line naming
 the folder and the entry.
 """
 
@@ -107,15 +108,18 @@ class SnapshotFolder:
         self.keys = [str(k) for k in dicts[app]["keys"]]
         self.entries = {k: f"{app}/{k}" for k in self.keys}
 
-    def read(self, key: str, mmap: bool) -> torch.Tensor:
+    def read(self, key: str, mmap: bool, shape_only: bool = False) -> torch.Tensor:
+        """One tensor: mapped (mmap) or read; with shape_only, a tensor stored in several
+        shards is only its shape and dtype (on the meta device)."""
         name = self.entries[key]
         entry = self.manifest.get(name)
         if entry is None:
             raise CheckpointError(f"{self.origin}: the manifest lists '{key}' but holds no "
                                   f"entry '{name}'")
-        return self._tensor(entry, f"{self.origin}: '{key}'", mmap)
+        return self._tensor(entry, f"{self.origin}: '{key}'", mmap, shape_only)
 
-    def _tensor(self, entry: dict, origin: str, mmap: bool) -> torch.Tensor:
+    def _tensor(self, entry: dict, origin: str, mmap: bool, shape_only: bool = False
+                ) -> torch.Tensor:
         kind = entry.get("type")
         if kind == "Tensor":
             file = self.root / entry["location"]
@@ -133,6 +137,12 @@ class SnapshotFolder:
             parts = entry.get("shards") or entry.get("chunks") or []
             if not parts:
                 raise CheckpointError(f"{origin}: a {kind} with no shards")
+            if len(parts) > 1 and shape_only:  # put together only when read for itself
+                shape = entry.get("shape") or [
+                    max(p["offsets"][d] + p["sizes"][d] for p in parts)
+                    for d in range(len(parts[0]["sizes"]))]
+                return torch.empty(shape, dtype=_dtype(parts[0]["tensor"]["dtype"], origin),
+                                   device="meta")
             pieces = [(list(p["offsets"]), self._tensor(p["tensor"], origin, mmap))
                       for p in parts]
             if len(pieces) == 1 and not any(pieces[0][0]):
@@ -161,13 +171,16 @@ class DCPFolder:
         for index, info in metadata.storage_data.items():
             self.places.setdefault(index.fqn, []).append((list(index.offset), info))
 
-    def read(self, key: str, mmap: bool) -> torch.Tensor:
+    def read(self, key: str, mmap: bool, shape_only: bool = False) -> torch.Tensor:
+        """As SnapshotFolder.read."""
         meta, origin = self.tensors[key], f"{self.origin}: '{key}'"
         sizes = {tuple(c.offsets): list(c.sizes) for c in meta.chunks}
         places = self.places.get(key, [])
         if not places or len(places) != len(sizes):
             raise CheckpointError(f"{origin}: {DCP_METADATA} lists {len(sizes)} chunks of it "
                                   f"and stores {len(places)}")
+        if len(places) > 1 and shape_only:
+            return torch.empty(list(meta.size), dtype=meta.properties.dtype, device="meta")
         pieces = [(offsets, self._chunk(info, sizes[tuple(offsets)], meta.properties.dtype,
                                         mmap, origin)) for offsets, info in places]
         if len(pieces) == 1 and list(pieces[0][1].shape) == list(meta.size):
@@ -229,9 +242,11 @@ def open_folder(path: str | os.PathLike) -> SnapshotFolder | DCPFolder:
 
 def load_folder(path: str | os.PathLike, mmap: bool) -> dict[str, torch.Tensor]:
     """Every tensor of a torchsnapshot or DCP folder's model, by key, in the stored order:
-    mapped where stored whole (mmap), else read."""
+    read, or with mmap, mapped where stored whole and only shape and dtype (meta) where
+    stored in several shards (CheckpointTables reads such a table when it is needed), so
+    that nothing of the tables is read yet."""
     folder = open_folder(path)
-    return {key: folder.read(key, mmap) for key in folder.keys}
+    return {key: folder.read(key, mmap, shape_only=mmap) for key in folder.keys}
 
 
 def folder_files(path: str | os.PathLike) -> list[Path]:

@@ -3,7 +3,8 @@ torchsnapshot (0.1.0, a dev requirement) and torch.distributed.checkpoint (torch
 
 - Each folder reads back as the plain state dict, keys in order, bit for bit, mapped or read.
 - A DistributedModelParallel DLRM_DCN with table-wise sharded tables (ShardedTensor entries)
-  snapshotted and saved by DCP reads back as its gathered tables.
+  snapshotted and saved by DCP reads back as its gathered tables; a table in two shards is
+  only its shape until it is read for itself, then whole.
 - The disk step and the metrics on a TorchRec DLRM_DCN give the same metadata, zips and
   metrics from its plain state dict, its DCP folder and its snapshot.
 """
@@ -75,6 +76,7 @@ DMP_SAVE = textwrap.dedent("""
     from torchrec.distributed.planner.types import ParameterConstraints
     from torchrec.models.dlrm import DLRMTrain
     from test_torchrec import SIZES, torchrec_model
+    from conftest import AppState
     model = DLRMTrain(torchrec_model(dcn=True))
     planner = EmbeddingShardingPlanner(
         topology=Topology(world_size=1, compute_device="cpu"),
@@ -90,6 +92,15 @@ DMP_SAVE = textwrap.dedent("""
     plain = {k: (v.local_shards()[0].tensor if type(v).__name__ == "ShardedTensor" else v)
              for k, v in sd.items()}
     torch.save(plain, out + "/plain.pt")
+    from torch.distributed._shard import sharded_tensor
+    from torch.distributed._shard.sharding_spec import ChunkShardingSpec
+    two = sharded_tensor.empty(ChunkShardingSpec(dim=0, placements=["rank:0/cpu"] * 2), 10, 4)
+    for shard in two.local_shards():
+        rows = shard.metadata.shard_offsets[0]
+        shard.tensor.copy_(torch.arange(40.0).view(10, 4)[rows:rows + shard.tensor.shape[0]])
+    torchsnapshot.Snapshot.take(path=out + "/two_shards_snapshot",
+                                app_state={"model": AppState({"t": two})})
+    dcp.save({"t": two}, checkpoint_id=out + "/two_shards_dcp")
     print(",".join(kinds))
     dist.destroy_process_group()
     """)
@@ -103,7 +114,14 @@ def test_a_sharded_dmp_models_folders_read_as_its_tables(tmp_path):
     plain = load_state_dict(tmp_path / "plain.pt")
     assert read_layout(plain).prefix == "model."
     for kind in ("snapshot", "dcp"):
-        assert same(load_state_dict(tmp_path / kind, mmap=True), plain), kind
+        assert same(load_state_dict(tmp_path / kind), plain), kind
+        # one shard a table (table-wise on one rank): each mapped where it lies
+        assert not any(v.is_meta for v in load_state_dict(tmp_path / kind, mmap=True).values())
+        # a table in two shards: only its shape until it is read for itself, then whole
+        two = tmp_path / f"two_shards_{kind}"
+        assert load_state_dict(two, mmap=True)["t"].is_meta
+        assert torch.equal(CheckpointTables(two).read("t"), torch.arange(40.0).view(10, 4))
+        assert torch.equal(load_state_dict(two)["t"], torch.arange(40.0).view(10, 4))
 
 
 @pytest.fixture(scope="module")

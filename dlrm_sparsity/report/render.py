@@ -35,7 +35,7 @@ def shown_path(path: str, base: Path) -> str:
 def architecture(model_path: str) -> list[str]:
     """Table sizes and parameter count, read from the checkpoint's state dict (mapped, so a
     large model is not read in); nothing when the file is not where the CSV says."""
-    if not Path(model_path).is_file():
+    if not Path(model_path).exists():  # a file, or a torchsnapshot or DCP folder
         return []
     try:
         sd = load_dlrm_state_dict(model_path, mmap=True)
