@@ -150,7 +150,12 @@ def write_streamed(state_dict: Mapping[str, torch.Tensor], out, tables: Mapping[
     # torch seeks over each storage that has bytes; data/<k> is the k-th storage
     holes = [(k, n) for k, n in enumerate(storage_order(skeleton))
              if skeleton[n].untyped_storage().nbytes()]
-    last_hole = max(i for i, p in enumerate(layout.pieces) if isinstance(p, int))
+    places = [i for i, p in enumerate(layout.pieces) if isinstance(p, int)]
+    if not places:  # nothing but empty storages: the layout is the archive
+        for piece in layout.pieces:
+            out.write(piece)
+        return
+    last_hole = places[-1]
     crcs: dict[str, int] = {}
     at, previous = 0, None
     for piece in layout.pieces[:last_hole + 2]:  # up to the last storage's descriptor

@@ -55,6 +55,8 @@ def test_shared_storages_and_no_tables():
     assert storage_order(sd) == [k for k in sd if k != "view"]
     assert streamed(sd, ["emb_l.0.weight"], 64) == saved(sd)
     assert streamed(sd, [], 64) == saved(sd)
+    empty = {"emb_l.0.weight": torch.empty(0, 4)}  # no bytes to stream at all
+    assert streamed(empty, ["emb_l.0.weight"], 64) == saved(empty)
 
 
 def test_chunks_that_do_not_add_up_are_refused():
