@@ -60,9 +60,10 @@ METADATA = Table(METADATA_CSV, METADATA_COLUMNS)
 MB = 2**20  # the seed's MB
 PARALLEL_DEFLATE_BYTES = 64 * 2**20
 LARGE_MODEL_WORKERS_FROM_CPUS = 8
-# A point in flight holds a pruned copy of the model, and on a CPU the sparsifier's
-# temporaries beside it; with workers the original model is held too. Twice the model per
-# point in flight, and twice the model held, leave room for both.
+# A point pruned apart from its zipping (a GPU feeding workers) holds a pruned copy of the
+# model; a streamed one a chunk, one table's sort or the stock sparsifier's temporaries; with
+# workers the original model is held too. Twice the model per point in flight, and twice the
+# model held, leave room for the first and for the stock step on the largest tables.
 MODEL_COPIES_PER_WORKER = 2
 # The stock check's copies fit in a quarter of the model, or 256 MiB if that is more, and in
 # an eighth of the memory: a streamed point holds a few chunks, the tables' first levels and
