@@ -161,13 +161,13 @@ def write_streamed(state_dict: Mapping[str, torch.Tensor], out, tables: Mapping[
     for piece in layout.pieces[:last_hole + 2]:  # up to the last storage's descriptor
         if isinstance(piece, int):  # a storage's place
             k, name = holes[len(crcs)]
-            crcs[f"data/{k}"] = _write_storage(name, piece, skeleton, tables, out,
-                                               piece_bytes)
+            last_crc = _write_storage(name, piece, skeleton, tables, out, piece_bytes)
+            crcs[f"data/{k}"] = last_crc
         elif isinstance(previous, int):  # the descriptor after a storage: its CRC
             if not piece.startswith(_DESCRIPTOR):
                 raise ValueError("torch.save wrote no data descriptor after a storage: a "
                                  "torch this module does not know")
-            out.write(piece[:4] + struct.pack("<I", list(crcs.values())[-1]) + piece[8:])
+            out.write(piece[:4] + struct.pack("<I", last_crc) + piece[8:])
         else:
             out.write(piece)
         at += piece if isinstance(piece, int) else len(piece)

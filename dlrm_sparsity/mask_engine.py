@@ -91,13 +91,19 @@ def sort_blocks(norms: torch.Tensor) -> torch.Tensor:
     return order.to(smallest_index_dtype(len(norms))) if len(norms) else order
 
 
+def _none_zeroed(count: int, levels: Sequence[float], device: torch.device) -> torch.Tensor:
+    """The first levels of `count` blocks before any level is applied: len(levels), one byte
+    a block (so at most 255 levels)."""
+    if len(levels) > 255:
+        raise ValueError("at most 255 levels in one engine (one byte a block)")
+    return torch.full((count,), len(levels), dtype=torch.uint8, device=device)
+
+
 def first_levels(order: torch.Tensor, levels: Sequence[float]) -> torch.Tensor:
     """For each block, the index in `levels` (ascending) of the first level that zeroes it;
     len(levels) for a block that no level zeroes."""
     count = len(order)
-    if len(levels) > 255:
-        raise ValueError("at most 255 levels in one engine (one byte a block)")
-    first = torch.full((count,), len(levels), dtype=torch.uint8, device=order.device)
+    first = _none_zeroed(count, levels, order.device)
     done = 0
     for i, level in enumerate(levels):
         k = round(level * count)  # the stock sparsifier's count of blocks to zero
@@ -120,9 +126,7 @@ def first_levels_by_threshold(norms: torch.Tensor, levels: Sequence[float]
     at once: the averages and one copy held, where the sort holds them and four times that
     beside them. On a GPU, None (the sort runs there, in the device's memory)."""
     count = len(norms)
-    if len(levels) > 255:
-        raise ValueError("at most 255 levels in one engine (one byte a block)")
-    first = torch.full((count,), len(levels), dtype=torch.uint8)
+    first = _none_zeroed(count, levels, torch.device("cpu"))
     zeroed = sorted({round(level * count) for level in levels} - {0})
     if not zeroed:
         return first

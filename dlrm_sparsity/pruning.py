@@ -130,7 +130,7 @@ class Streamed:
     def made(self, chunk: torch.Tensor) -> torch.Tensor:
         """A pruned chunk, its zeros counted (and made +0.0 when asked)."""
         if self.positive_zeros:
-            chunk.masked_fill_(chunk == 0, 0.0)
+            positive_zeros_(chunk)
         self.values += chunk.numel()
         self.zeros += chunk.numel() - int(torch.count_nonzero(chunk))
         return chunk
@@ -193,9 +193,10 @@ def hold_model(mapped: dict, model_path: str, workers: int) -> Model:
         held = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") if k in tables
                 else v.clone() for k, v in mapped.items()}
         return Model(held, CheckpointTables(model_path).read, dense_bytes)
-    read = CheckpointTables(model_path).read  # a folder's sharded tables: meta until read
-    return Model({k: read(k) if v.is_meta else v.clone() for k, v in mapped.items()}, None,
-                 dense_bytes)
+    unread = [k for k, v in mapped.items() if v.is_meta]  # a folder's sharded tables
+    tables = CheckpointTables(model_path) if unread else None
+    return Model({k: tables.read(k) if k in unread else v.clone() for k, v in mapped.items()},
+                 None, dense_bytes)
 
 
 def make_zeros_positive(state_dict: dict[str, torch.Tensor]) -> None:
@@ -204,8 +205,12 @@ def make_zeros_positive(state_dict: dict[str, torch.Tensor]) -> None:
     -0.0 == 0.0 in every computation the model does, but the sign bits survive compression.
     """
     for name in embedding_names(state_dict):
-        table = state_dict[name]
-        table.masked_fill_(table == 0, 0.0)
+        positive_zeros_(state_dict[name])
+
+
+def positive_zeros_(tensor: torch.Tensor) -> torch.Tensor:
+    """-0.0 made +0.0 in place (the sign of a pruned negative weight)."""
+    return tensor.masked_fill_(tensor == 0, 0.0)
 
 
 def zero_fraction(state_dict: Mapping[str, torch.Tensor]) -> float:

@@ -174,8 +174,8 @@ def stream_sort_once(model: Model, point: GridPoint, device: torch.device,
                 rows = stock_check_rows(table, check.budget)
                 streamed.add_stock(check_table(model, point, name, device, engine,
                                                rows if rows < table.shape[0] else None))
-        streamed.check_s = time.perf_counter() - start - streamed.stock_s
         streamed.stock_s = 0.0 if math.isnan(streamed.stock_s) else streamed.stock_s
+        streamed.check_s = time.perf_counter() - start - streamed.stock_s
 
     def make(name: str) -> Iterator[torch.Tensor]:
         shape = tuple(model.state_dict[name].shape)

@@ -59,7 +59,7 @@ def _dtype(name: str, origin: str) -> torch.dtype:
 def _raw(file: Path, start: int, shape: list[int], dtype: torch.dtype, mmap: bool,
          origin: str) -> torch.Tensor:
     """A tensor stored as raw bytes from `start` in a file: mapped privately, or read."""
-    nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     if not file.is_file():
         raise CheckpointError(f"{origin}: its data file {file.name} is missing")
     if start + nbytes > file.stat().st_size:
@@ -197,7 +197,7 @@ class DCPFolder:
         if getattr(info, "transform_descriptors", None):
             raise CheckpointError(f"{origin}: stored with transforms "
                                   f"{info.transform_descriptors}, which the suite does not read")
-        nbytes = math.prod(sizes) * torch.empty(0, dtype=dtype).element_size()
+        nbytes = math.prod(sizes) * dtype.itemsize
         with open(file, "rb") as f:
             try:
                 records = [i for i in zipfile.ZipFile(_Slice(f, info.offset, info.length)
