@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import numpy as np
 import torch
 from sklearn import metrics
@@ -46,7 +48,18 @@ def quality_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
 
 @torch.inference_mode()
 def streamed_quality(model: DLRMNet, split: NpySplit, batch_size: int) -> dict[str, float]:
-    """quality_metrics of a split read batch by batch, keeping 4 bytes per sample.
+    """quality_metrics of a split read batch by batch, keeping 4 bytes per sample
+    (quality_of_batches)."""
+    model.eval()
+    return quality_of_batches(
+        ((model(b.dense, b.offsets, b.indices).view(-1).cpu().numpy(),
+          b.labels.cpu().numpy() > 0.5) for b in split.batches(batch_size)), len(split))
+
+
+def quality_of_batches(batches: Iterable[tuple[np.ndarray, np.ndarray]], n: int
+                       ) -> dict[str, float]:
+    """quality_metrics of n samples given as (float32 scores, clicked) a batch at a time,
+    in the split's order.
 
     scikit-learn's metrics take about 40 bytes a sample (float64 copies, an argsort, cumulative
     sums), which at 20 M samples outweighs a Kaggle-size model; a test split read from memory
@@ -57,12 +70,9 @@ def streamed_quality(model: DLRMNet, split: NpySplit, batch_size: int) -> dict[s
     the precision at its score), log loss summed per batch with its clipping. They agree with
     scikit-learn's to float64 rounding (tests/test_evaluation.py).
     """
-    model.eval()
-    scores = np.empty(len(split), dtype=np.float32)
+    scores = np.empty(n, dtype=np.float32)
     eps, log_loss, n_pos, n_neg = np.finfo(np.float64).eps, 0.0, 0, 0
-    for batch in split.batches(batch_size):
-        p = model(batch.dense, batch.offsets, batch.indices).view(-1).cpu().numpy()
-        y = batch.labels.cpu().numpy() > 0.5
+    for p, y in batches:
         pos, neg = p[y], p[~y]
         scores[n_pos:n_pos + len(pos)] = pos
         scores[len(scores) - n_neg - len(neg):len(scores) - n_neg] = neg

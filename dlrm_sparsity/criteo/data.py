@@ -144,11 +144,13 @@ class CriteoSplit:
         return CriteoSplit(self.dense.to(device), self.sparse_t.to(device),
                            self.labels.to(device), self.counts)
 
-    def batches(self, batch_size: int) -> Iterator[Batch]:
+    def batches(self, batch_size: int, share: tuple[int, int] = (0, 1)) -> Iterator[Batch]:
+        """The split in batches; share=(r, w): only the batches r, r + w, r + 2w, ..."""
         n = len(self)
         arange = torch.arange(batch_size, device=self.dense.device)
         offsets_full = arange.expand(self.sparse_t.shape[0], batch_size)
-        for start in range(0, n, batch_size):
+        first, every = share
+        for start in range(first * batch_size, n, every * batch_size):
             stop = min(start + batch_size, n)
             b = stop - start
             offsets = offsets_full if b == batch_size else offsets_full[:, :b]

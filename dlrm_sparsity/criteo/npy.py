@@ -225,10 +225,15 @@ class NpySplit:
         if pending:
             yield pending
 
-    def batches(self, batch_size: int) -> Iterator[Batch]:
+    def batches(self, batch_size: int, share: tuple[int, int] = (0, 1)) -> Iterator[Batch]:
+        """The split in batches; share=(r, w): only the batches r, r + w, r + 2w, ... (the
+        others are not read)."""
         sizes = (np.asarray(self.table_sizes, dtype=np.int64) if self.table_sizes is not None
                  else None)
-        for pieces in self._rows(batch_size):
+        first, every = share
+        for index, pieces in enumerate(self._rows(batch_size)):
+            if index % every != first:
+                continue
             dense = np.concatenate([f.dense[a:b] for f, a, b in pieces])
             labels = np.concatenate([f.labels[a:b, 0] for f, a, b in pieces])
             b = len(labels)

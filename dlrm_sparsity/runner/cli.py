@@ -125,11 +125,14 @@ def fraction(text: str) -> float:
     return _number(text, float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
-def exit_for(exc: BaseException) -> None:
-    """A user's mistake or Ctrl-C as one line on stderr and its exit code (2 or 130)."""
+def exit_for(exc: BaseException, say: bool = True) -> None:
+    """A user's mistake or Ctrl-C as one line on stderr (unless say is False: a rank of
+    torchrun's other than the first, whose line would repeat it) and its exit code (2, 130)."""
     if isinstance(exc, (UserInputError, StopRun)):
-        print(f"error: {exc}", file=sys.stderr)
+        if say:
+            print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     if isinstance(exc, KeyboardInterrupt):
-        print("interrupted: finished rows are kept; rerun to resume", file=sys.stderr)
+        if say:
+            print("interrupted: finished rows are kept; rerun to resume", file=sys.stderr)
         raise SystemExit(130) from None

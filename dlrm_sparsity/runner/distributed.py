@@ -10,10 +10,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Sequence, TypeVar
+from typing import Callable, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from dlrm_sparsity.errors import StopRun, UserInputError
 
 T = TypeVar("T")
 
@@ -44,6 +46,22 @@ class DistContext:
         parts: list = [None] * self.world_size
         dist.all_gather_object(parts, rows, group=self._objects_group)
         return [r for part in parts for r in part]
+
+    def on_main(self, fn: Callable[[], T]) -> T:
+        """fn() run on rank 0 alone; its value, or the user error or StopRun it raised, on
+        every rank (so that all ranks go on, or stop, together)."""
+        if not self.enabled:
+            return fn()
+        box: list = [None, None]
+        if self.is_main:
+            try:
+                box[0] = fn()
+            except (UserInputError, StopRun) as exc:
+                box[1] = exc
+        dist.broadcast_object_list(box, src=0, group=self._objects_group)
+        if box[1] is not None:
+            raise box[1]
+        return box[0]
 
     def barrier(self) -> None:
         if self.enabled:

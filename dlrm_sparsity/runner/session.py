@@ -87,9 +87,10 @@ class Session:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         self.locks.close()
+        is_main = self.ctx.is_main
         self.ctx.close()
         if exc is not None:
-            exit_for(exc)
+            exit_for(exc, say=is_main)
         elif self.exit_code:
             raise SystemExit(self.exit_code)
         return False

@@ -153,6 +153,8 @@ class Sweep:
     cannot judge: a zip that has since been deleted, a stage breakdown now asked for.
     prepare runs on the calling thread, compute on `workers` threads (none: both here).
     start(items) is told, before the first is computed, which items this rank will compute.
+    together: under torchrun, every rank computes every item with the others (a model
+    sharded over the ranks), rank 0 deciding what an earlier run left done and giving the rows.
     """
 
     items: Sequence[Item]
@@ -165,6 +167,7 @@ class Sweep:
     prepare: Callable | None = None
     workers: int = 0
     start: Callable[[Sequence[Item]], None] | None = None
+    together: bool = False
 
 
 def run_sweep(ctx: DistContext, output_dir: Path, overwrite: bool, sweep: Sweep) -> SweepResult:
@@ -173,10 +176,21 @@ def run_sweep(ctx: DistContext, output_dir: Path, overwrite: bool, sweep: Sweep)
     resume = Resume([output_dir / t.name for t in tables], key_columns, ctx.rank, overwrite)
     done: list[tuple[int, list[list[dict]]]] = []
     todo, kept, n_failed = [], 0, 0
-    mine = ctx.shard(list(enumerate(sweep.items)))
-    for index, item in mine:
-        old = resume.lookup(key_of(item.fields, key_columns), item.signature)
-        if old is not None and (sweep.still_valid is None or sweep.still_valid(item, old)):
+    together = sweep.together and ctx.enabled
+    mine = list(enumerate(sweep.items)) if together else ctx.shard(list(enumerate(sweep.items)))
+
+    def earlier() -> list:
+        found = []
+        for _, item in mine:
+            old = resume.lookup(key_of(item.fields, key_columns), item.signature)
+            valid = old is not None and (sweep.still_valid is None
+                                         or sweep.still_valid(item, old))
+            found.append(old if valid else None)
+        return found
+
+    for (index, item), old in zip(mine, ctx.on_main(earlier) if together else earlier(),
+                                  strict=True):
+        if old is not None:
             done.append((index, old))
             kept += 1
         else:
@@ -192,17 +206,22 @@ def run_sweep(ctx: DistContext, output_dir: Path, overwrite: bool, sweep: Sweep)
                 rows = _as_tables(outcome.value, len(tables))
                 rows = [[{**item.fields, **r, SIGNATURE: signature} for r in t] for t in rows]
             else:
-                tqdm.write(f"error: {outcome.error}", file=sys.stderr)
+                if ctx.is_main or not together:
+                    tqdm.write(f"error: {outcome.error}", file=sys.stderr)
                 rows = _as_tables({**item.fields, "error": outcome.error, SIGNATURE: signature},
                                   len(tables))
                 n_failed += 1
-            resume.record(key_of(item.fields, key_columns), signature, rows)
+            if ctx.is_main or not together:
+                resume.record(key_of(item.fields, key_columns), signature, rows)
             done.append((index, rows))
             bar.update()
             if ctx.is_main and bar.disable:  # a log file or a pipe: one line per item
                 text = (describe(item, rows[0]) if describe and outcome.error is None
                         else outcome.error or "done")
                 print(f"[{finished}/{len(mine)}] {text}", flush=True)
+    if together:  # rank 0's rows are the run's
+        return SweepResult([[r for _, tables_ in done for r in tables_[t]]
+                            for t in range(len(tables))], kept, n_failed, resume)
     gathered = sorted(ctx.gather(done), key=lambda pair: pair[0])
     per_table = [[r for _, tables_ in gathered for r in tables_[t]] for t in range(len(tables))]
     return SweepResult(per_table, sum(ctx.gather([kept])), sum(ctx.gather([n_failed])), resume)
