@@ -23,6 +23,7 @@ from dlrm_sparsity.runner.cli import (
     add_metadata_arg,
     add_run_args,
     make_parser,
+    positive_float,
     positive_int,
 )
 from dlrm_sparsity.runner.outputs import KEY_COLUMNS
@@ -43,6 +44,13 @@ def parse_args(argv=None):
                    help="samples per forward pass (the seed's test batch)")
     p.add_argument("--limit", type=positive_int, default=None,
                    help="score only the first N test samples, for a quick look")
+    p.add_argument("--shard-tables", action="store_true",
+                   help="under torchrun, spread each model's tables over the ranks with "
+                        "TorchRec's DistributedModelParallel (automatic when a model is "
+                        "larger than one rank's device)")
+    p.add_argument("--rank-memory", type=positive_float, default=None, metavar="GB",
+                   help="memory each rank may give its tables when they are sharded "
+                        "(default: its GPU's, or its share of the machine's)")
     return p.parse_args(argv)
 
 
@@ -75,7 +83,7 @@ def main(argv=None) -> None:
                           n_samples=len(exp.test))
 
         result = run.sweep(items, lambda item: exp.score(exp.model(item.payload)),
-                           tables=[METRICS], label="scoring",
+                           tables=[METRICS], label="scoring", together=exp.sharded,
                            describe=lambda item, rows: f"{item.fields['checkpoint']}: "
                                                        f"AUC {rows[0]['roc_auc']:.4f}")
         run.finish(result, [METRICS], derive=add_drops,

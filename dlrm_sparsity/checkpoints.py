@@ -97,6 +97,18 @@ def _is_torch_archive(zf: zipfile.ZipFile) -> bool:
                for n in zf.namelist())
 
 
+def member_of(path: str | os.PathLike) -> str | None:
+    """The checkpoint member of a zip that wraps one (the disk step's pruned zips), else None
+    (a plain torch.save file, a folder, or anything that is no zip)."""
+    if os.path.isdir(path) or not zipfile.is_zipfile(path):
+        return None
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return None if _is_torch_archive(zf) else _inner_member(zf, str(path))
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise CheckpointError(f"{path}: damaged zip file ({exc})") from None
+
+
 def is_torch_archive(path: str | os.PathLike) -> bool:
     """A plain torch.save file (dlrm's checkpoints are), which torch.load can memory-map."""
     if os.path.isdir(path):

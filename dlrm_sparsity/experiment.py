@@ -38,6 +38,7 @@ from dlrm_sparsity.model import DLRMConfig, DLRMNet
 from dlrm_sparsity.runner.outputs import KEY_COLUMNS, read_metadata
 from dlrm_sparsity.runner.session import Session
 from dlrm_sparsity.runner.sweep import Item
+from dlrm_sparsity.sharded import Sharding, model_bytes, open_mapped, rank_memory, size_text
 from dlrm_sparsity.timing import Paired, Timing, measure_paired, steady_cpu_allocator
 from dlrm_sparsity.variants import Dense
 
@@ -63,6 +64,7 @@ class Experiment:
         if self.inputs.demo_model is not None:
             ensure_demo_metadata(run, self.inputs.metadata)
         self.metadata = read_metadata(self.inputs.metadata).to_dict("records")
+        self.sharded = self._shards_tables()
         test = open_split(self.inputs.processed, self.inputs.raw, "test", test_limit,
                           self.table_sizes(), args.test_half)
         self.test = test.to(run.device)
@@ -94,9 +96,44 @@ class Experiment:
             return sizes
         raise first_error
 
+    def _shards_tables(self) -> bool:
+        """Whether each model's tables are spread over torchrun's ranks (sharded.py): asked
+        for by --shard-tables, or needed because a model is larger than one rank's device."""
+        asked, ctx = getattr(self.args, "shard_tables", None), self.run.ctx
+        if asked is None:  # an experiment that holds whole models
+            return False
+        if asked and not ctx.enabled:
+            raise UserInputError("--shard-tables spreads the tables over torchrun's ranks: "
+                                 "run under torchrun with 2 or more processes")
+        if asked or not ctx.enabled:
+            return bool(asked)
+        largest = max((model_bytes(m["checkpoint"]) for m in self.metadata), default=0)
+        if largest <= self.rank_capacity:
+            return False
+        if ctx.is_main:
+            print(f"note: the largest model ({size_text(largest)}) does not fit one rank "
+                  f"({size_text(self.rank_capacity)}): its tables are sharded over the "
+                  f"{ctx.world_size} ranks (--shard-tables)")
+        return True
+
+    @cached_property
+    def sharding(self) -> Sharding:
+        """How models are sharded over the ranks (when self.sharded)."""
+        return Sharding(self.run.ctx, self.run.device, self.rank_capacity,
+                        len(self.batch.labels))
+
+    @cached_property
+    def rank_capacity(self) -> int:
+        """The bytes of tables a rank may hold: --rank-memory, or its device's memory."""
+        given = getattr(self.args, "rank_memory", None)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", self.run.ctx.world_size))
+        return int(given * 1e9) if given else rank_memory(self.run.device, local)
+
     def score(self, model: torch.nn.Module) -> dict:
         """A model's quality metrics on the whole test split, in batches of the timed one's
         size (torchrec's files streamed, in a few bytes per sample)."""
+        if self.sharded:
+            return self.sharding.score(model, self.test)
         if isinstance(self.test, NpySplit):
             return streamed_quality(model, self.test, len(self.batch.labels))
         return quality_metrics(self.test.labels.cpu().numpy(),
@@ -211,13 +248,18 @@ class Experiment:
     def state_dict(self, path: str, recorded_sha256: str | None) -> dict:
         """A pruned model's tensors, read once its file is checked to be the one the metadata
         describes (a missing file is the loader's one-line error)."""
-        if recorded_sha256 and os.path.isfile(path):
+        def check() -> None:
             actual = sha256_of_file(path)
             if actual != recorded_sha256:
                 raise UserInputError(
                     f"{path}: sha256 {actual} differs from the {recorded_sha256} that "
                     f"{self.inputs.metadata} records; the file changed after the disk-savings "
                     "run (rerun evaluate_disk_savings.py)")
+
+        if recorded_sha256 and os.path.isfile(path):
+            self.run.ctx.on_main(check) if self.sharded else check()
+        if self.sharded:  # mapped: each rank reads its shards alone
+            return open_mapped(path, self.run.ctx)
         return load_dlrm_state_dict(path, mmap=too_large_to_read(path))
 
     def model_state(self, meta: dict) -> dict:
@@ -250,8 +292,13 @@ class Experiment:
 
     def model(self, meta: dict) -> DLRMNet:
         """The pruned model of a metadata row on the device, in eval mode, checked to fit the
-        data."""
-        model = DLRMNet.from_state_dict(self.model_state(meta))
+        data (sharded: this rank's part of it in DistributedModelParallel)."""
+        state_dict = self.model_state(meta)
+        if self.sharded:
+            self.test.check_fits(DLRMConfig.from_state_dict(state_dict).table_sizes,
+                                 meta["checkpoint"])
+            return self.sharding.model(state_dict)
+        model = DLRMNet.from_state_dict(state_dict)
         self.test.check_fits(model.config.table_sizes, meta["checkpoint"])
         return model.to(self.run.device).eval()
 
@@ -259,13 +306,10 @@ class Experiment:
 def too_large_to_read(path: str) -> bool:
     """A pruned zip whose model would take more than a quarter of the memory the process may
     use: mapped from an inflated file (its pages the system's to drop) rather than read."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            inflated = sum(i.file_size for i in zf.infolist())
-    except (OSError, zipfile.BadZipFile):
+    if not zipfile.is_zipfile(path):
         return False  # not a zip: the loader reads it and says what is wrong
     memory = physical_memory()
-    return bool(memory) and inflated > memory // LARGE_SHARE_OF_MEMORY
+    return bool(memory) and model_bytes(path) > memory // LARGE_SHARE_OF_MEMORY
 
 
 def against_dense(exp: Experiment, what: str, calls: Mapping[str, Callable[[], object]],

@@ -248,6 +248,8 @@ CASES = [
      lambda w: metrics_args(w, **{"--sparse-model-metadata": make(w, "small_tables.csv"),
                                   "--output-dir": w["bad"] / "fw"}) + ["--batch-size", "64"],
      "has 2 rows but the data holds id", "small_tables.pt"),
+    ("tables sharded without torchrun", METRICS, lambda w: metrics_args(w) + ["--shard-tables"],
+     "--shard-tables spreads the tables over torchrun's ranks: run under torchrun", None),
     ("batch size of zero", FORWARD, lambda w: metrics_args(w) + ["--batch-size", "0"],
      "expected a positive integer, got 0", None),
     ("sharded TorchRec checkpoint", DISK, lambda w: disk_args(w, model=make(w, "sharded.pt")),

@@ -1,0 +1,322 @@
+"""Scoring a pruned model whose tables are spread over the ranks by TorchRec's engine.
+
+Under torchrun, `--shard-tables` (or a model larger than one rank's device) puts each pruned
+model into TorchRec's `DistributedModelParallel`:
+- the tables become one `EmbeddingBagCollection`, which TorchRec's planner shards table-wise,
+  or column-wise where a table is larger than one rank's memory;
+- the suite's own bottom MLP, interaction and top MLP stay around it, the same on every rank,
+  so dlrm's models and TorchRec's DLRM and DLRM_DCN all go through this one path;
+- each rank copies only its shards from the checkpoint, CHUNK_BYTES of rows at a time from a
+  memory map (a pruned zip is inflated once per machine into a file beside it, which goes once
+  every rank has mapped it), so no rank holds the model;
+- the ranks score whole batches of the run's size, rank r the batches r, r + W, ...: each
+  sample is scored in the same batch as by one process, so its score is the same bits, and
+  rank 0 computes the metrics of the gathered scores with the suite's metric code
+  (evaluation.py), as one process does.
+On CPUs the ranks talk over gloo, on GPUs over nccl; the code is the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import warnings
+import zipfile
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Iterator, Mapping
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dlrm_sparsity.checkpoints import load_dlrm_state_dict, member_of
+from dlrm_sparsity.criteo.data import Batch, CriteoSplit
+from dlrm_sparsity.criteo.npy import NpySplit
+from dlrm_sparsity.disk import physical_memory
+from dlrm_sparsity.errors import CheckpointError, StopRun, UserInputError
+from dlrm_sparsity.evaluation import quality_metrics, quality_of_batches
+from dlrm_sparsity.layouts import read_layout
+from dlrm_sparsity.model import DLRMConfig, DLRMNet
+from dlrm_sparsity.runner.distributed import DistContext
+from dlrm_sparsity.timing import drop_mapped_pages
+
+CHUNK_BYTES = 64 * 2**20  # rows copied into a shard at a time from the checkpoint's map
+RESERVED_SHARE = 0.1  # of a rank's memory, kept by the planner for all but the tables
+
+
+def table_name(k: int) -> str:
+    return f"table_{k}"
+
+
+def feature_name(k: int) -> str:
+    return f"feature_{k}"
+
+
+def _torchrec() -> SimpleNamespace:
+    """TorchRec's parts used here (TorchRec is optional: requirements-torchrec.txt)."""
+    # fbgemm's imports warn about its own modules' deprecations, and TorchRec's first sharded
+    # forward about torch.fx's tracing test: nothing a user of the suite can act on
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from torchrec.distributed import embeddingbag, model_parallel
+            from torchrec.distributed.planner import planners, storage_reservations, types
+            from torchrec.modules import embedding_configs, embedding_modules
+            from torchrec.sparse import jagged_tensor
+    except ImportError:
+        raise UserInputError("sharding the tables needs TorchRec: pip install --no-deps -r "
+                             "requirements-torchrec.txt (see the README)") from None
+    return SimpleNamespace(
+        DMP=model_parallel.DistributedModelParallel,
+        Sharder=embeddingbag.EmbeddingBagCollectionSharder,
+        Planner=planners.EmbeddingShardingPlanner, PlannerError=types.PlannerError,
+        Reservation=storage_reservations.FixedPercentageStorageReservation,
+        Constraints=types.ParameterConstraints, TopologyFactory=types.TopologyFactory,
+        TrainerConfig=types.TrainerConfig, KernelConfig=types.KernelConfig,
+        TableConfig=embedding_configs.EmbeddingBagConfig,
+        Collection=embedding_modules.EmbeddingBagCollection,
+        KJT=jagged_tensor.KeyedJaggedTensor)
+
+
+class TablesAround(nn.Module):
+    """A DLRMNet's dense stages around its tables as one EmbeddingBagCollection (on the meta
+    device, for DistributedModelParallel to shard); the forward is DLRMNet's, stage by stage."""
+
+    def __init__(self, net: DLRMNet):
+        super().__init__()
+        tr, cfg = _torchrec(), net.config
+        net.emb_l = nn.ModuleList()  # the tables live in self.tables
+        self.net = net
+        self.tables = tr.Collection(tables=[
+            tr.TableConfig(name=table_name(k), embedding_dim=cfg.embedding_dim,
+                           num_embeddings=rows, feature_names=[feature_name(k)])
+            for k, rows in enumerate(cfg.table_sizes)], device=torch.device("meta"))
+
+    def forward(self, dense: torch.Tensor, features) -> torch.Tensor:
+        x = self.net.bottom(dense)
+        pooled = self.tables(features).to_dict()  # sharded, its keys come in the shards' order
+        ly = [pooled[feature_name(k)] for k in range(len(self.net.config.table_sizes))]
+        return self.net.top_l(self.net.interact(x, ly))
+
+
+def features_of(batch: Batch):
+    """A batch's ids as TorchRec's KeyedJaggedTensor: one key per table, a length per bag."""
+    if isinstance(batch.indices, torch.Tensor):  # (K, B): one id per bag
+        values = batch.indices.reshape(-1)
+        lengths = torch.ones(values.numel(), dtype=torch.int32, device=values.device)
+    else:  # K lists of bags
+        values = torch.cat(list(batch.indices))
+        lengths = torch.cat([torch.diff(o, append=o.new_tensor([len(i)]))
+                             for o, i in zip(batch.offsets, batch.indices, strict=True)]).int()
+    return _torchrec().KJT.from_lengths_sync(
+        keys=[feature_name(k) for k in range(len(batch.offsets))], values=values,
+        lengths=lengths)
+
+
+def rank_memory(device: torch.device, local_world_size: int) -> int:
+    """What a rank may give its tables by default: its GPU's memory, or on CPUs its share of
+    the machine's (or its cgroup's) memory."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return physical_memory() // max(1, local_world_size)
+
+
+def model_bytes(path: str) -> int:
+    """How large a checkpoint's model is: a zip's inflated member, else the file or folder."""
+    p = Path(path)
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    try:
+        with zipfile.ZipFile(p) as zf:
+            return sum(i.file_size for i in zf.infolist())
+    except (OSError, zipfile.BadZipFile):
+        return p.stat().st_size if p.is_file() else 0
+
+
+def _column_width(rows: int, dim: int, capacity: int) -> int:
+    """The widest column shard (a multiple of 4 columns) of a table that fits a rank."""
+    pieces = -(-rows * dim * 4 // max(capacity, 1))
+    return max(4, dim // pieces // 4 * 4)
+
+
+class Sharding:
+    """Models whose tables are sharded over ctx's ranks, each with `capacity` bytes for the
+    model, scored in batches of batch_size. The plan of a set of tables is made once (every
+    model of a grid has the same) and described on rank 0."""
+
+    def __init__(self, ctx: DistContext, device: torch.device, capacity: int, batch_size: int):
+        self.ctx, self.device, self.capacity, self.batch_size = ctx, device, capacity, batch_size
+        self.plans: dict[DLRMConfig, object] = {}
+
+    def model(self, state_dict: Mapping[str, torch.Tensor]):
+        """A mapped checkpoint's model in DistributedModelParallel, this rank holding its
+        shards and the (small) dense stages."""
+        layout = read_layout(state_dict)
+        tables = set(layout.tables)
+        shapes = {k: (torch.empty(v.shape, dtype=v.dtype, device="meta") if k in tables
+                      else v.clone()) for k, v in state_dict.items()}
+        model = TablesAround(DLRMNet.from_state_dict(shapes))
+        model.net.to(self.device)
+        tr = _torchrec()
+        dmp = tr.DMP(model, device=self.device, plan=self.plan(model), sharders=[tr.Sharder()],
+                     init_data_parallel=False)
+        _fill_shards(dmp, state_dict, layout.tables)
+        return dmp.eval()
+
+    def plan(self, model: TablesAround):
+        """TorchRec's plan for the model's tables, made on rank 0 and sent to all: table-wise,
+        column-wise for a table larger than a rank's memory. A StopRun on every rank where
+        the planner cannot place them (every model of the run has these tables)."""
+        cfg = model.net.config
+        if cfg not in self.plans:
+            self.plans[cfg] = self.ctx.on_main(lambda: self._plan(model))
+            if self.ctx.is_main:
+                print(describe_plan(self.plans[cfg], cfg), flush=True)
+        return self.plans[cfg]
+
+    def _plan(self, model: TablesAround):
+        tr, cfg, capacity = _torchrec(), model.net.config, self.capacity
+        constraints = {
+            table_name(k): tr.Constraints(sharding_types=["table_wise"])
+            if rows * cfg.embedding_dim * 4 <= capacity else
+            tr.Constraints(sharding_types=["column_wise"], min_partition=_column_width(
+                rows, cfg.embedding_dim, capacity))
+            for k, rows in enumerate(cfg.table_sizes)}
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", self.ctx.world_size))
+        memory = {"hbm_cap_bytes" if self.device.type == "cuda" else "ddr_cap_bytes": capacity}
+        topology = tr.TopologyFactory.create_topology(
+            tr.TrainerConfig(world_size=self.ctx.world_size, local_world_size=local, **memory),
+            kernel_config=tr.KernelConfig(compute_device=self.device.type))
+        planner = tr.Planner(topology=topology, constraints=constraints,
+                             batch_size=self.batch_size, debug=False,
+                             storage_reservation=tr.Reservation(RESERVED_SHARE))
+        try:
+            return planner.plan(model, [tr.Sharder()])
+        except tr.PlannerError:
+            largest = max(cfg.table_sizes) * cfg.embedding_dim * 4
+            raise StopRun(
+                f"TorchRec's planner cannot place the tables ({size_text(tables_bytes(cfg))}, "
+                f"the largest {size_text(largest)}) on {self.ctx.world_size} ranks with "
+                f"{size_text(capacity)} each: run more ranks, or give each more memory "
+                "(--rank-memory)") from None
+
+    def score(self, model, split: CriteoSplit | NpySplit) -> dict[str, float]:
+        """The quality metrics of a sharded model on the split, on every rank (score_sharded)."""
+        return score_sharded(model, split, self.batch_size, self.ctx)
+
+
+def describe_plan(plan, config: DLRMConfig) -> str:
+    """One line: how the tables were sharded, and the bytes of tables on each rank."""
+    per_rank: dict[int, int] = {}
+    kinds: dict[str, int] = {}
+    for k in range(len(config.table_sizes)):
+        sharding = plan.plan["tables"][table_name(k)]
+        kinds[sharding.sharding_type] = kinds.get(sharding.sharding_type, 0) + 1
+        for shard in sharding.sharding_spec.shards:
+            rank = shard.placement.rank()
+            per_rank[rank] = per_rank.get(rank, 0) + 4 * int(np.prod(shard.shard_sizes))
+    how = ", ".join(f"{n} {kind.replace('_', '-')}" for kind, n in sorted(kinds.items()))
+    held = ", ".join(f"rank {r}: {size_text(b)}" for r, b in sorted(per_rank.items()))
+    return f"tables sharded by TorchRec's planner: {how} ({held})"
+
+
+def size_text(n: float) -> str:
+    """Bytes in the largest decimal unit with a digit before the point."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+def tables_bytes(config: DLRMConfig) -> int:
+    return sum(config.table_sizes) * config.embedding_dim * 4
+
+
+def open_mapped(path: str, ctx: DistContext) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors through a memory map, nothing read yet. A pruned zip's member is
+    inflated once per machine (by its local rank 0) into a file beside the zip, removed once
+    every rank has mapped it (the maps keep it until they go)."""
+    member = member_of(path)
+    if member is None:  # a plain torch.save file or a checkpoint folder: mapped where it is
+        return load_dlrm_state_dict(path, mmap=True)
+    # one name on every rank of a machine (its host and rank 0's process), none on two
+    tag = f"{socket.gethostname()}.{ctx.on_main(os.getpid)}"
+    where = str(Path(path).parent / f".{Path(path).name}.{tag}.inflated.tmp")
+    local_main = int(os.environ.get("LOCAL_RANK", ctx.rank)) == 0
+    failure = None
+    if local_main:
+        try:
+            with zipfile.ZipFile(path) as zf, zf.open(member) as src, open(where, "wb") as out:
+                while block := src.read(16 * 2**20):
+                    out.write(block)
+        except (OSError, zipfile.BadZipFile, EOFError) as exc:
+            failure = f"{path}: cannot inflate the zip ({exc})"
+    ctx.barrier()
+    try:
+        if failure is None and not os.path.exists(where):
+            failure = f"{path}: its inflated copy is gone (another run removed it)"
+        state_dict = None if failure else load_dlrm_state_dict(where, mmap=True)
+    finally:
+        ctx.barrier()
+        if local_main:
+            Path(where).unlink(missing_ok=True)
+    if failure:
+        raise CheckpointError(failure)
+    return state_dict
+
+
+def _fill_shards(dmp, state_dict: Mapping[str, torch.Tensor], names: list[str]) -> None:
+    """Copy this rank's shards from the map, CHUNK_BYTES of rows at a time (a shard's tensor
+    is a view of the sharded collection's own weights); the pages read go back after each."""
+    state = dmp.state_dict()
+    for k, name in enumerate(names):
+        table = state_dict[name]
+        step = max(1, CHUNK_BYTES // max(1, table[:1].nbytes))
+        for shard in state[f"tables.embedding_bags.{table_name(k)}.weight"].local_shards():
+            (r0, c0), (rows, cols) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+            for a in range(0, rows, step):
+                part = table[r0 + a:r0 + min(rows, a + step)]
+                shard.tensor[a:a + part.shape[0]].copy_(part[:, c0:c0 + cols])
+                drop_mapped_pages(part)
+
+
+def _own_batches(split: CriteoSplit | NpySplit, batch_size: int, ctx: DistContext
+                 ) -> Iterator[tuple[int | None, Batch]]:
+    """This rank's batches with their index, then (None, a filler) until every rank has made
+    as many forward passes (each pass is collective)."""
+    n_batches = -(-len(split) // batch_size)
+    rounds = -(-n_batches // ctx.world_size)
+    own = split.batches(batch_size, share=(ctx.rank, ctx.world_size))
+    for i in range(rounds):
+        index = ctx.rank + i * ctx.world_size
+        if index < n_batches:
+            yield index, next(own)
+        else:
+            yield None, next(split.batches(batch_size))
+
+
+@torch.no_grad()  # not inference mode: TorchRec's fused lookup reaches its CPU kernel
+def score_sharded(model, split: CriteoSplit | NpySplit, batch_size: int, ctx: DistContext
+                  ) -> dict[str, float]:
+    """The quality metrics of a sharded model on the split, on every rank: computed on rank 0
+    from the gathered scores as one process computes them (Experiment.score)."""
+    scored = []
+    for index, batch in _own_batches(split, batch_size, ctx):
+        p = model(batch.dense, features_of(batch)).view(-1).cpu().numpy()
+        if index is not None:
+            scored.append((index, p, batch.labels.cpu().numpy() > 0.5))
+    parts: list | None = [None] * ctx.world_size if ctx.is_main else None
+    dist.gather_object(scored, parts, dst=0, group=ctx._objects_group)
+
+    def metrics() -> dict[str, float]:
+        ordered = sorted((s for part in parts for s in part), key=lambda s: s[0])
+        if isinstance(split, NpySplit):
+            return quality_of_batches(((p, y) for _, p, y in ordered), len(split))
+        scores = np.concatenate([p for _, p, _ in ordered]).astype(np.float64)
+        return quality_metrics(split.labels.cpu().numpy(), scores)
+
+    return ctx.on_main(metrics)

@@ -1,0 +1,148 @@
+"""Metrics with each model's tables sharded over torchrun's ranks by TorchRec's
+DistributedModelParallel (2 CPU processes on gloo) equal one process's exactly:
+- dlrm's model on dlrm's data, table-wise, with batches that do not share out evenly (a rank
+  makes a filler pass);
+- a model with one table larger than a rank's memory (--rank-memory): sharded without being
+  asked, that table column-wise;
+- a TorchRec DLRM_DCN on multi-hot .npy days (streamed metrics, bags of several ids).
+And the planner's failure is one line on rank 0, exit 2, the earlier outputs kept.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import evaluate_disk_savings
+import evaluate_model_metrics
+from conftest import run_script
+from dlrm_sparsity.criteo.npy_write import write_npy_days
+from dlrm_sparsity.model import DLRMConfig, DLRMNet
+
+REPO = Path(__file__).resolve().parent.parent
+METRICS = ["precision", "recall", "f1", "roc_auc", "accuracy", "log_loss", "average_precision",
+           "n_samples"]
+
+
+def torchrun(args, nproc: int = 2) -> subprocess.CompletedProcess:
+    """evaluate_model_metrics.py under torchrun, one thread per process (as torchrun sets)."""
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone",
+         f"--nproc_per_node={nproc}", str(REPO / "evaluate_model_metrics.py"),
+         *map(str, args)], capture_output=True, text=True, timeout=300, cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def single(args) -> None:
+    """The same script in this process, on one thread as the ranks are."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert run_script(evaluate_model_metrics, args) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+
+def pruned(model, out: Path, levels, block: str) -> Path:
+    assert run_script(evaluate_disk_savings, [
+        "--model-path", model, "--output-dir", out, "--device", "cpu", "--norms", "L1",
+        "--sparsity-levels", *levels, "--block-shapes", block]) == 0
+    return out / "sparse_model_metadata.csv"
+
+
+def compare(one: Path, spread: Path) -> None:
+    a, b = pd.read_csv(one / "sparse_model_metrics.csv"), pd.read_csv(spread)
+    assert len(a) == len(b) > 0 and ("error" not in b or b["error"].isna().all())
+    pd.testing.assert_frame_equal(a[METRICS], b[METRICS], check_exact=True)
+
+
+def no_inflated_copies_left(folder: Path) -> bool:
+    return not list(folder.rglob("*.inflated*"))
+
+
+@pytest.fixture(scope="module")
+def dlrm_run(tiny_pipeline, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sharded")
+    metadata = pruned(tiny_pipeline["model"], root / "one", ["0", "0.9"], "1x1")
+    data = ["--raw-data-file", tiny_pipeline["raw"], "--processed-data-file",
+            tiny_pipeline["processed"], "--device", "cpu", "--no-report",
+            "--sparse-model-metadata", metadata, "--batch-size", "128"]  # 3 batches, 2 ranks
+    single([*data, "--output-dir", root / "one"])
+    return {"root": root, "data": data, "metadata": metadata}
+
+
+def test_table_wise_sharded_metrics_equal_one_process(dlrm_run):
+    root = dlrm_run["root"]
+    proc = torchrun([*dlrm_run["data"], "--output-dir", root / "spread", "--shard-tables"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "tables sharded by TorchRec's planner: 26 table-wise (rank 0:" in proc.stdout
+    assert "rank 1:" in proc.stdout
+    compare(root / "one", root / "spread" / "sparse_model_metrics.csv")
+    assert no_inflated_copies_left(root)
+    assert not list((root / "spread").glob(".*progress*"))
+
+
+def test_a_table_larger_than_a_rank_is_sharded_column_wise_unasked(tiny_pipeline, tmp_path):
+    """26 tables 16 wide, the first of 6000 rows (384 kB); a rank has 300 kB."""
+    counts = np.load(tiny_pipeline["processed"])["counts"]
+    sizes = (6000, *map(int, counts[1:]))
+    f = len(sizes) + 1
+    torch.manual_seed(0)
+    torch.save(DLRMNet(DLRMConfig(sizes, 16, (13, 8, 16), (16 + f * (f - 1) // 2, 8, 1))
+                       ).state_dict(), tmp_path / "wide.pt")
+    metadata = pruned(tmp_path / "wide.pt", tmp_path / "one", ["0", "0.5"], "1x4")
+    data = ["--raw-data-file", tiny_pipeline["raw"], "--processed-data-file",
+            tiny_pipeline["processed"], "--device", "cpu", "--no-report",
+            "--sparse-model-metadata", metadata, "--batch-size", "16"]
+    single([*data, "--output-dir", tmp_path / "one"])
+    proc = torchrun([*data, "--output-dir", tmp_path / "spread", "--rank-memory", "0.0003"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "does not fit one rank (300 kB): its tables are sharded" in proc.stdout
+    assert "1 column-wise, 25 table-wise" in proc.stdout
+    compare(tmp_path / "one", tmp_path / "spread" / "sparse_model_metrics.csv")
+
+
+def test_a_torchrec_dcn_on_multi_hot_days_scores_the_same_sharded(tiny_pipeline, tmp_path):
+    import train_dlrm
+    days = tmp_path / "days"
+    write_npy_days(tiny_pipeline["processed"], tiny_pipeline["raw"], days / "one")
+    write_npy_days(tiny_pipeline["processed"], tiny_pipeline["raw"], days / "multi",
+                   multi_hot=True)
+    model = tmp_path / "dcn.pt"
+    assert run_script(train_dlrm, [
+        "--processed_data_file", days / "one", "--save-model", model,
+        "--arch-sparse-feature-size", "4", "--arch-mlp-bot", "13-8-4", "--arch-mlp-top", "8-1",
+        "--num-batches", "20", "--device", "cpu", "--dcn-num-layers", "2"]) == 0
+    metadata = pruned(model, tmp_path / "one", ["0", "0.5"], "1x4")
+    data = ["--processed-data-file", days / "multi", "--device", "cpu", "--no-report",
+            "--sparse-model-metadata", metadata, "--batch-size", "64"]
+    single([*data, "--output-dir", tmp_path / "one"])
+    proc = torchrun([*data, "--output-dir", tmp_path / "spread", "--shard-tables"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    compare(tmp_path / "one", tmp_path / "spread" / "sparse_model_metrics.csv")
+
+
+def test_tables_the_planner_cannot_place_stop_the_run_in_one_line(dlrm_run):
+    out = dlrm_run["root"] / "too_small"
+    shutil.copytree(dlrm_run["root"] / "one", out,
+                    ignore=shutil.ignore_patterns("sparsified_models"))
+    earlier = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    proc = torchrun([*dlrm_run["data"], "--output-dir", out, "--shard-tables",
+                     "--rank-memory", "0.000001", "--overwrite"])
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert errors[0].startswith("error: TorchRec's planner cannot place the tables (")
+    assert errors[0].endswith("on 2 ranks with 1 kB each: run more ranks, or give each more "
+                              "memory (--rank-memory)")
+    assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == earlier
+    assert no_inflated_copies_left(dlrm_run["root"])
