@@ -105,11 +105,17 @@ class Experiment:
         if asked and not ctx.enabled:
             raise UserInputError("--shard-tables spreads the tables over torchrun's ranks: "
                                  "run under torchrun with 2 or more processes")
-        if asked or not ctx.enabled:
-            return bool(asked)
+        one_gpu = not ctx.enabled and self.run.device.type == "cuda"
+        if asked or not (ctx.enabled or one_gpu):
+            return bool(asked)  # one process on CPUs maps a model larger than memory
         largest = max((model_bytes(m["checkpoint"]) for m in self.metadata), default=0)
         if largest <= self.rank_capacity:
             return False
+        if one_gpu:
+            raise UserInputError(
+                f"the largest model ({size_text(largest)}) does not fit the GPU "
+                f"({size_text(self.rank_capacity)}): run under torchrun on several GPUs, which "
+                "shards its tables, or with --device cpu")
         if ctx.is_main:
             print(f"note: the largest model ({size_text(largest)}) does not fit one rank "
                   f"({size_text(self.rank_capacity)}): its tables are sharded over the "

@@ -11,9 +11,11 @@ And the planner's failure is one line on rank 0, exit 2, the earlier outputs kep
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -146,3 +148,34 @@ def test_tables_the_planner_cannot_place_stop_the_run_in_one_line(dlrm_run):
     assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == earlier
     assert no_inflated_copies_left(dlrm_run["root"])
+
+
+@pytest.mark.parametrize("world, device, asked, model_kb, expected", [
+    (1, "cpu", False, 500, False),  # one process on CPUs maps a large model instead
+    (1, "cpu", True, 1, "run under torchrun with 2 or more processes"),
+    (1, "cuda", False, 500, "does not fit the GPU (300 kB): run under torchrun on several GPUs"),
+    (1, "cuda", False, 100, False),
+    (2, "cpu", False, 500, True),  # larger than a rank: sharded unasked
+    (2, "cpu", False, 100, False),
+    (2, "cpu", True, 100, True),
+], ids=["cpu alone", "asked alone", "one gpu too small", "one gpu", "ranks too small",
+        "ranks", "asked"])
+def test_when_the_tables_are_sharded(tmp_path, world, device, asked, model_kb, expected):
+    """The decision alone, on an Experiment's attributes: a rank holds 300 kB."""
+    from types import SimpleNamespace
+
+    from dlrm_sparsity.errors import UserInputError
+    from dlrm_sparsity.experiment import Experiment
+    from dlrm_sparsity.runner.distributed import DistContext
+    with zipfile.ZipFile(tmp_path / "m.zip", "w") as zf:
+        zf.writestr("m.ckpt", b"\0" * model_kb * 1000)
+    exp = SimpleNamespace(
+        args=SimpleNamespace(shard_tables=asked),
+        run=SimpleNamespace(ctx=DistContext(rank=1, world_size=world),
+                            device=torch.device(device)),
+        metadata=[{"checkpoint": str(tmp_path / "m.zip")}], rank_capacity=300_000)
+    if isinstance(expected, str):
+        with pytest.raises(UserInputError, match=re.escape(expected)):
+            Experiment._shards_tables(exp)
+    else:
+        assert Experiment._shards_tables(exp) is expected
