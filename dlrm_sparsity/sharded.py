@@ -23,6 +23,7 @@ import os
 import socket
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Iterator, Mapping
@@ -253,20 +254,20 @@ def open_mapped(path: str, ctx: DistContext) -> dict[str, torch.Tensor]:
             with zipfile.ZipFile(path) as zf, zf.open(member) as src, open(where, "wb") as out:
                 while block := src.read(16 * 2**20):
                     out.write(block)
-        except (OSError, zipfile.BadZipFile, EOFError) as exc:
-            failure = f"{path}: cannot inflate the zip ({exc})"
-    ctx.barrier()
+        except (OSError, zipfile.BadZipFile, EOFError, zlib.error) as exc:
+            failure = CheckpointError(f"{path}: cannot inflate the zip ({exc})")
+    ctx.barrier()  # the copy is complete (or failed) before any rank of the machine maps it
+
+    def mapped() -> dict[str, torch.Tensor]:
+        if failure is not None:
+            raise failure
+        return load_dlrm_state_dict(where, mmap=True)
+
     try:
-        if failure is None and not os.path.exists(where):
-            failure = f"{path}: its inflated copy is gone (another run removed it)"
-        state_dict = None if failure else load_dlrm_state_dict(where, mmap=True)
+        return ctx.agreed(mapped)  # every rank has mapped it once this returns
     finally:
-        ctx.barrier()
         if local_main:
             Path(where).unlink(missing_ok=True)
-    if failure:
-        raise CheckpointError(failure)
-    return state_dict
 
 
 def _fill_shards(dmp, state_dict: Mapping[str, torch.Tensor], names: list[str]) -> None:

@@ -92,6 +92,36 @@ def test_table_wise_sharded_metrics_equal_one_process(dlrm_run):
     assert not list((root / "spread").glob(".*progress*"))
 
 
+def test_a_damaged_zip_is_an_error_row_on_every_rank_and_the_others_score(dlrm_run):
+    """One rank's failure to read a model (here every rank's, the inflate on rank 0 and the
+    map on rank 1) is agreed before any collective step: its row says why, the next model is
+    scored by all ranks together, and nothing hangs."""
+    root, out = dlrm_run["root"], dlrm_run["root"] / "damaged"
+    out.mkdir()
+    meta = pd.read_csv(dlrm_run["metadata"])
+    good = root / "one" / meta["path"].iloc[-1]
+    data = bytearray(good.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 64] = bytes(64)  # the deflated stream, corrupted
+    (out / "damaged.zip").write_bytes(bytes(data))
+    bad = meta.iloc[[-1]].assign(sparsity_level=0.95, path=str(out / "damaged.zip"),
+                                 sha256=float("nan"))
+    meta = meta.assign(path=[str(root / "one" / p) for p in meta["path"]])
+    pd.concat([meta.iloc[:1], bad, meta.iloc[1:]]).to_csv(out / "sparse_model_metadata.csv",
+                                                          index=False)
+    args = [a if a != dlrm_run["metadata"] else out / "sparse_model_metadata.csv"
+            for a in dlrm_run["data"]]
+    proc = torchrun([*args, "--output-dir", out, "--shard-tables"])
+    assert proc.returncode != 0  # a row failed
+    rows = pd.read_csv(out / "sparse_model_metrics.csv")
+    failed = rows[rows["error"].notna()]
+    assert list(failed["sparsity_level"]) == [0.95]
+    assert "damaged.zip: cannot inflate the zip" in failed["error"].iloc[0]
+    one = pd.read_csv(root / "one" / "sparse_model_metrics.csv")
+    pd.testing.assert_frame_equal(one[METRICS], rows[rows["error"].isna()][METRICS]
+                                  .reset_index(drop=True), check_exact=True)
+    assert no_inflated_copies_left(root)
+
+
 def test_a_table_larger_than_a_rank_is_sharded_column_wise_unasked(tiny_pipeline, tmp_path):
     """26 tables 16 wide, the first of 6000 rows (384 kB); a rank has 300 kB."""
     counts = np.load(tiny_pipeline["processed"])["counts"]

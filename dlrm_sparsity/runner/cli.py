@@ -126,8 +126,8 @@ def fraction(text: str) -> float:
 
 
 def exit_for(exc: BaseException, say: bool = True) -> None:
-    """A user's mistake or Ctrl-C as one line on stderr (unless say is False: a rank of
-    torchrun's other than the first, whose line would repeat it) and its exit code (2, 130)."""
+    """A user's mistake or Ctrl-C as one line on stderr (unless say is False: the line is
+    rank 0's to say) and its exit code (2, 130)."""
     if isinstance(exc, (UserInputError, StopRun)):
         if say:
             print(f"error: {exc}", file=sys.stderr)

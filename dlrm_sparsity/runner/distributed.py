@@ -49,7 +49,8 @@ class DistContext:
 
     def on_main(self, fn: Callable[[], T]) -> T:
         """fn() run on rank 0 alone; its value, or the user error or StopRun it raised, on
-        every rank (so that all ranks go on, or stop, together)."""
+        every rank (so that all ranks go on, or stop, together). Elsewhere than rank 0 such
+        an error is marked `from_main`: rank 0 says it, the others need not repeat it."""
         if not self.enabled:
             return fn()
         box: list = [None, None]
@@ -60,8 +61,26 @@ class DistContext:
                 box[1] = exc
         dist.broadcast_object_list(box, src=0, group=self._objects_group)
         if box[1] is not None:
+            box[1].from_main = not self.is_main
             raise box[1]
         return box[0]
+
+    def agreed(self, fn: Callable[[], T]) -> T:
+        """fn() on every rank; where it raises a user error on any rank, the lowest such rank's
+        error on all (marked `from_main` but on rank 0), so that no rank goes on alone into
+        the next collective step."""
+        try:
+            value, error = fn(), None
+        except UserInputError as exc:
+            value, error = None, exc
+        if self.enabled:
+            errors: list = [None] * self.world_size
+            dist.all_gather_object(errors, error, group=self._objects_group)
+            error = next((e for e in errors if e is not None), None)
+        if error is not None:
+            error.from_main = not self.is_main
+            raise error
+        return value
 
     def barrier(self) -> None:
         if self.enabled:

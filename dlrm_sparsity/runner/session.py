@@ -87,10 +87,9 @@ class Session:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         self.locks.close()
-        is_main = self.ctx.is_main
         self.ctx.close()
-        if exc is not None:
-            exit_for(exc, say=is_main)
+        if exc is not None:  # an error every rank met through on_main: rank 0 says it
+            exit_for(exc, say=not getattr(exc, "from_main", False))
         elif self.exit_code:
             raise SystemExit(self.exit_code)
         return False
