@@ -82,8 +82,13 @@ def main(argv=None) -> None:
         items = exp.items(exp.metadata, {"split": "test", "limit": args.limit},
                           n_samples=len(exp.test))
 
-        result = run.sweep(items, lambda item: exp.score(exp.model(item.payload)),
-                           tables=[METRICS], label="scoring", together=exp.sharded,
+        ranks = run.ctx.world_size if exp.sharded else 1  # that held each model's tables
+
+        def compute(item):
+            return {**exp.score(exp.model(item.payload)), "tables_on_ranks": ranks}
+
+        result = run.sweep(items, compute, tables=[METRICS], label="scoring",
+                           together=exp.sharded,
                            describe=lambda item, rows: f"{item.fields['checkpoint']}: "
                                                        f"AUC {rows[0]['roc_auc']:.4f}")
         run.finish(result, [METRICS], derive=add_drops,

@@ -64,6 +64,7 @@ def compare(one: Path, spread: Path) -> None:
     a, b = pd.read_csv(one / "sparse_model_metrics.csv"), pd.read_csv(spread)
     assert len(a) == len(b) > 0 and ("error" not in b or b["error"].isna().all())
     pd.testing.assert_frame_equal(a[METRICS], b[METRICS], check_exact=True)
+    assert (a["tables_on_ranks"] == 1).all() and (b["tables_on_ranks"] == 2).all()
 
 
 def no_inflated_copies_left(folder: Path) -> bool:
