@@ -43,7 +43,11 @@ from dlrm_sparsity.timing import Paired, Timing, measure_paired, steady_cpu_allo
 from dlrm_sparsity.variants import Dense
 
 WARMUP_S = 0.1  # the longest warm-up of one variant in a measurement
-LARGE_SHARE_OF_MEMORY = 4  # a pruned model above this share of memory is mapped, not read
+# A pruned zip whose model is larger than this, or than a quarter of the memory, is inflated
+# into a file and mapped rather than read: at the Kaggle size (2 GB) reading it held two
+# copies while it loaded and took longer than the map (benchmarks/bench_kaggle_size.py).
+MAP_FROM_BYTES = 256 * 2**20
+LARGE_SHARE_OF_MEMORY = 4
 T = TypeVar("T")
 
 
@@ -53,6 +57,7 @@ class Experiment:
 
     def __init__(self, run: Session, args: argparse.Namespace, test_limit: int | None = None):
         self.run, self.args = run, args
+        self._last_model: tuple[tuple, dict] | None = None  # state_dict's
         self.timed = hasattr(args, "min_run_time")
         if self.timed:
             torch.set_num_threads(args.threads)
@@ -250,10 +255,20 @@ class Experiment:
                               payload=meta))
         return found
 
-    @lru_cache(maxsize=1)  # noqa: B019 (one Experiment per run; items of a model are adjacent)
     def state_dict(self, path: str, recorded_sha256: str | None) -> dict:
         """A pruned model's tensors, read once its file is checked to be the one the metadata
-        describes (a missing file is the loader's one-line error)."""
+        describes (a missing file is the loader's one-line error). The last model read is
+        kept (the items of a model are adjacent), and let go before the next is read: held
+        while the next loads, it would add a model to the peak."""
+        key = (path, recorded_sha256)
+        if self._last_model is not None and self._last_model[0] == key:
+            return self._last_model[1]
+        self._last_model = None
+        state_dict = self._read_state_dict(path, recorded_sha256)
+        self._last_model = (key, state_dict)
+        return state_dict
+
+    def _read_state_dict(self, path: str, recorded_sha256: str | None) -> dict:
         def check() -> None:
             actual = sha256_of_file(path)
             if actual != recorded_sha256:
@@ -310,12 +325,14 @@ class Experiment:
 
 
 def too_large_to_read(path: str) -> bool:
-    """A pruned zip whose model would take more than a quarter of the memory the process may
-    use: mapped from an inflated file (its pages the system's to drop) rather than read."""
+    """A pruned zip whose model is larger than MAP_FROM_BYTES or than a quarter of the memory
+    the process may use: mapped from an inflated file (its pages the system's to drop, only
+    those the lookups touch ever read in) rather than read."""
     if not zipfile.is_zipfile(path):
         return False  # not a zip: the loader reads it and says what is wrong
     memory = physical_memory()
-    return bool(memory) and model_bytes(path) > memory // LARGE_SHARE_OF_MEMORY
+    limit = min(MAP_FROM_BYTES, memory // LARGE_SHARE_OF_MEMORY) if memory else MAP_FROM_BYTES
+    return model_bytes(path) > limit
 
 
 def against_dense(exp: Experiment, what: str, calls: Mapping[str, Callable[[], object]],
