@@ -41,10 +41,11 @@ from dlrm_sparsity.errors import CheckpointError, StopRun, UserInputError
 from dlrm_sparsity.evaluation import quality_metrics, quality_of_batches
 from dlrm_sparsity.layouts import read_layout
 from dlrm_sparsity.model import DLRMConfig, DLRMNet
+from dlrm_sparsity.pruning import CHUNK_BYTES
 from dlrm_sparsity.runner.distributed import DistContext
 from dlrm_sparsity.timing import drop_mapped_pages
 
-CHUNK_BYTES = 64 * 2**20  # rows copied into a shard at a time from the checkpoint's map
+WEIGHT_BYTES = 4  # the collection's weights are float32
 RESERVED_SHARE = 0.1  # of a rank's memory, kept by the planner for all but the tables
 
 
@@ -140,7 +141,7 @@ def model_bytes(path: str) -> int:
 
 def _column_width(rows: int, dim: int, capacity: int) -> int:
     """The widest column shard (a multiple of 4 columns) of a table that fits a rank."""
-    pieces = -(-rows * dim * 4 // max(capacity, 1))
+    pieces = -(-rows * dim * WEIGHT_BYTES // max(capacity, 1))
     return max(4, dim // pieces // 4 * 4)
 
 
@@ -183,7 +184,7 @@ class Sharding:
         tr, cfg, capacity = _torchrec(), model.net.config, self.capacity
         constraints = {
             table_name(k): tr.Constraints(sharding_types=["table_wise"])
-            if rows * cfg.embedding_dim * 4 <= capacity else
+            if rows * cfg.embedding_dim * WEIGHT_BYTES <= capacity else
             tr.Constraints(sharding_types=["column_wise"], min_partition=_column_width(
                 rows, cfg.embedding_dim, capacity))
             for k, rows in enumerate(cfg.table_sizes)}
@@ -198,7 +199,7 @@ class Sharding:
         try:
             return planner.plan(model, [tr.Sharder()])
         except tr.PlannerError:
-            largest = max(cfg.table_sizes) * cfg.embedding_dim * 4
+            largest = max(cfg.table_sizes) * cfg.embedding_dim * WEIGHT_BYTES
             raise StopRun(
                 f"TorchRec's planner cannot place the tables ({size_text(tables_bytes(cfg))}, "
                 f"the largest {size_text(largest)}) on {self.ctx.world_size} ranks with "
@@ -219,7 +220,8 @@ def describe_plan(plan, config: DLRMConfig) -> str:
         kinds[sharding.sharding_type] = kinds.get(sharding.sharding_type, 0) + 1
         for shard in sharding.sharding_spec.shards:
             rank = shard.placement.rank()
-            per_rank[rank] = per_rank.get(rank, 0) + 4 * int(np.prod(shard.shard_sizes))
+            per_rank[rank] = (per_rank.get(rank, 0)
+                              + WEIGHT_BYTES * int(np.prod(shard.shard_sizes)))
     how = ", ".join(f"{n} {kind.replace('_', '-')}" for kind, n in sorted(kinds.items()))
     held = ", ".join(f"rank {r}: {size_text(b)}" for r, b in sorted(per_rank.items()))
     return f"tables sharded by TorchRec's planner: {how} ({held})"
@@ -234,7 +236,7 @@ def size_text(n: float) -> str:
 
 
 def tables_bytes(config: DLRMConfig) -> int:
-    return sum(config.table_sizes) * config.embedding_dim * 4
+    return sum(config.table_sizes) * config.embedding_dim * WEIGHT_BYTES
 
 
 def open_mapped(path: str, ctx: DistContext) -> dict[str, torch.Tensor]:
