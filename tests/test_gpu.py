@@ -61,3 +61,25 @@ def test_the_sort_once_engine_gives_the_stock_weights_on_the_gpu(norm, shape):
             ours = engine.pruned(name, table.to(CUDA), level)
             stock, _ = sparsify_table(table.to(CUDA), GridPoint(norm, shape, level), name, CUDA)
             assert same_bits(ours.cpu(), stock), (name, level)
+
+
+def test_a_model_larger_than_the_gpu_is_one_line_that_points_to_torchrun(tiny_pipeline,
+                                                                         tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import evaluate_disk_savings
+    from conftest import run_script
+    repo = Path(__file__).resolve().parent.parent
+    assert run_script(evaluate_disk_savings, [
+        "--model-path", tiny_pipeline["model"], "--output-dir", tmp_path, "--device", "cpu",
+        "--sparsity-levels", "0", "--norms", "L1", "--block-shapes", "1x4"]) == 0
+    proc = subprocess.run(
+        [sys.executable, str(repo / "evaluate_model_metrics.py"), "--raw-data-file",
+         str(tiny_pipeline["raw"]), "--processed-data-file", str(tiny_pipeline["processed"]),
+         "--output-dir", str(tmp_path), "--device", "cuda", "--rank-memory", "0.000001"],
+        capture_output=True, text=True, timeout=300, cwd=repo)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0
+    assert "does not fit the GPU (1 kB): run under torchrun on several GPUs" in proc.stderr
