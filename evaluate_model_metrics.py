@@ -1,11 +1,13 @@
 """Experiment 2, model quality: score every pruned model on the Criteo test split.
 
 The test split (first half of the last day, dlrm's definition) is read once and kept on the
-device; each checkpoint named in sparse_model_metadata.csv is read from its zip in memory and
-scored in inference mode. Metrics come from scikit-learn, unrounded, with a 0.5 threshold for
-the threshold metrics, as the seed. sparse_model_metrics.csv gets the seed's columns, then
-average precision, sample count and the drops from each config's level-0.0 row; accuracy.png
-plots accuracy and AUC against sparsity.
+device; each checkpoint named in sparse_model_metadata.csv is read from its zip in memory (or
+mapped, when large) and scored in inference mode. Metrics come from scikit-learn, unrounded,
+with a 0.5 threshold for the threshold metrics, as the seed. sparse_model_metrics.csv gets the
+seed's columns, then average precision, sample count, the drops from each config's level-0.0
+row and the ranks that held the tables; accuracy.png plots accuracy and AUC against sparsity.
+Under torchrun, --shard-tables spreads each model's tables over the ranks with TorchRec's
+DistributedModelParallel, with the same metrics (dlrm_sparsity/sharded.py).
 
 With no arguments it runs on the demo (running the disk-savings step first if needed).
 """
@@ -49,8 +51,9 @@ def parse_args(argv=None):
                         "TorchRec's DistributedModelParallel (automatic when a model is "
                         "larger than one rank's device)")
     p.add_argument("--rank-memory", type=positive_float, default=None, metavar="GB",
-                   help="memory each rank may give its tables when they are sharded "
-                        "(default: its GPU's, or its share of the machine's)")
+                   help="memory a rank (or the one GPU) has for a model: above it the tables "
+                        "are sharded, and TorchRec's planner fills it (default: the GPU's, "
+                        "or the rank's share of the machine's)")
     return p.parse_args(argv)
 
 
