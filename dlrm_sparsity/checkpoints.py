@@ -152,12 +152,26 @@ def _load_inflated(zf: zipfile.ZipFile, member: str, path: Path, origin: str) ->
     pruned model larger than memory, which a deflated zip cannot be mapped from. The file is
     unlinked once mapped (the map keeps it until the tensors go), so nothing stays behind."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".inflated", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as out, zf.open(member) as src:
-            shutil.copyfileobj(src, out, 16 * 2**20)
+        inflate_member(zf, member, tmp)
         return _torch_load_safe(tmp, origin, mmap=True)
     finally:
         os.unlink(tmp)
+
+
+def inflate_member(zf: zipfile.ZipFile, member: str, dest: str | os.PathLike) -> None:
+    """A zip's member inflated into the file dest, 16 MiB at a time."""
+    with open(dest, "wb") as out, zf.open(member) as src:
+        shutil.copyfileobj(src, out, 16 * 2**20)
+
+
+def shapes_for_tables(mapped: Mapping[str, torch.Tensor], tables: set[str]
+                      ) -> dict[str, torch.Tensor]:
+    """A mapped state dict with its `tables` as their shape and dtype only (meta) and every
+    other tensor (the small MLPs) copied out of the map."""
+    return {k: torch.empty(v.shape, dtype=v.dtype, device="meta") if k in tables else v.clone()
+            for k, v in mapped.items()}
 
 
 def load_state_dict(path: str | os.PathLike, mmap: bool = False) -> dict[str, torch.Tensor]:

@@ -19,7 +19,7 @@ from typing import Callable, Iterator, Mapping, NamedTuple
 import torch
 from torch.ao.pruning._experimental.data_sparsifier import DataNormSparsifier
 
-from dlrm_sparsity.checkpoints import CheckpointTables, is_torch_archive
+from dlrm_sparsity.checkpoints import CheckpointTables, is_torch_archive, shapes_for_tables
 from dlrm_sparsity.grid import GridPoint
 from dlrm_sparsity.model import embedding_names
 from dlrm_sparsity.timing import drop_mapped_pages
@@ -189,9 +189,7 @@ def hold_model(mapped: dict, model_path: str, workers: int) -> Model:
         # file: already read into memory
         return Model(mapped, None, dense_bytes)
     if workers == 0:
-        tables = set(embedding_names(mapped))
-        held = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") if k in tables
-                else v.clone() for k, v in mapped.items()}
+        held = shapes_for_tables(mapped, set(embedding_names(mapped)))
         return Model(held, CheckpointTables(model_path).read, dense_bytes)
     unread = [k for k, v in mapped.items() if v.is_meta]  # a folder's sharded tables
     tables = CheckpointTables(model_path) if unread else None

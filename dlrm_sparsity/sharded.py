@@ -33,7 +33,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dlrm_sparsity.checkpoints import load_dlrm_state_dict, member_of
+from dlrm_sparsity.checkpoints import (
+    CheckpointTables,
+    inflate_member,
+    load_dlrm_state_dict,
+    member_of,
+    shapes_for_tables,
+)
 from dlrm_sparsity.criteo.data import Batch, CriteoSplit
 from dlrm_sparsity.criteo.npy import NpySplit
 from dlrm_sparsity.disk import physical_memory
@@ -158,9 +164,7 @@ class Sharding:
         """A mapped checkpoint's model in DistributedModelParallel, this rank holding its
         shards and the (small) dense stages."""
         layout = read_layout(state_dict)
-        tables = set(layout.tables)
-        shapes = {k: (torch.empty(v.shape, dtype=v.dtype, device="meta") if k in tables
-                      else v.clone()) for k, v in state_dict.items()}
+        shapes = shapes_for_tables(state_dict, set(layout.tables))
         model = TablesAround(DLRMNet.from_state_dict(shapes))
         model.net.to(self.device)
         tr = _torchrec()
@@ -245,7 +249,12 @@ def open_mapped(path: str, ctx: DistContext) -> dict[str, torch.Tensor]:
     every rank has mapped it (the maps keep it until they go)."""
     member = member_of(path)
     if member is None:  # a plain torch.save file or a checkpoint folder: mapped where it is
-        return load_dlrm_state_dict(path, mmap=True)
+        mapped = load_dlrm_state_dict(path, mmap=True)
+        unread = [k for k, v in mapped.items() if v.is_meta]  # a folder's tables in shards
+        if unread:
+            tables = CheckpointTables(path)
+            mapped.update({k: tables.read(k, copy=False) for k in unread})
+        return mapped
     # one name on every rank of a machine (its host and rank 0's process), none on two
     tag = f"{socket.gethostname()}.{ctx.on_main(os.getpid)}"
     where = str(Path(path).parent / f".{Path(path).name}.{tag}.inflated.tmp")
@@ -253,9 +262,8 @@ def open_mapped(path: str, ctx: DistContext) -> dict[str, torch.Tensor]:
     failure = None
     if local_main:
         try:
-            with zipfile.ZipFile(path) as zf, zf.open(member) as src, open(where, "wb") as out:
-                while block := src.read(16 * 2**20):
-                    out.write(block)
+            with zipfile.ZipFile(path) as zf:
+                inflate_member(zf, member, where)
         except (OSError, zipfile.BadZipFile, EOFError, zlib.error) as exc:
             failure = CheckpointError(f"{path}: cannot inflate the zip ({exc})")
     ctx.barrier()  # the copy is complete (or failed) before any rank of the machine maps it
