@@ -6,7 +6,6 @@ from typing import Iterable
 
 import numpy as np
 import torch
-from sklearn import metrics
 
 from dlrm_sparsity.criteo.data import CriteoSplit
 from dlrm_sparsity.criteo.npy import NpySplit
@@ -30,6 +29,11 @@ def score_split(model: DLRMNet, split: CriteoSplit | NpySplit, batch_size: int) 
 
 def quality_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
     """The seed's metrics (unrounded) plus average precision, all from scikit-learn."""
+    # imported here, not with the package: scikit-learn and SciPy weigh about 75 MiB in every
+    # process, and only the one computing metrics needs them (sharded ranks but the first,
+    # the disk step, the timing experiments do not)
+    from sklearn import metrics
+
     labels = np.asarray(labels).astype(np.int64)
     predicted = (scores > THRESHOLD).astype(np.int64)
     both_classes = len(np.unique(labels)) == 2

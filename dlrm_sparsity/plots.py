@@ -5,15 +5,23 @@ from __future__ import annotations
 
 import os
 
-import matplotlib
+import pandas as pd
 
-matplotlib.use("Agg")  # files only; no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
+from dlrm_sparsity.analysis import AUC_DROP_BUDGETS, claimed_verdicts
+from dlrm_sparsity.runner.atomic import atomic_path
+from dlrm_sparsity.variants import COMPACT, DENSE, MASKED, MASKED_SPARSE, SPARSE
 
-from dlrm_sparsity.analysis import AUC_DROP_BUDGETS, claimed_verdicts  # noqa: E402
-from dlrm_sparsity.runner.atomic import atomic_path  # noqa: E402
-from dlrm_sparsity.variants import COMPACT, DENSE, MASKED, MASKED_SPARSE, SPARSE  # noqa: E402
+
+def _pyplot():
+    """matplotlib's pyplot, drawing to files only. Imported when a figure is drawn, not with
+    the package: the processes that never draw (sharded ranks, sweep workers, the tests'
+    many short runs) would hold it for nothing (about 30 MiB and a quarter second each)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _config_lines(ax, df: pd.DataFrame, y: str, label_suffix: str = "", **style) -> None:
@@ -37,10 +45,11 @@ def _save(fig, path: str | os.PathLike) -> None:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    _pyplot().close(fig)
 
 
 def plot_disk_savings(df: pd.DataFrame, path: str | os.PathLike) -> None:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     _config_lines(ax, df, "zip_file_size")
     ax.set(xlabel="sparsity level", ylabel="zipped checkpoint (MB)",
@@ -52,6 +61,7 @@ def plot_disk_savings(df: pd.DataFrame, path: str | os.PathLike) -> None:
 
 
 def plot_quality(df: pd.DataFrame, path: str | os.PathLike) -> None:
+    plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
     for ax, column, title in ((axes[0], "accuracy", "Accuracy"), (axes[1], "roc_auc", "ROC AUC")):
         _config_lines(ax, df, column)
@@ -62,6 +72,7 @@ def plot_quality(df: pd.DataFrame, path: str | os.PathLike) -> None:
 
 
 def plot_forward_time(df: pd.DataFrame, stages: pd.DataFrame, path: str | os.PathLike) -> None:
+    plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
     ax = axes[0]
     for dlrm_type, style in ((DENSE, "-"), (SPARSE, "--")):
@@ -102,6 +113,7 @@ def _plot_stages(ax, stages: pd.DataFrame) -> None:
 def plot_activation_sparsity(df: pd.DataFrame, path: str | os.PathLike) -> None:
     """AUC against the activation level per model; forward time per variant, and where the
     compact variant's speed-up over dense passes 1."""
+    plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
     models = df.groupby(["norm", "sparse_block_shape", "sparsity_level"], sort=True)
     for (norm, block, emb), part in models:
@@ -138,6 +150,7 @@ def plot_tradeoffs(scored: pd.DataFrame, front: pd.DataFrame, memory: pd.DataFra
     """ROC AUC against the zipped size per config, the Pareto front marked; and, when those
     experiments ran, against the bytes held in memory and the compact forward's time."""
     panels = 1 + (memory is not None) + (activation is not None)
+    plt = _pyplot()
     fig, axes = plt.subplots(1, panels, figsize=(5.6 * panels, 4.4), squeeze=False)
     ax = axes[0][0]
     for (norm, block), part in scored.groupby(["norm", "sparse_block_shape"], sort=True):
@@ -181,6 +194,7 @@ def plot_tradeoffs(scored: pd.DataFrame, front: pd.DataFrame, memory: pd.DataFra
 def plot_memory_savings(df: pd.DataFrame, path: str | os.PathLike) -> None:
     """Bytes held against the sparsity level, one line per format and config; and ROC AUC
     against bytes held for every (model, format), the Pareto front drawn."""
+    plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.6))
     styles = ["-", "--", ":", "-."]
     colours = {f: f"C{i}" for i, f in enumerate(dict.fromkeys(df["format"]))}
@@ -219,6 +233,7 @@ def plot_compression_front(df: pd.DataFrame, path: str | os.PathLike) -> None:
     across methods drawn and named; the right panel zooms on the drops up to twice the
     largest AUC budget, where a method is chosen."""
     scored = df.dropna(subset=["roc_auc", "bytes"])
+    plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12.5, 5.0))
     markers = "osD^v<>Pp*Xh"
     front = pareto_front(scored, "bytes")
