@@ -79,16 +79,43 @@ _MADV_DONTNEED = 4  # Linux
 
 def drop_mapped_pages(tensor: torch.Tensor) -> None:
     """Let the system take back the resident pages of a tensor read through a private file map
-    (torch.load(mmap=True)) now; they are read from the file again when next touched. Only for
-    such tensors, never written: on a private map a written page would be lost, and on
-    anonymous memory the pages would read as zeros. Elsewhere than Linux, nothing."""
+    (torch.load(mmap=True)) now; they are read from the file again when next touched. Only
+    for such tensors, never written: on a private map a written page would be lost. A tensor
+    in anonymous memory (a table put together from a folder's shards, a copy) is left alone:
+    there the pages would read as zeros, and the allocator's own bookkeeping with them.
+    Elsewhere than Linux, nothing."""
     page = resource.getpagesize()
     start = tensor.data_ptr() // page * page  # the map starts on a page: still inside it
-    end = tensor.data_ptr() + tensor.nbytes
+    end = -(-(tensor.data_ptr() + tensor.nbytes) // page) * page
+    if tensor.device.type != "cpu" or end <= start or not _file_mapped(start, end):
+        return
     try:
         _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
     except (OSError, AttributeError, TypeError):
         pass
+
+
+def _file_mapped(start: int, end: int) -> bool:
+    """Whether the addresses [start, end) lie wholly in maps of files (/proc/self/maps: maps
+    with an inode), in order, without a gap. torch does not say whether a storage is mapped
+    (its filename is None for torch.load's maps), so the kernel's list is asked."""
+    try:
+        with open("/proc/self/maps") as f:
+            lines = f.readlines()
+    except OSError:
+        return False
+    covered = start
+    for line in lines:  # sorted by address
+        fields = line.split()
+        low, high = (int(x, 16) for x in fields[0].split("-"))
+        if high <= covered:
+            continue
+        if low > covered or len(fields) < 5 or fields[4] == "0":
+            return False  # a gap, or anonymous memory
+        covered = high
+        if covered >= end:
+            return True
+    return False
 
 
 def warm_up(fn: Callable[[], object], timing: Timing, called: int,

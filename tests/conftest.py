@@ -122,3 +122,51 @@ def write_dcp(state_dict, path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dcp.save(dict(state_dict), checkpoint_id=str(path))
+
+
+IN_TWO_SHARDS = """
+import os, sys, warnings, torch, torch.distributed as dist
+warnings.simplefilter("ignore")
+sys.path[:0] = [sys.argv[3], sys.argv[3] + "/tests"]
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[4])
+dist.init_process_group("gloo", rank=0, world_size=1)
+from torch.distributed._shard import sharded_tensor
+from torch.distributed._shard.sharding_spec import ChunkShardingSpec
+from conftest import write_dcp, write_snapshot
+from dlrm_sparsity.checkpoints import load_dlrm_state_dict
+from dlrm_sparsity.layouts import read_layout
+
+def in_two(table):
+    two = sharded_tensor.empty(ChunkShardingSpec(dim=0, placements=["rank:0/cpu"] * 2),
+                               *table.shape)
+    for shard in two.local_shards():
+        first = shard.metadata.shard_offsets[0]
+        shard.tensor.copy_(table[first:first + shard.tensor.shape[0]])
+    return two
+
+sd = load_dlrm_state_dict(sys.argv[1])
+tables = read_layout(sd).tables
+stored = {k: in_two(v) if k in tables and v.shape[0] > 1 else v for k, v in sd.items()}
+write_dcp(stored, sys.argv[2] + "/dcp")
+write_snapshot(stored, sys.argv[2] + "/snapshot")
+dist.destroy_process_group()
+"""
+
+
+def write_in_two_shards(source, out) -> None:
+    """A checkpoint's model as a DCP folder (out/dcp) and a torchsnapshot (out/snapshot) with
+    every table of two rows or more in two row shards, as a job sharding it row-wise saves
+    it: read whole only when read for itself. Written in a process of its own (a one-rank
+    gloo group: a ShardedTensor needs one)."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:  # a free port for the group's store
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-c", IN_TWO_SHARDS, str(source), str(out),
+                           str(repo), str(port)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -25,7 +25,7 @@ import torch
 
 import evaluate_disk_savings
 import evaluate_model_metrics
-from conftest import run_script
+from conftest import run_script, write_in_two_shards
 from dlrm_sparsity.criteo.npy_write import write_npy_days
 from dlrm_sparsity.model import DLRMConfig, DLRMNet
 
@@ -121,6 +121,32 @@ def test_a_damaged_zip_is_an_error_row_on_every_rank_and_the_others_score(dlrm_r
     pd.testing.assert_frame_equal(one[METRICS], rows[rows["error"].isna()][METRICS]
                                   .reset_index(drop=True), check_exact=True)
     assert no_inflated_copies_left(root)
+
+
+def test_folders_whose_tables_are_stored_in_shards_score_the_same_sharded(dlrm_run):
+    """The level-0 model saved as a DCP folder and as a torchsnapshot, every table of two
+    rows or more in two row shards (read whole only by CheckpointTables): scored sharded, each
+    equals the level-0 zip scored by one process."""
+    root, out = dlrm_run["root"], dlrm_run["root"] / "in_shards"
+    meta = pd.read_csv(dlrm_run["metadata"])
+    level0 = meta[meta["sparsity_level"] == 0].iloc[[0]]
+    write_in_two_shards(root / "one" / level0["path"].iloc[0], out)
+    from dlrm_sparsity.checkpoints import load_dlrm_state_dict
+    assert load_dlrm_state_dict(out / "dcp", mmap=True)["emb_l.0.weight"].is_meta
+    rows = pd.concat([level0.assign(path=str(out / kind), sha256=float("nan"))
+                      for kind in ("dcp", "snapshot")])
+    rows.to_csv(out / "sparse_model_metadata.csv", index=False)
+    args = [a if a != dlrm_run["metadata"] else out / "sparse_model_metadata.csv"
+            for a in dlrm_run["data"]]
+    proc = torchrun([*args, "--output-dir", out / "spread", "--shard-tables"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    spread = pd.read_csv(out / "spread" / "sparse_model_metrics.csv")
+    one = pd.read_csv(root / "one" / "sparse_model_metrics.csv")
+    expected = one[one["sparsity_level"] == 0][METRICS]
+    assert len(spread) == 2
+    for i in range(2):
+        pd.testing.assert_frame_equal(spread.iloc[[i]][METRICS].reset_index(drop=True),
+                                      expected.reset_index(drop=True), check_exact=True)
 
 
 def test_a_table_larger_than_a_rank_is_sharded_column_wise_unasked(tiny_pipeline, tmp_path):

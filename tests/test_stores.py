@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import run_script, write_dcp, write_snapshot
+from conftest import run_script, write_dcp, write_in_two_shards, write_snapshot
 from dlrm_sparsity.checkpoints import CheckpointTables, load_state_dict, sha256_of_file
 from dlrm_sparsity.criteo.npy_write import write_npy_days
 from dlrm_sparsity.layouts import read_layout
@@ -127,7 +127,8 @@ def test_a_sharded_dmp_models_folders_read_as_its_tables(tmp_path):
 @pytest.fixture(scope="module")
 def dcn_runs(tiny_pipeline, tmp_path_factory):
     """A TorchRec DLRM_DCN trained on .npy days; the disk step and the metrics run on its
-    plain state dict (DLRMTrain's keys), its DCP folder and its snapshot."""
+    plain state dict (DLRMTrain's keys), its DCP folder and its snapshot, each with its
+    tables whole and with them in two row shards."""
     import evaluate_disk_savings
     import evaluate_model_metrics
     import train_dlrm
@@ -140,10 +141,12 @@ def dcn_runs(tiny_pipeline, tmp_path_factory):
                                    "--num-batches", "20", "--device", "cpu",
                                    "--dcn-num-layers", "2"]) == 0
     sd = {f"model.{k}": v for k, v in load_state_dict(trained).items()}
-    models = {"plain": root / "plain.pt", "dcp": root / "dcp", "snapshot": root / "snapshot"}
+    models = {"plain": root / "plain.pt", "dcp": root / "dcp", "snapshot": root / "snapshot",
+              "dcp_in_two": root / "two" / "dcp", "snapshot_in_two": root / "two" / "snapshot"}
     torch.save(sd, models["plain"])
     write_dcp(sd, models["dcp"])
     write_snapshot(sd, models["snapshot"])
+    write_in_two_shards(models["plain"], root / "two")  # tables put together when read
     frames = {}
     for kind, model in models.items():
         out = root / f"out_{kind}"
@@ -158,7 +161,7 @@ def dcn_runs(tiny_pipeline, tmp_path_factory):
     return frames
 
 
-@pytest.mark.parametrize("kind", ["dcp", "snapshot"])
+@pytest.mark.parametrize("kind", ["dcp", "snapshot", "dcp_in_two", "snapshot_in_two"])
 def test_the_experiments_give_the_same_results_from_every_kind(dcn_runs, kind):
     meta, metrics = dcn_runs[kind]
     plain_meta, plain_metrics = dcn_runs["plain"]
