@@ -249,12 +249,7 @@ def open_mapped(path: str, ctx: DistContext) -> dict[str, torch.Tensor]:
     every rank has mapped it (the maps keep it until they go)."""
     member = member_of(path)
     if member is None:  # a plain torch.save file or a checkpoint folder: mapped where it is
-        mapped = load_dlrm_state_dict(path, mmap=True)
-        unread = [k for k, v in mapped.items() if v.is_meta]  # a folder's tables in shards
-        if unread:
-            tables = CheckpointTables(path)
-            mapped.update({k: tables.read(k, copy=False) for k in unread})
-        return mapped
+        return ctx.agreed(lambda: _map_where_it_lies(path))  # (one rank may not reach it)
     # one name on every rank of a machine (its host and rank 0's process), none on two
     tag = f"{socket.gethostname()}.{ctx.on_main(os.getpid)}"
     where = str(Path(path).parent / f".{Path(path).name}.{tag}.inflated.tmp")
@@ -278,6 +273,17 @@ def open_mapped(path: str, ctx: DistContext) -> dict[str, torch.Tensor]:
     finally:
         if local_main:
             Path(where).unlink(missing_ok=True)
+
+
+def _map_where_it_lies(path: str) -> dict[str, torch.Tensor]:
+    """A torch.save file's or a folder's tensors mapped, a folder's tables stored in several
+    shards put together (CheckpointTables)."""
+    mapped = load_dlrm_state_dict(path, mmap=True)
+    unread = [k for k, v in mapped.items() if v.is_meta]
+    if unread:
+        tables = CheckpointTables(path)
+        mapped.update({k: tables.read(k, copy=False) for k in unread})
+    return mapped
 
 
 def _fill_shards(dmp, state_dict: Mapping[str, torch.Tensor], names: list[str]) -> None:

@@ -5,6 +5,7 @@ DistributedModelParallel (2 CPU processes on gloo) equal one process's exactly:
 - a model with one table larger than a rank's memory (--rank-memory): sharded without being
   asked, that table column-wise;
 - a TorchRec DLRM_DCN on multi-hot .npy days (streamed metrics, bags of several ids).
+- DCP and torchsnapshot folders whose tables are stored in row shards.
 And the planner's failure is one line on rank 0, exit 2, the earlier outputs kept.
 """
 
@@ -126,27 +127,37 @@ def test_a_damaged_zip_is_an_error_row_on_every_rank_and_the_others_score(dlrm_r
 def test_folders_whose_tables_are_stored_in_shards_score_the_same_sharded(dlrm_run):
     """The level-0 model saved as a DCP folder and as a torchsnapshot, every table of two
     rows or more in two row shards (read whole only by CheckpointTables): scored sharded, each
-    equals the level-0 zip scored by one process."""
+    equals the level-0 zip scored by one process. A copy of the DCP folder with its data file
+    cut short, between them, is an error row on every rank, and nothing hangs."""
     root, out = dlrm_run["root"], dlrm_run["root"] / "in_shards"
     meta = pd.read_csv(dlrm_run["metadata"])
     level0 = meta[meta["sparsity_level"] == 0].iloc[[0]]
     write_in_two_shards(root / "one" / level0["path"].iloc[0], out)
     from dlrm_sparsity.checkpoints import load_dlrm_state_dict
     assert load_dlrm_state_dict(out / "dcp", mmap=True)["emb_l.0.weight"].is_meta
-    rows = pd.concat([level0.assign(path=str(out / kind), sha256=float("nan"))
-                      for kind in ("dcp", "snapshot")])
+    shutil.copytree(out / "dcp", out / "cut")
+    data = next((out / "cut").glob("*.distcp"))
+    data.write_bytes(data.read_bytes()[:data.stat().st_size // 2])
+    rows = pd.concat([level0.assign(path=str(out / kind), sha256=float("nan"),
+                                    sparsity_level=level)
+                      for kind, level in (("dcp", 0.0), ("cut", 0.5), ("snapshot", 0.0))])
     rows.to_csv(out / "sparse_model_metadata.csv", index=False)
     args = [a if a != dlrm_run["metadata"] else out / "sparse_model_metadata.csv"
             for a in dlrm_run["data"]]
     proc = torchrun([*args, "--output-dir", out / "spread", "--shard-tables"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode != 0  # a row failed
     spread = pd.read_csv(out / "spread" / "sparse_model_metrics.csv")
+    assert len(spread) == 3
+    failed = spread[spread["error"].notna()]
+    assert list(failed["checkpoint"]) == [str(out / "cut")]
+    assert "is not a whole torch.save archive" in failed["error"].iloc[0]
     one = pd.read_csv(root / "one" / "sparse_model_metrics.csv")
-    expected = one[one["sparsity_level"] == 0][METRICS]
-    assert len(spread) == 2
+    expected = one[one["sparsity_level"] == 0][METRICS].reset_index(drop=True)
+    scored = spread[spread["error"].isna()]
+    assert list(scored["checkpoint"]) == [str(out / "dcp"), str(out / "snapshot")]
     for i in range(2):
-        pd.testing.assert_frame_equal(spread.iloc[[i]][METRICS].reset_index(drop=True),
-                                      expected.reset_index(drop=True), check_exact=True)
+        pd.testing.assert_frame_equal(scored.iloc[[i]][METRICS].reset_index(drop=True),
+                                      expected, check_exact=True)
 
 
 def test_a_table_larger_than_a_rank_is_sharded_column_wise_unasked(tiny_pipeline, tmp_path):
