@@ -4,7 +4,7 @@ DistributedModelParallel (2 CPU processes on gloo) equal one process's exactly:
   makes a filler pass);
 - a model with one table larger than a rank's memory (--rank-memory): sharded without being
   asked, that table column-wise;
-- a TorchRec DLRM_DCN on multi-hot .npy days (streamed metrics, bags of several ids).
+- a TorchRec DLRM_DCN on multi-hot .npy days (streamed metrics, bags of several ids);
 - DCP and torchsnapshot folders whose tables are stored in row shards.
 And the planner's failure is one line on rank 0, exit 2, the earlier outputs kept.
 """
