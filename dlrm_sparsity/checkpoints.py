@@ -225,6 +225,17 @@ class CheckpointTables:
                                      self.origin)
         return mapped[name].clone() if copy else mapped[name]
 
+    def pieces(self, name: str) -> list[tuple[list[int], torch.Tensor]]:
+        """One tensor as it is stored, each piece at its offsets, mapped where it lies and
+        never put together: the shards of a folder's table (a job that sharded it row- or
+        column-wise saved it so), else the whole tensor as one piece."""
+        if self.folder is None:
+            table = self.read(name, copy=False)
+            return [([0] * table.dim(), table)]
+        if self._stamp() != self.stamp:
+            raise CheckpointError(f"{self.origin}: the checkpoint changed during the run")
+        return self.folder.pieces(name, mmap=True)
+
 
 def sha256_of_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
     """The file's sha256; a checkpoint folder's is that of its files' names and bytes."""

@@ -318,7 +318,7 @@ class Experiment:
         if self.sharded:
             self.test.check_fits(DLRMConfig.from_state_dict(state_dict).table_sizes,
                                  meta["checkpoint"])
-            return self.sharding.model(state_dict)
+            return self.sharding.model(state_dict, meta["checkpoint"])
         model = DLRMNet.from_state_dict(state_dict)
         self.test.check_fits(model.config.table_sizes, meta["checkpoint"])
         return model.to(self.run.device).eval()

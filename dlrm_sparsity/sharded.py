@@ -26,7 +26,7 @@ import zipfile
 import zlib
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -160,9 +160,11 @@ class Sharding:
         self.ctx, self.device, self.capacity, self.batch_size = ctx, device, capacity, batch_size
         self.plans: dict[DLRMConfig, object] = {}
 
-    def model(self, state_dict: Mapping[str, torch.Tensor]):
+    def model(self, state_dict: Mapping[str, torch.Tensor], path: str):
         """A mapped checkpoint's model in DistributedModelParallel, this rank holding its
-        shards and the (small) dense stages."""
+        shards and the (small) dense stages. Tables that the folder at path stores in several
+        shards (meta in the state dict) are read piece by piece where this rank's shards
+        meet them, never put together."""
         layout = read_layout(state_dict)
         shapes = shapes_for_tables(state_dict, set(layout.tables))
         model = TablesAround(DLRMNet.from_state_dict(shapes))
@@ -170,7 +172,16 @@ class Sharding:
         tr = _torchrec()
         dmp = tr.DMP(model, device=self.device, plan=self.plan(model), sharders=[tr.Sharder()],
                      init_data_parallel=False)
-        _fill_shards(dmp, state_dict, layout.tables)
+        stored = (CheckpointTables(path) if any(state_dict[n].is_meta for n in layout.tables)
+                  else None)
+
+        def pieces(name: str) -> list[tuple[list[int], torch.Tensor]]:
+            if state_dict[name].is_meta:
+                return stored.pieces(name)
+            return [([0, 0], state_dict[name])]
+
+        # agreed: a piece that one rank alone cannot read stops every rank's model
+        self.ctx.agreed(lambda: _fill_shards(dmp, pieces, layout.tables))
         return dmp.eval()
 
     def plan(self, model: TablesAround):
@@ -249,7 +260,8 @@ def open_mapped(path: str, ctx: DistContext) -> dict[str, torch.Tensor]:
     every rank has mapped it (the maps keep it until they go)."""
     member = member_of(path)
     if member is None:  # a plain torch.save file or a checkpoint folder: mapped where it is
-        return ctx.agreed(lambda: _map_where_it_lies(path))  # (one rank may not reach it)
+        # (a folder's tables stored in several shards only their shapes: Sharding.model)
+        return ctx.agreed(lambda: load_dlrm_state_dict(path, mmap=True))
     # one name on every rank of a machine (its host and rank 0's process), none on two
     tag = f"{socket.gethostname()}.{ctx.on_main(os.getpid)}"
     where = str(Path(path).parent / f".{Path(path).name}.{tag}.inflated.tmp")
@@ -275,30 +287,28 @@ def open_mapped(path: str, ctx: DistContext) -> dict[str, torch.Tensor]:
             Path(where).unlink(missing_ok=True)
 
 
-def _map_where_it_lies(path: str) -> dict[str, torch.Tensor]:
-    """A torch.save file's or a folder's tensors mapped, a folder's tables stored in several
-    shards put together (CheckpointTables)."""
-    mapped = load_dlrm_state_dict(path, mmap=True)
-    unread = [k for k, v in mapped.items() if v.is_meta]
-    if unread:
-        tables = CheckpointTables(path)
-        mapped.update({k: tables.read(k, copy=False) for k in unread})
-    return mapped
-
-
-def _fill_shards(dmp, state_dict: Mapping[str, torch.Tensor], names: list[str]) -> None:
-    """Copy this rank's shards from the map, CHUNK_BYTES of rows at a time (a shard's tensor
-    is a view of the sharded collection's own weights); the pages read go back after each."""
+def _fill_shards(dmp, pieces: Callable[[str], list[tuple[list[int], torch.Tensor]]],
+                 names: list[str]) -> None:
+    """Copy this rank's shards from the tables' stored pieces (pieces(name): each at its
+    offsets, mapped where it lies), where each shard meets each piece, CHUNK_BYTES of rows at
+    a time (a shard's tensor is a view of the sharded collection's own weights); the pages
+    read go back after each."""
     state = dmp.state_dict()
     for k, name in enumerate(names):
-        table = state_dict[name]
-        step = max(1, CHUNK_BYTES // max(1, table[:1].nbytes))
-        for shard in state[f"tables.embedding_bags.{table_name(k)}.weight"].local_shards():
-            (r0, c0), (rows, cols) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-            for a in range(0, rows, step):
-                part = table[r0 + a:r0 + min(rows, a + step)]
-                shard.tensor[a:a + part.shape[0]].copy_(part[:, c0:c0 + cols])
-                drop_mapped_pages(part)
+        shards = state[f"tables.embedding_bags.{table_name(k)}.weight"].local_shards()
+        if not shards:
+            continue
+        for (p0, q0), piece in pieces(name):
+            step = max(1, CHUNK_BYTES // max(1, piece[:1].nbytes))
+            for shard in shards:
+                (r0, c0), (rows, cols) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+                top, bottom = max(r0, p0), min(r0 + rows, p0 + piece.shape[0])
+                left, right = max(c0, q0), min(c0 + cols, q0 + piece.shape[1])
+                for a in range(top, bottom, step):
+                    b = min(bottom, a + step)
+                    part = piece[a - p0:b - p0, left - q0:right - q0]
+                    shard.tensor[a - r0:b - r0, left - c0:right - c0].copy_(part)
+                    drop_mapped_pages(part)
 
 
 def _own_batches(split: CriteoSplit | NpySplit, batch_size: int, ctx: DistContext

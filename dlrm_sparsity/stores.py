@@ -111,12 +111,33 @@ class SnapshotFolder:
     def read(self, key: str, mmap: bool, shape_only: bool = False) -> torch.Tensor:
         """One tensor: mapped (mmap) or read; with shape_only, a tensor stored in several
         shards is only its shape and dtype (on the meta device)."""
+        entry, origin = self._entry(key)
+        return self._tensor(entry, origin, mmap, shape_only)
+
+    def pieces(self, key: str, mmap: bool) -> list[tuple[list[int], torch.Tensor]]:
+        """One tensor as it is stored: its shards (or the whole tensor) at their offsets, each
+        mapped (mmap) or read, none put together."""
+        entry, origin = self._entry(key)
+        if entry.get("type") in ("ShardedTensor", "ChunkedTensor"):
+            return [(list(p["offsets"]), self._tensor(p["tensor"], origin, mmap))
+                    for p in self._parts(entry, origin)]
+        tensor = self._tensor(entry, origin, mmap)
+        return [([0] * tensor.dim(), tensor)]
+
+    def _entry(self, key: str) -> tuple[dict, str]:
         name = self.entries[key]
         entry = self.manifest.get(name)
         if entry is None:
             raise CheckpointError(f"{self.origin}: the manifest lists '{key}' but holds no "
                                   f"entry '{name}'")
-        return self._tensor(entry, f"{self.origin}: '{key}'", mmap, shape_only)
+        return entry, f"{self.origin}: '{key}'"
+
+    @staticmethod
+    def _parts(entry: dict, origin: str) -> list[dict]:
+        parts = entry.get("shards") or entry.get("chunks") or []
+        if not parts:
+            raise CheckpointError(f"{origin}: a {entry.get('type')} with no shards")
+        return parts
 
     def _tensor(self, entry: dict, origin: str, mmap: bool, shape_only: bool = False
                 ) -> torch.Tensor:
@@ -134,9 +155,7 @@ class SnapshotFolder:
             return _raw(file, start, list(entry["shape"]), _dtype(entry["dtype"], origin),
                         mmap, origin)
         if kind in ("ShardedTensor", "ChunkedTensor"):
-            parts = entry.get("shards") or entry.get("chunks") or []
-            if not parts:
-                raise CheckpointError(f"{origin}: a {kind} with no shards")
+            parts = self._parts(entry, origin)
             if len(parts) > 1 and shape_only:  # put together only when read for itself
                 shape = entry.get("shape") or [
                     max(p["offsets"][d] + p["sizes"][d] for p in parts)
@@ -173,19 +192,28 @@ class DCPFolder:
 
     def read(self, key: str, mmap: bool, shape_only: bool = False) -> torch.Tensor:
         """As SnapshotFolder.read."""
-        meta, origin = self.tensors[key], f"{self.origin}: '{key}'"
-        sizes = {tuple(c.offsets): list(c.sizes) for c in meta.chunks}
-        places = self.places.get(key, [])
-        if not places or len(places) != len(sizes):
-            raise CheckpointError(f"{origin}: {DCP_METADATA} lists {len(sizes)} chunks of it "
-                                  f"and stores {len(places)}")
-        if len(places) > 1 and shape_only:
+        meta = self.tensors[key]
+        if len(self._places(key)) > 1 and shape_only:
             return torch.empty(list(meta.size), dtype=meta.properties.dtype, device="meta")
-        pieces = [(offsets, self._chunk(info, sizes[tuple(offsets)], meta.properties.dtype,
-                                        mmap, origin)) for offsets, info in places]
+        pieces = self.pieces(key, mmap)
         if len(pieces) == 1 and list(pieces[0][1].shape) == list(meta.size):
             return pieces[0][1]
         return _assemble(pieces, list(meta.size))
+
+    def pieces(self, key: str, mmap: bool) -> list[tuple[list[int], torch.Tensor]]:
+        """As SnapshotFolder.pieces."""
+        meta, origin = self.tensors[key], f"{self.origin}: '{key}'"
+        sizes = {tuple(c.offsets): list(c.sizes) for c in meta.chunks}
+        return [(offsets, self._chunk(info, sizes[tuple(offsets)], meta.properties.dtype,
+                                      mmap, origin)) for offsets, info in self._places(key)]
+
+    def _places(self, key: str) -> list:
+        """The key's stored chunks, (offsets, storage info) each, as many as it lists."""
+        meta, places = self.tensors[key], self.places.get(key, [])
+        if not places or len(places) != len(meta.chunks):
+            raise CheckpointError(f"{self.origin}: '{key}': {DCP_METADATA} lists "
+                                  f"{len(meta.chunks)} chunks of it and stores {len(places)}")
+        return places
 
     def _chunk(self, info, sizes: list[int], dtype: torch.dtype, mmap: bool, origin: str
                ) -> torch.Tensor:

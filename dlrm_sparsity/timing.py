@@ -84,10 +84,14 @@ def drop_mapped_pages(tensor: torch.Tensor) -> None:
     in anonymous memory (a table put together from a folder's shards, a copy) is left alone:
     there the pages would read as zeros, and the allocator's own bookkeeping with them.
     Elsewhere than Linux, nothing."""
+    if tensor.device.type != "cpu" or tensor.numel() == 0:
+        return
     page = resource.getpagesize()
+    span = 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride(),
+                                                                strict=True))  # a view's reach
     start = tensor.data_ptr() // page * page  # the map starts on a page: still inside it
-    end = -(-(tensor.data_ptr() + tensor.nbytes) // page) * page
-    if tensor.device.type != "cpu" or end <= start or not _file_mapped(start, end):
+    end = -(-(tensor.data_ptr() + span * tensor.element_size()) // page) * page
+    if not _file_mapped(start, end):
         return
     try:
         _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)

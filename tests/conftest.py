@@ -136,28 +136,30 @@ from conftest import write_dcp, write_snapshot
 from dlrm_sparsity.checkpoints import load_dlrm_state_dict
 from dlrm_sparsity.layouts import read_layout
 
-def in_two(table):
-    two = sharded_tensor.empty(ChunkShardingSpec(dim=0, placements=["rank:0/cpu"] * 2),
+def in_two(table, dim):
+    two = sharded_tensor.empty(ChunkShardingSpec(dim=dim, placements=["rank:0/cpu"] * 2),
                                *table.shape)
     for shard in two.local_shards():
-        first = shard.metadata.shard_offsets[0]
-        shard.tensor.copy_(table[first:first + shard.tensor.shape[0]])
+        (r, c), (rows, cols) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+        shard.tensor.copy_(table[r:r + rows, c:c + cols])
     return two
 
 sd = load_dlrm_state_dict(sys.argv[1])
 tables = read_layout(sd).tables
-stored = {k: in_two(v) if k in tables and v.shape[0] > 1 else v for k, v in sd.items()}
-write_dcp(stored, sys.argv[2] + "/dcp")
-write_snapshot(stored, sys.argv[2] + "/snapshot")
+for kind, dim in (("dcp", 0), ("snapshot", 1)):
+    stored = {k: in_two(v, dim) if k in tables and v.shape[dim] > 1 else v
+              for k, v in sd.items()}
+    (write_dcp if kind == "dcp" else write_snapshot)(stored, sys.argv[2] + "/" + kind)
 dist.destroy_process_group()
 """
 
 
 def write_in_two_shards(source, out) -> None:
-    """A checkpoint's model as a DCP folder (out/dcp) and a torchsnapshot (out/snapshot) with
-    every table of two rows or more in two row shards, as a job sharding it row-wise saves
-    it: read whole only when read for itself. Written in a process of its own (a one-rank
-    gloo group: a ShardedTensor needs one)."""
+    """A checkpoint's model as a DCP folder (out/dcp) with every table of two rows or more in
+    two row shards, and as a torchsnapshot (out/snapshot) with every table of two columns or
+    more in two column shards, as jobs sharding it row- or column-wise save it: read whole
+    only when read for itself. Written in a process of its own (a one-rank gloo group: a
+    ShardedTensor needs one)."""
     import socket
     import subprocess
     import sys

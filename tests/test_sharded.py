@@ -5,7 +5,7 @@ DistributedModelParallel (2 CPU processes on gloo) equal one process's exactly:
 - a model with one table larger than a rank's memory (--rank-memory): sharded without being
   asked, that table column-wise;
 - a TorchRec DLRM_DCN on multi-hot .npy days (streamed metrics, bags of several ids);
-- DCP and torchsnapshot folders whose tables are stored in row shards.
+- DCP and torchsnapshot folders whose tables are stored in row or column shards.
 And the planner's failure is one line on rank 0, exit 2, the earlier outputs kept.
 """
 
@@ -125,8 +125,8 @@ def test_a_damaged_zip_is_an_error_row_on_every_rank_and_the_others_score(dlrm_r
 
 
 def test_folders_whose_tables_are_stored_in_shards_score_the_same_sharded(dlrm_run):
-    """The level-0 model saved as a DCP folder and as a torchsnapshot, every table of two
-    rows or more in two row shards (read whole only by CheckpointTables): scored sharded, each
+    """The level-0 model saved as a DCP folder with its tables in two row shards and as a
+    torchsnapshot with them in two column shards (neither read whole): scored sharded, each
     equals the level-0 zip scored by one process. A copy of the DCP folder with its data file
     cut short, between them, is an error row on every rank, and nothing hangs."""
     root, out = dlrm_run["root"], dlrm_run["root"] / "in_shards"
@@ -161,7 +161,10 @@ def test_folders_whose_tables_are_stored_in_shards_score_the_same_sharded(dlrm_r
 
 
 def test_a_table_larger_than_a_rank_is_sharded_column_wise_unasked(tiny_pipeline, tmp_path):
-    """26 tables 16 wide, the first of 6000 rows (384 kB); a rank has 300 kB."""
+    """26 tables 16 wide, the first of 6000 rows (384 kB); a rank has 300 kB. The pruned
+    models are two zips, then the second as a DCP folder with its tables in two row shards
+    and as a torchsnapshot with them in two column shards (labelled levels 0.75 and 0.8), so
+    that the ranks' column shards cross the stored shards both ways."""
     counts = np.load(tiny_pipeline["processed"])["counts"]
     sizes = (6000, *map(int, counts[1:]))
     f = len(sizes) + 1
@@ -169,6 +172,12 @@ def test_a_table_larger_than_a_rank_is_sharded_column_wise_unasked(tiny_pipeline
     torch.save(DLRMNet(DLRMConfig(sizes, 16, (13, 8, 16), (16 + f * (f - 1) // 2, 8, 1))
                        ).state_dict(), tmp_path / "wide.pt")
     metadata = pruned(tmp_path / "wide.pt", tmp_path / "one", ["0", "0.5"], "1x4")
+    zips = pd.read_csv(metadata)
+    write_in_two_shards(tmp_path / "one" / zips["path"].iloc[1], tmp_path / "two")
+    folders = [zips.iloc[[1]].assign(path=str(tmp_path / "two" / kind), sha256=float("nan"),
+                                     sparsity_level=level)
+               for kind, level in (("dcp", 0.75), ("snapshot", 0.8))]
+    pd.concat([zips, *folders]).to_csv(metadata, index=False)
     data = ["--raw-data-file", tiny_pipeline["raw"], "--processed-data-file",
             tiny_pipeline["processed"], "--device", "cpu", "--no-report",
             "--sparse-model-metadata", metadata, "--batch-size", "16"]
@@ -178,6 +187,12 @@ def test_a_table_larger_than_a_rank_is_sharded_column_wise_unasked(tiny_pipeline
     assert "does not fit one rank (300 kB): its tables are sharded" in proc.stdout
     assert "1 column-wise, 25 table-wise" in proc.stdout
     compare(tmp_path / "one", tmp_path / "spread" / "sparse_model_metrics.csv")
+    spread = pd.read_csv(tmp_path / "spread" / "sparse_model_metrics.csv")
+    assert list(spread["sparsity_level"]) == [0, 0.5, 0.75, 0.8]
+    for folder in (2, 3):  # each folder scores as its zip
+        pd.testing.assert_frame_equal(spread.iloc[[folder]][METRICS].reset_index(drop=True),
+                                      spread.iloc[[1]][METRICS].reset_index(drop=True),
+                                      check_exact=True)
 
 
 def test_a_torchrec_dcn_on_multi_hot_days_scores_the_same_sharded(tiny_pipeline, tmp_path):

@@ -121,6 +121,10 @@ def test_a_sharded_dmp_models_folders_read_as_its_tables(tmp_path):
         two = tmp_path / f"two_shards_{kind}"
         assert load_state_dict(two, mmap=True)["t"].is_meta
         assert torch.equal(CheckpointTables(two).read("t"), torch.arange(40.0).view(10, 4))
+        pieces = CheckpointTables(two).pieces("t")  # as stored, never put together
+        assert sorted(offsets for offsets, _ in pieces) == [[0, 0], [5, 0]]
+        for (row, _), piece in pieces:
+            assert torch.equal(piece, torch.arange(40.0).view(10, 4)[row:row + 5])
         assert torch.equal(load_state_dict(two)["t"], torch.arange(40.0).view(10, 4))
 
 
@@ -128,7 +132,7 @@ def test_a_sharded_dmp_models_folders_read_as_its_tables(tmp_path):
 def dcn_runs(tiny_pipeline, tmp_path_factory):
     """A TorchRec DLRM_DCN trained on .npy days; the disk step and the metrics run on its
     plain state dict (DLRMTrain's keys), its DCP folder and its snapshot, each with its
-    tables whole and with them in two row shards."""
+    tables whole and with them in two shards (the DCP's by rows, the snapshot's by columns)."""
     import evaluate_disk_savings
     import evaluate_model_metrics
     import train_dlrm
