@@ -6,7 +6,9 @@ models with evaluate_model_metrics.py in one process and under torchrun with --s
 (--ranks gloo processes on the CPU), alternating, --rounds times. Every process is on one
 thread (torchrun's setting), and each reports its own peak resident memory. Prints each run,
 the largest rank's peak over the single process's, the tables each rank held, and the largest
-difference of any metric between the two runs.
+difference of any metric between the two runs. With --from-dcp, the pruned models are scored
+from DCP folders that store every table in two row shards (as a job that sharded the tables
+row-wise saves them) instead of from the zips.
 
     python benchmarks/bench_sharded_metrics.py --keep work/
 """
@@ -30,6 +32,51 @@ METRICS = ["precision", "recall", "f1", "roc_auc", "accuracy", "log_loss", "aver
 # each rank's own peak, in a file of its own (PEAK_WRAPPER's, per rank)
 RANK_WRAPPER = PEAK_WRAPPER.replace('os.environ["BENCH_PEAK_FILE"]',
                                     'os.environ["BENCH_PEAK_FILE"] + os.environ["RANK"]')
+
+# a pruned zip saved by DCP with every table in two row shards (a ShardedTensor needs a
+# process group: one gloo rank)
+TO_DCP = """
+import os, sys, warnings, torch, torch.distributed as dist
+warnings.simplefilter("ignore")
+sys.path.insert(0, sys.argv[3])
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29613")
+dist.init_process_group("gloo", rank=0, world_size=1)
+import torch.distributed.checkpoint as dcp
+from torch.distributed._shard import sharded_tensor
+from torch.distributed._shard.sharding_spec import ChunkShardingSpec
+from dlrm_sparsity.checkpoints import load_dlrm_state_dict
+from dlrm_sparsity.layouts import read_layout
+
+def in_two(table):
+    two = sharded_tensor.empty(ChunkShardingSpec(dim=0, placements=["rank:0/cpu"] * 2),
+                               *table.shape)
+    for shard in two.local_shards():
+        first = shard.metadata.shard_offsets[0]
+        shard.tensor.copy_(table[first:first + shard.tensor.shape[0]])
+    return two
+
+sd = load_dlrm_state_dict(sys.argv[1])
+tables = set(read_layout(sd).tables)
+dcp.save({k: in_two(v) if k in tables and v.shape[0] > 1 else v for k, v in sd.items()},
+         checkpoint_id=sys.argv[2])
+dist.destroy_process_group()
+"""
+
+
+def as_dcp_folders(pruned: Path) -> Path:
+    """The disk step's metadata with each zip replaced by a DCP folder of it, every table in
+    two row shards (made once per folder); the new metadata's path."""
+    meta = pd.read_csv(pruned / "sparse_model_metadata.csv")
+    folders = []
+    for path in meta["path"]:
+        folder = pruned / "dcp" / Path(path).stem
+        if not (folder / ".metadata").is_file():
+            subprocess.run([sys.executable, "-c", TO_DCP, str(pruned / path), str(folder),
+                            str(REPO)], check=True)
+        folders.append(str(folder))
+    out = pruned / "dcp_metadata.csv"
+    meta.assign(path=folders, sha256=float("nan")).to_csv(out, index=False)
+    return out
 
 
 def sharded_run(work: Path, args: list[str], ranks: int) -> tuple[float, list[int], str]:
@@ -61,6 +108,8 @@ def main() -> None:
     p.add_argument("--ranks", type=int, default=2, help="torchrun processes")
     p.add_argument("--rounds", type=int, default=2, help="runs of each, alternating")
     p.add_argument("--keep", type=Path, default=None, help="work folder to keep (and reuse)")
+    p.add_argument("--from-dcp", action="store_true",
+                   help="score DCP folders of the pruned models, tables in two row shards")
     args = p.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench_sharded_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -74,11 +123,14 @@ def main() -> None:
             run_child([str(REPO / "evaluate_disk_savings.py"), "--model_path", str(model),
                        "--output-dir", str(pruned), "--norms", "L1", "--block-shapes", "1x4",
                        "--sparsity-levels", *args.levels, "--no-report"])
+        metadata = (as_dcp_folders(pruned) if args.from_dcp
+                    else pruned / "sparse_model_metadata.csv")
         common = ["--raw-data-file", str(raw), "--processed-data-file", str(processed),
-                  "--sparse-model-metadata", str(pruned / "sparse_model_metadata.csv"),
+                  "--sparse-model-metadata", str(metadata),
                   "--batch-size", str(args.batch_size), "--device", "cpu", "--no-report",
                   "--overwrite"]
-        print(f"model: {gib(model_bytes)}, {len(args.levels)} pruned model(s), "
+        print(f"model: {gib(model_bytes)}, {len(args.levels)} pruned model(s)"
+              f"{' as DCP folders, tables in two row shards' if args.from_dcp else ''}, "
               f"{args.ranks} ranks on gloo, one thread each")
         single_peaks, rank_peaks, frames = [], [], {}
         for r in range(args.rounds):
