@@ -119,8 +119,7 @@ class SnapshotFolder:
         mapped (mmap) or read, none put together."""
         entry, origin = self._entry(key)
         if entry.get("type") in ("ShardedTensor", "ChunkedTensor"):
-            return [(list(p["offsets"]), self._tensor(p["tensor"], origin, mmap))
-                    for p in self._parts(entry, origin)]
+            return self._shards(self._parts(entry, origin), origin, mmap)
         tensor = self._tensor(entry, origin, mmap)
         return [([0] * tensor.dim(), tensor)]
 
@@ -131,6 +130,10 @@ class SnapshotFolder:
             raise CheckpointError(f"{self.origin}: the manifest lists '{key}' but holds no "
                                   f"entry '{name}'")
         return entry, f"{self.origin}: '{key}'"
+
+    def _shards(self, parts: list[dict], origin: str, mmap: bool
+                ) -> list[tuple[list[int], torch.Tensor]]:
+        return [(list(p["offsets"]), self._tensor(p["tensor"], origin, mmap)) for p in parts]
 
     @staticmethod
     def _parts(entry: dict, origin: str) -> list[dict]:
@@ -162,8 +165,7 @@ class SnapshotFolder:
                     for d in range(len(parts[0]["sizes"]))]
                 return torch.empty(shape, dtype=_dtype(parts[0]["tensor"]["dtype"], origin),
                                    device="meta")
-            pieces = [(list(p["offsets"]), self._tensor(p["tensor"], origin, mmap))
-                      for p in parts]
+            pieces = self._shards(parts, origin, mmap)
             if len(pieces) == 1 and not any(pieces[0][0]):
                 return pieces[0][1]
             return _assemble(pieces, entry.get("shape"))

@@ -27,6 +27,7 @@ import torch
 import evaluate_disk_savings
 import evaluate_model_metrics
 from conftest import run_script, write_in_two_shards
+from dlrm_sparsity.checkpoints import load_dlrm_state_dict
 from dlrm_sparsity.criteo.npy_write import write_npy_days
 from dlrm_sparsity.model import DLRMConfig, DLRMNet
 
@@ -133,7 +134,6 @@ def test_folders_whose_tables_are_stored_in_shards_score_the_same_sharded(dlrm_r
     meta = pd.read_csv(dlrm_run["metadata"])
     level0 = meta[meta["sparsity_level"] == 0].iloc[[0]]
     write_in_two_shards(root / "one" / level0["path"].iloc[0], out)
-    from dlrm_sparsity.checkpoints import load_dlrm_state_dict
     assert load_dlrm_state_dict(out / "dcp", mmap=True)["emb_l.0.weight"].is_meta
     shutil.copytree(out / "dcp", out / "cut")
     data = next((out / "cut").glob("*.distcp"))
