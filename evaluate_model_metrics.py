@@ -88,7 +88,7 @@ def main(argv=None) -> None:
         ranks = run.ctx.world_size if exp.sharded else 1  # that held each model's tables
 
         def compute(item):
-            return {**exp.score(exp.model(item.payload)), "tables_on_ranks": ranks}
+            return {**exp.quality(item.payload), "tables_on_ranks": ranks}
 
         result = run.sweep(items, compute, tables=[METRICS], label="scoring",
                            together=exp.sharded,

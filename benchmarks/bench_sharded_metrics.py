@@ -103,7 +103,9 @@ def main() -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", type=int, default=200_000,
                    help="processed samples (the test split is about 1/14 of them)")
-    p.add_argument("--levels", nargs="+", default=["0.5"], help="L1 1x4 levels pruned")
+    p.add_argument("--levels", nargs="+", default=["0.5", "0.9"],
+                   help="L1 1x4 levels pruned (two models: the second is read while the "
+                        "first is let go)")
     p.add_argument("--batch-size", type=int, default=2048, help="samples per forward pass")
     p.add_argument("--ranks", type=int, default=2, help="torchrun processes")
     p.add_argument("--rounds", type=int, default=2, help="runs of each, alternating")
@@ -118,7 +120,7 @@ def main() -> None:
         model = work / "kaggle_model.pt"
         model_bytes = save_kaggle_model(model)
         raw, processed = write_test_data(work, args.samples)
-        pruned = work / "pruned"
+        pruned = work / f"pruned_{'_'.join(args.levels)}"
         if not (pruned / "sparse_model_metadata.csv").is_file():
             run_child([str(REPO / "evaluate_disk_savings.py"), "--model_path", str(model),
                        "--output-dir", str(pruned), "--norms", "L1", "--block-shapes", "1x4",

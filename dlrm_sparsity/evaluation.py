@@ -30,8 +30,8 @@ def score_split(model: DLRMNet, split: CriteoSplit | NpySplit, batch_size: int) 
 def quality_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
     """The seed's metrics (unrounded) plus average precision, all from scikit-learn."""
     # imported here, not with the package: scikit-learn and SciPy weigh about 75 MiB in every
-    # process, and only the one computing metrics needs them (sharded ranks but the first,
-    # the disk step, the timing experiments do not)
+    # process, and only one process scoring a split in memory needs them (sharded ranks, the
+    # disk step, the timing experiments do not)
     from sklearn import metrics
 
     labels = np.asarray(labels).astype(np.int64)

@@ -17,6 +17,7 @@ that time, and builds every row's provenance and every item's determinants the s
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import zipfile
 from functools import cached_property, lru_cache
@@ -149,6 +150,19 @@ class Experiment:
             return streamed_quality(model, self.test, len(self.batch.labels))
         return quality_metrics(self.test.labels.cpu().numpy(),
                                score_split(model, self.test, len(self.batch.labels)))
+
+    def quality(self, meta: dict) -> dict:
+        """The quality metrics of a metadata row's model (score). A sharded model is let go
+        before this returns: TorchRec's sharded modules refer to one another, so only the
+        garbage collector frees their tables, and held until it runs, they would sit beside
+        the next model's while its zip is inflated and its shards filled."""
+        model = self.model(meta)
+        try:
+            return self.score(model)
+        finally:
+            del model
+            if self.sharded:
+                gc.collect()
 
     @cached_property
     def budget(self) -> TimingBudget:

@@ -3,16 +3,17 @@
 Under torchrun, `--shard-tables` (or a model larger than one rank's device) puts each pruned
 model into TorchRec's `DistributedModelParallel`:
 - the tables become one `EmbeddingBagCollection`, which TorchRec's planner shards table-wise,
-  or column-wise where a table is larger than one rank's memory;
+  or column-wise where a table is larger than one rank's memory, its shards placed so that
+  the rank holding the most bytes holds as few as it can (placement.py);
 - the suite's own bottom MLP, interaction and top MLP stay around it, the same on every rank,
   so dlrm's models and TorchRec's DLRM and DLRM_DCN all go through this one path;
-- each rank copies only its shards from the checkpoint, CHUNK_BYTES of rows at a time from a
+- each rank copies only its shards from the checkpoint, FILL_BYTES of rows at a time from a
   memory map (a pruned zip is inflated once per machine into a file beside it, which goes once
   every rank has mapped it), so no rank holds the model;
 - the ranks score whole batches of the run's size, rank r the batches r, r + W, ...: each
   sample is scored in the same batch as by one process, so its score is the same bits, and
-  rank 0 computes the metrics of the gathered scores with the suite's metric code
-  (evaluation.py), as one process does.
+  rank 0 computes the metrics of the gathered scores with the suite's lean metric code
+  (evaluation.quality_of_batches), equal to one process's to float64 rounding.
 On CPUs the ranks talk over gloo, on GPUs over nccl; the code is the same.
 """
 
@@ -44,15 +45,18 @@ from dlrm_sparsity.criteo.data import Batch, CriteoSplit
 from dlrm_sparsity.criteo.npy import NpySplit
 from dlrm_sparsity.disk import physical_memory
 from dlrm_sparsity.errors import CheckpointError, StopRun, UserInputError
-from dlrm_sparsity.evaluation import quality_metrics, quality_of_batches
+from dlrm_sparsity.evaluation import quality_of_batches
 from dlrm_sparsity.layouts import read_layout
 from dlrm_sparsity.model import DLRMConfig, DLRMNet
-from dlrm_sparsity.pruning import CHUNK_BYTES
 from dlrm_sparsity.runner.distributed import DistContext
 from dlrm_sparsity.timing import drop_mapped_pages
 
 WEIGHT_BYTES = 4  # the collection's weights are float32
 RESERVED_SHARE = 0.1  # of a rank's memory, kept by the planner for all but the tables
+# a rank copies its shards this much at a time: the mapped pages read sit beside its tables
+# until given back (the 64 MiB that the disk step streams added 4% to a rank's peak on the
+# Kaggle-size model; each chunk costs 2 ms in drop_mapped_pages)
+FILL_BYTES = 8 * 2**20
 
 
 def table_name(k: int) -> str:
@@ -75,6 +79,8 @@ def _torchrec() -> SimpleNamespace:
             from torchrec.distributed.planner import planners, storage_reservations, types
             from torchrec.modules import embedding_configs, embedding_modules
             from torchrec.sparse import jagged_tensor
+
+            from dlrm_sparsity.placement import LeastLargestPartitioner
     except ImportError:
         raise UserInputError("sharding the tables needs TorchRec: pip install --no-deps -r "
                              "requirements-torchrec.txt (see the README)") from None
@@ -82,6 +88,7 @@ def _torchrec() -> SimpleNamespace:
         DMP=model_parallel.DistributedModelParallel,
         Sharder=embeddingbag.EmbeddingBagCollectionSharder,
         Planner=planners.EmbeddingShardingPlanner, PlannerError=types.PlannerError,
+        Partitioner=LeastLargestPartitioner,
         Reservation=storage_reservations.FixedPercentageStorageReservation,
         Constraints=types.ParameterConstraints, TopologyFactory=types.TopologyFactory,
         TrainerConfig=types.TrainerConfig, KernelConfig=types.KernelConfig,
@@ -204,13 +211,15 @@ class Sharding:
                 rows, cfg.embedding_dim, capacity))
             for k, rows in enumerate(cfg.table_sizes)}
         local = int(os.environ.get("LOCAL_WORLD_SIZE", self.ctx.world_size))
-        memory = {"hbm_cap_bytes" if self.device.type == "cuda" else "ddr_cap_bytes": capacity}
+        memory = "hbm" if self.device.type == "cuda" else "ddr"
         topology = tr.TopologyFactory.create_topology(
-            tr.TrainerConfig(world_size=self.ctx.world_size, local_world_size=local, **memory),
+            tr.TrainerConfig(world_size=self.ctx.world_size, local_world_size=local,
+                             **{f"{memory}_cap_bytes": capacity}),
             kernel_config=tr.KernelConfig(compute_device=self.device.type))
         planner = tr.Planner(topology=topology, constraints=constraints,
                              batch_size=self.batch_size, debug=False,
-                             storage_reservation=tr.Reservation(RESERVED_SHARE))
+                             storage_reservation=tr.Reservation(RESERVED_SHARE),
+                             partitioner=tr.Partitioner(memory))
         try:
             return planner.plan(model, [tr.Sharder()])
         except tr.PlannerError:
@@ -290,7 +299,7 @@ def open_mapped(path: str, ctx: DistContext) -> dict[str, torch.Tensor]:
 def _fill_shards(dmp, pieces: Callable[[str], list[tuple[list[int], torch.Tensor]]],
                  names: list[str]) -> None:
     """Copy this rank's shards from the tables' stored pieces (pieces(name): each at its
-    offsets, mapped where it lies), where each shard meets each piece, CHUNK_BYTES of rows at
+    offsets, mapped where it lies), where each shard meets each piece, FILL_BYTES of rows at
     a time (a shard's tensor is a view of the sharded collection's own weights); the pages
     read go back after each."""
     state = dmp.state_dict()
@@ -299,7 +308,7 @@ def _fill_shards(dmp, pieces: Callable[[str], list[tuple[list[int], torch.Tensor
         if not shards:
             continue
         for (p0, q0), piece in pieces(name):
-            step = max(1, CHUNK_BYTES // max(1, piece[:1].nbytes))
+            step = max(1, FILL_BYTES // max(1, piece[:1].nbytes))
             for shard in shards:
                 (r0, c0), (rows, cols) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
                 top, bottom = max(r0, p0), min(r0 + rows, p0 + piece.shape[0])
@@ -330,7 +339,11 @@ def _own_batches(split: CriteoSplit | NpySplit, batch_size: int, ctx: DistContex
 def score_sharded(model, split: CriteoSplit | NpySplit, batch_size: int, ctx: DistContext
                   ) -> dict[str, float]:
     """The quality metrics of a sharded model on the split, on every rank: computed on rank 0
-    from the gathered scores as one process computes them (Experiment.score)."""
+    from the gathered scores by the suite's lean metric code (quality_of_batches, 4 bytes a
+    sample), which one process uses for streamed splits. Where one process scores a split
+    held in memory with scikit-learn, the two agree to float64 rounding; scikit-learn would
+    add 75 MiB of imports and 40 bytes a sample to rank 0 beside its tables (1.3 GB at
+    Criteo 1TB's 33 M test samples)."""
     scored = []
     for index, batch in _own_batches(split, batch_size, ctx):
         p = model(batch.dense, features_of(batch)).view(-1).cpu().numpy()
@@ -341,9 +354,6 @@ def score_sharded(model, split: CriteoSplit | NpySplit, batch_size: int, ctx: Di
 
     def metrics() -> dict[str, float]:
         ordered = sorted((s for part in parts for s in part), key=lambda s: s[0])
-        if isinstance(split, NpySplit):
-            return quality_of_batches(((p, y) for _, p, y in ordered), len(split))
-        scores = np.concatenate([p for _, p, _ in ordered]).astype(np.float64)
-        return quality_metrics(split.labels.cpu().numpy(), scores)
+        return quality_of_batches(((p, y) for _, p, y in ordered), len(split))
 
     return ctx.on_main(metrics)
