@@ -56,7 +56,7 @@ def compare(name: str, trees: dict[str, Path], model: Path, model_bytes: int, wo
             print(f"  {name} round {r + 1} {label}: {wall:.1f} s ({wall - check:.1f} s "
                   f"without the stock check, which covered "
                   f"{df['stock_check_fraction'].max():.1%} of the weights), peak {gib(peak)} "
-                  f"({peak / model_bytes:.2f}x the model)", flush=True)
+                  f"({peak / model_bytes:.3f}x the model)", flush=True)
     base, new = runs["baseline"], runs["streamed"]
 
     def ratios(i: int) -> list[float]:
@@ -68,8 +68,8 @@ def compare(name: str, trees: dict[str, Path], model: Path, model_bytes: int, wo
           f"{statistics.median(ratios(1)):.3f} (rounds: "
           f"{', '.join(f'{x:.3f}' for x in ratios(1))}), peak "
           f"{statistics.median(ratios(2)):.3f}; streamed peak "
-          f"{max(p for *_, p in new) / model_bytes:.2f}x the model, baseline "
-          f"{max(p for *_, p in base) / model_bytes:.2f}x; zips identical (sha256): "
+          f"{max(p for *_, p in new) / model_bytes:.3f}x the model, baseline "
+          f"{max(p for *_, p in base) / model_bytes:.3f}x; zips identical (sha256): "
           f"{'yes' if same else 'NO'} ({len(hashes['streamed'])} points)", flush=True)
 
 
