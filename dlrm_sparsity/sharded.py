@@ -342,8 +342,8 @@ def score_sharded(model, split: CriteoSplit | NpySplit, batch_size: int, ctx: Di
     from the gathered scores by the suite's lean metric code (quality_of_batches, 4 bytes a
     sample), which one process uses for streamed splits. Where one process scores a split
     held in memory with scikit-learn, the two agree to float64 rounding; scikit-learn would
-    add 75 MiB of imports and 40 bytes a sample to rank 0 beside its tables (1.3 GB at
-    Criteo 1TB's 33 M test samples)."""
+    add 75 MiB of imports and 40 bytes a sample to rank 0 beside its tables (3.6 GB for
+    Criteo 1TB's 89 M test samples)."""
     scored = []
     for index, batch in _own_batches(split, batch_size, ctx):
         p = model(batch.dense, features_of(batch)).view(-1).cpu().numpy()
