@@ -7,6 +7,7 @@ from __future__ import annotations
 import pandas as pd
 
 from dlrm_sparsity.analysis import (
+    FLAGGED,
     MODEL,
     claimed_verdicts,
     front_choice,
@@ -105,11 +106,16 @@ def activation_answer(df: pd.DataFrame | None, budget: float) -> list[str]:
         if top is None:
             continue
         model = "the dense model" if emb == 0.0 else f"{config_name(norm, block)} at {emb:g}"
-        speed = (f"the compact forward takes {top['ratio']:.2f}x the masked dense "
-                 f"one's time [{top['ratio_low']:.2f}, {top['ratio_high']:.2f}]"
-                 if verdicts.loc[top.name] == "faster" else
-                 "the compact forward is not faster than the masked dense one beyond noise"
-                 ) + noise_note(df)
+        verdict = verdicts.loc[top.name]
+        if verdict == "faster":
+            speed = (f"the compact forward takes {top['ratio']:.2f}x the masked dense one's "
+                     f"time [{top['ratio_low']:.2f}, {top['ratio_high']:.2f}]")
+        elif verdict == FLAGGED:  # no claim either way from a measurement the noise spoiled
+            speed = ("the compact forward's time was disturbed by the machine and is not "
+                     "claimed from (rerun to measure it)")
+        else:
+            speed = "the compact forward is not faster than the masked dense one beyond noise"
+        speed += noise_note(df)
         lines.append(f"- activation sparsity on {model}: up to level "
                      f"{top['activation_level']:g} (AUC {top['roc_auc']:.4f}, a drop of "
                      f"{top['auc_drop_vs_level0']:.4f} from the unpruned model), where {speed}")
