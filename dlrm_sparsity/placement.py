@@ -29,6 +29,21 @@ from torchrec.distributed.planner.types import (
 )
 
 SEARCH_STEPS = 20_000  # placements tried per proposal, beyond the first (greedy) one
+SEARCH_DEPTH = 400  # shards the search places one per call level; more: the greedy placement
+
+
+def greedy(sizes: Sequence[int], capacities: Sequence[int]) -> list[int] | None:
+    """Each item, largest first, on the least loaded rank it fits; None where one fits none."""
+    load = [0] * len(capacities)
+    where = [0] * len(sizes)
+    for item in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        fits = [r for r in range(len(load)) if load[r] + sizes[item] <= capacities[r]]
+        if not fits:
+            return None
+        r = min(fits, key=lambda r: (load[r], r))
+        load[r] += sizes[item]
+        where[item] = r
+    return where
 
 
 def least_largest(sizes: Sequence[int], capacities: Sequence[int],
@@ -40,9 +55,12 @@ def least_largest(sizes: Sequence[int], capacities: Sequence[int],
     it only gets better; branches that cannot beat the best so far are cut, and the search
     stops at a placement that meets the lower bound (the mean load, or the largest item).
     Where no placement is found in twice `steps` beyond the first descent, nothing fits as
-    far as it knows."""
+    far as it knows. More than SEARCH_DEPTH items are placed greedily (greedy), the search
+    going one call deeper per item."""
     if sum(sizes) > sum(capacities) or max(sizes, default=0) > max(capacities, default=0):
         return None
+    if len(sizes) > SEARCH_DEPTH:  # a search this deep would pass Python's recursion limit
+        return greedy(sizes, capacities)
     order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
     ranks = len(capacities)
     floor = max(math.ceil(sum(sizes) / max(ranks, 1)), max(sizes, default=0))

@@ -49,6 +49,15 @@ def test_capacities_are_kept_and_sets_that_cannot_fit_are_none():
     assert least_largest([1] * 10, [4, 4]) is None  # more than the ranks hold together
 
 
+def test_more_shards_than_the_search_goes_deep_are_placed_greedily():
+    rng = random.Random(1)
+    sizes = [rng.randint(1, 1000) for _ in range(placement.SEARCH_DEPTH + 1100)]
+    got = least_largest(sizes, [10**9] * 8)  # no RecursionError
+    assert got == placement.greedy(sizes, [10**9] * 8)
+    assert largest_load(sizes, got, 8) <= sum(sizes) / 8 + 1000  # within one item of even
+    assert placement.greedy([5, 5, 5], [9, 9]) is None
+
+
 def test_the_kaggle_tables_split_by_bytes_not_lookups_on_two_ranks():
     assert largest_load(KAGGLE_BYTES, least_largest(KAGGLE_BYTES, [10**12] * 2), 2) \
         == BEST_OF_TWO
