@@ -235,19 +235,26 @@ class Sharding:
         return score_sharded(model, split, self.batch_size, self.ctx)
 
 
-def describe_plan(plan, config: DLRMConfig) -> str:
-    """One line: how the tables were sharded, and the bytes of tables on each rank."""
+def rank_bytes(plan, config: DLRMConfig) -> dict[int, int]:
+    """The bytes of tables a plan puts on each rank."""
     per_rank: dict[int, int] = {}
-    kinds: dict[str, int] = {}
     for k in range(len(config.table_sizes)):
-        sharding = plan.plan["tables"][table_name(k)]
-        kinds[sharding.sharding_type] = kinds.get(sharding.sharding_type, 0) + 1
-        for shard in sharding.sharding_spec.shards:
+        for shard in plan.plan["tables"][table_name(k)].sharding_spec.shards:
             rank = shard.placement.rank()
             per_rank[rank] = (per_rank.get(rank, 0)
                               + WEIGHT_BYTES * int(np.prod(shard.shard_sizes)))
+    return per_rank
+
+
+def describe_plan(plan, config: DLRMConfig) -> str:
+    """One line: how the tables were sharded, and the bytes of tables on each rank."""
+    kinds: dict[str, int] = {}
+    for k in range(len(config.table_sizes)):
+        kind = plan.plan["tables"][table_name(k)].sharding_type
+        kinds[kind] = kinds.get(kind, 0) + 1
     how = ", ".join(f"{n} {kind.replace('_', '-')}" for kind, n in sorted(kinds.items()))
-    held = ", ".join(f"rank {r}: {size_text(b)}" for r, b in sorted(per_rank.items()))
+    held = ", ".join(f"rank {r}: {size_text(b)}"
+                     for r, b in sorted(rank_bytes(plan, config).items()))
     return f"tables sharded by TorchRec's planner: {how} ({held})"
 
 

@@ -15,7 +15,7 @@ pytest.importorskip("torchrec")
 
 from dlrm_sparsity import placement  # noqa: E402 (needs TorchRec)
 from dlrm_sparsity.placement import least_largest  # noqa: E402
-from dlrm_sparsity.sharded import Sharding, TablesAround, table_name  # noqa: E402
+from dlrm_sparsity.sharded import Sharding, TablesAround, rank_bytes  # noqa: E402
 
 KAGGLE_BYTES = [n * 16 * 4 for n in KAGGLE_CARDINALITIES]
 # the best split of those tables over two ranks (found by meet-in-the-middle over all 2^26
@@ -73,13 +73,8 @@ def planned_bytes(monkeypatch, partitioner=None) -> list[int]:
                                  (367, 512, 256, 1)))
     model = TablesAround(net)
     sharding = Sharding(SimpleNamespace(world_size=2), torch.device("cpu"), 4 * 10**9, 2048)
-    plan = sharding._plan(model)
-    held = [0, 0]
-    for k in range(len(KAGGLE_CARDINALITIES)):
-        shards = plan.plan["tables"][table_name(k)].sharding_spec.shards
-        for shard in shards:
-            held[shard.placement.rank()] += 4 * shard.shard_sizes[0] * shard.shard_sizes[1]
-    return held
+    held = rank_bytes(sharding._plan(model), net.config)
+    return [held.get(rank, 0) for rank in range(2)]
 
 
 def test_the_planner_places_the_kaggle_tables_with_the_least_on_the_fullest_rank(monkeypatch):
