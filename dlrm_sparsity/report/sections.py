@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Iterator
 
-import pandas as pd
-
 from dlrm_sparsity.analysis import (
     AUC_DROP_BUDGETS,
     CONFIG,
@@ -16,9 +14,12 @@ from dlrm_sparsity.analysis import (
     smallest_within,
 )
 from dlrm_sparsity.analysis import verdict_counts as verdicts
+from dlrm_sparsity.lazy import lazy_module
 from dlrm_sparsity.plots import pareto_front
 from dlrm_sparsity.report.answer import config_name
 from dlrm_sparsity.variants import COMPACT, DENSE, MASKED, SPARSE
+
+pd = lazy_module("pandas")  # imported on first use (lazy.py says why)
 
 
 def fmt(value: float, digits: int = 4) -> str:
