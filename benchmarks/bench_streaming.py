@@ -6,7 +6,9 @@ and runs evaluate_disk_savings.py from both trees on the same model, alternating
 child process timed with its peak resident memory. Per grid it prints each run, the median
 ratios new / baseline, the peak as a share of the model, and whether every zip is the same
 file (sha256) in both. Grids: L1 1x4 at 0.5 and 0.9 (--rounds, default 2), then L1 1x1 at 0.5
-(--rounds-1x1, default 1), where one table's sort sets the peak.
+(--rounds-1x1, default 1), where one table's sort sets the peak. For each grid it also prints
+how many of the largest table's blocks equal each cut's value, and how many of those the level
+zeroes: where that is some but not all, only torch.sort of the whole table says which.
 
     python benchmarks/bench_streaming.py --keep work/
 """
@@ -20,11 +22,35 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import torch
 from bench_common import gib
 from bench_kaggle_size import REPO, run_child, save_kaggle_model
 
+from dlrm_sparsity.checkpoints import load_dlrm_state_dict
+from dlrm_sparsity.mask_engine import block_norms
+
 BASELINE = "bceaa9f"  # the disk step before streaming: each pruned model held whole
+
+
+def ties_at_cuts(model: Path, norm: str, shape: str, levels: list[str]) -> str:
+    """The largest table's blocks at each level's cut: how many equal the cut's value, and
+    how many of those the level zeroes (the sort's tie order picks them)."""
+    tables = {k: v for k, v in load_dlrm_state_dict(model, mmap=True).items()
+              if k.startswith("emb_l.")}
+    name = max(tables, key=lambda k: tables[k].numel())
+    with torch.no_grad():
+        norms = block_norms(tables[name], norm, tuple(int(x) for x in shape.split("x")))
+    values = norms.numpy()
+    parts = []
+    for level in levels:
+        k = round(float(level) * len(values))
+        cut = np.partition(values, k - 1)[k - 1]
+        below, equal = int((values < cut).sum()), int((values == cut).sum())
+        parts.append(f"level {level}: {equal} equal the cut's value, {k - below} of them zeroed")
+    return (f"  {name} ({tuple(tables[name].shape)}, {len(values):,} blocks at {norm} {shape}): "
+            + "; ".join(parts))
 
 
 def run_grid(tree: Path, model: Path, out: Path, norm: str, shape: str, levels: list[str]
@@ -96,9 +122,11 @@ def main() -> None:
         try:
             compare("L1 1x4 at 0.5, 0.9", trees, model, model_bytes, work,
                     ("L1", "1x4", ["0.5", "0.9"]), args.rounds)
+            print(ties_at_cuts(model, "L1", "1x4", ["0.5", "0.9"]), flush=True)
             if args.rounds_1x1:
                 compare("L1 1x1 at 0.5", trees, model, model_bytes, work,
                         ("L1", "1x1", ["0.5"]), args.rounds_1x1)
+                print(ties_at_cuts(model, "L1", "1x1", ["0.5"]), flush=True)
         finally:
             if not args.keep:
                 subprocess.run(["git", "worktree", "remove", "--force", str(baseline)],
