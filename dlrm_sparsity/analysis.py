@@ -8,9 +8,7 @@ from __future__ import annotations
 import operator
 from typing import Callable, Sequence
 
-from dlrm_sparsity.lazy import lazy_module
-
-pd = lazy_module("pandas")  # imported on first use (lazy.py says why)
+from dlrm_sparsity.lazy import pandas as pd
 
 AUC_DROP_BUDGETS = (0.005, 0.01)  # the drops every summary and the report answer for
 _BUDGET_TOLERANCE = 1e-12  # drops are differences of floats: a drop of 0.005 is within 0.005

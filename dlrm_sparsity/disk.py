@@ -34,7 +34,7 @@ from dlrm_sparsity.grid import (
     build_grid,
     shared_weights,
 )
-from dlrm_sparsity.lazy import lazy_module
+from dlrm_sparsity.lazy import pandas as pd
 from dlrm_sparsity.mask_engine import NAME as MASK_ENGINE
 from dlrm_sparsity.plots import plot_disk_savings
 from dlrm_sparsity.pruning import (
@@ -55,8 +55,6 @@ from dlrm_sparsity.sort_once import (
     stock_check_points,
     stream_sort_once,
 )
-
-pd = lazy_module("pandas")  # imported on first use (lazy.py says why)
 
 METADATA = Table(METADATA_CSV, METADATA_COLUMNS)
 MB = 2**20  # the seed's MB

@@ -2,8 +2,9 @@
 
 The disk step's peak memory is its largest sort, and pandas (33 MiB of imports) would sit
 under that peak for nothing: the step reads and writes its CSVs with pandas only before and
-after its tables. The modules on that path name pandas as `pd = lazy_module("pandas")`, so it
-loads when a CSV or a frame is first touched.
+after its tables. The modules on that path import it from here
+(`from dlrm_sparsity.lazy import pandas as pd`), so it loads when a CSV or a frame is first
+touched.
 
 Written here rather than with importlib.util.LazyLoader: before Python 3.12.3 it can hand a
 thread a module whose code is still running in another thread (CPython gh-114763), and the
@@ -33,6 +34,4 @@ class LazyModule:
         return f"<module {self._name!r}, imported on first use>"
 
 
-def lazy_module(name: str) -> Any:
-    """`name`, imported when one of its attributes is first read."""
-    return LazyModule(name)
+pandas = LazyModule("pandas")

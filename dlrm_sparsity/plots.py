@@ -6,11 +6,9 @@ from __future__ import annotations
 import os
 
 from dlrm_sparsity.analysis import AUC_DROP_BUDGETS, claimed_verdicts
-from dlrm_sparsity.lazy import lazy_module
+from dlrm_sparsity.lazy import pandas as pd
 from dlrm_sparsity.runner.atomic import atomic_path
 from dlrm_sparsity.variants import COMPACT, DENSE, MASKED, MASKED_SPARSE, SPARSE
-
-pd = lazy_module("pandas")  # imported on first use (lazy.py says why)
 
 
 def _pyplot():

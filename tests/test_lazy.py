@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dlrm_sparsity.lazy import lazy_module
+from dlrm_sparsity.lazy import LazyModule
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,8 +26,8 @@ def test_the_disk_step_imports_without_pandas():
 
 def test_the_first_attribute_read_imports_the_module():
     done = run_python("import sys\n"
-                      "from dlrm_sparsity.lazy import lazy_module\n"
-                      "m = lazy_module('fractions')\n"
+                      "from dlrm_sparsity.lazy import LazyModule\n"
+                      "m = LazyModule('fractions')\n"
                       "print('fractions' in sys.modules)\n"
                       "print(m.Fraction(1, 3) + m.Fraction(1, 6))\n"
                       "print('fractions' in sys.modules)\n")
@@ -38,8 +38,8 @@ def test_the_first_attribute_read_imports_the_module():
 def test_threads_reading_it_at_once_all_get_the_whole_module():
     # The sweeps' worker threads may touch pandas first together; each must see it complete.
     done = run_python("import threading\n"
-                      "from dlrm_sparsity.lazy import lazy_module\n"
-                      "pd = lazy_module('pandas')\n"
+                      "from dlrm_sparsity.lazy import LazyModule\n"
+                      "pd = LazyModule('pandas')\n"
                       "start = threading.Barrier(8)\n"
                       "seen = []\n"
                       "def read():\n"
@@ -54,6 +54,6 @@ def test_threads_reading_it_at_once_all_get_the_whole_module():
 
 
 def test_a_missing_module_fails_when_first_used():
-    missing = lazy_module("no_such_module_here")
+    missing = LazyModule("no_such_module_here")
     with pytest.raises(ModuleNotFoundError, match="no_such_module_here"):
         missing.DataFrame()

@@ -14,11 +14,9 @@ from dlrm_sparsity.analysis import (
     smallest_within,
     within_budget,
 )
-from dlrm_sparsity.lazy import lazy_module
+from dlrm_sparsity.lazy import pandas as pd
 from dlrm_sparsity.report.results import Results
 from dlrm_sparsity.variants import COMPACT, DENSE, SPARSE
-
-pd = lazy_module("pandas")  # imported on first use (lazy.py says why)
 
 
 def config_name(norm: str, block: str) -> str:

@@ -12,15 +12,13 @@ from pathlib import Path
 from dlrm_sparsity.analysis import AUC_DROP_BUDGETS, CONFIG
 from dlrm_sparsity.checkpoints import load_dlrm_state_dict
 from dlrm_sparsity.errors import UserInputError
-from dlrm_sparsity.lazy import lazy_module
+from dlrm_sparsity.lazy import pandas as pd
 from dlrm_sparsity.model import DLRMConfig
 from dlrm_sparsity.plots import pareto_front, plot_tradeoffs
 from dlrm_sparsity.report.answer import answer
 from dlrm_sparsity.report.results import EXPERIMENTS, Results
 from dlrm_sparsity.report.sections import SECTIONS, stability_section
 from dlrm_sparsity.runner.atomic import atomic_path
-
-pd = lazy_module("pandas")  # imported on first use (lazy.py says why)
 
 TRADEOFFS = "report_tradeoffs.png"
 

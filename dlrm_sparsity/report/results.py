@@ -5,10 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dlrm_sparsity.lazy import lazy_module
+from dlrm_sparsity.lazy import pandas as pd
 from dlrm_sparsity.runner.sweep import ok_rows
-
-pd = lazy_module("pandas")  # imported on first use (lazy.py says why)
 
 
 @dataclass(frozen=True)

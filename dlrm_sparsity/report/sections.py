@@ -14,12 +14,10 @@ from dlrm_sparsity.analysis import (
     smallest_within,
 )
 from dlrm_sparsity.analysis import verdict_counts as verdicts
-from dlrm_sparsity.lazy import lazy_module
+from dlrm_sparsity.lazy import pandas as pd
 from dlrm_sparsity.plots import pareto_front
 from dlrm_sparsity.report.answer import config_name
 from dlrm_sparsity.variants import COMPACT, DENSE, MASKED, SPARSE
-
-pd = lazy_module("pandas")  # imported on first use (lazy.py says why)
 
 
 def fmt(value: float, digits: int = 4) -> str:

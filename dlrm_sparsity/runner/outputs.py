@@ -7,10 +7,8 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from dlrm_sparsity.errors import UserInputError
-from dlrm_sparsity.lazy import lazy_module
+from dlrm_sparsity.lazy import pandas as pd
 from dlrm_sparsity.runner.atomic import atomic_path
-
-pd = lazy_module("pandas")  # imported on first use (lazy.py says why)
 
 METADATA_CSV = "sparse_model_metadata.csv"
 METADATA_COLUMNS = ["norm", "sparse_block_shape", "sparsity_level", "step_time_sec",

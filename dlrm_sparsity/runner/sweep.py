@@ -19,12 +19,10 @@ from typing import Any, Callable, Iterator, Sequence
 from tqdm import tqdm
 
 from dlrm_sparsity.errors import StopRun, UserInputError
-from dlrm_sparsity.lazy import lazy_module
+from dlrm_sparsity.lazy import pandas as pd
 from dlrm_sparsity.runner.distributed import DistContext
 from dlrm_sparsity.runner.outputs import write_csv
 from dlrm_sparsity.runner.resume import SIGNATURE, Resume, failed, key_of, signature_of
-
-pd = lazy_module("pandas")  # imported on first use (lazy.py says why)
 
 
 @dataclass(frozen=True)
