@@ -210,7 +210,8 @@ class DiskGrid:
         self.pruned_points = [p for p in self.points if p not in self.copies]
         sort_once = settings.mask_engine == MASK_ENGINE
         self.engines = GridEngines(self.pruned_points, self.model.dense_bytes >
-                                   LARGE_MODEL_BYTES) if sort_once else None
+                                   LARGE_MODEL_BYTES, spill_to=self.dump_dir
+                                   ) if sort_once else None
         self.checked = (stock_check_points(self.pruned_points)
                         if sort_once and settings.stock_check else set())
         self.check = StockCheck(None if settings.whole_stock_check else

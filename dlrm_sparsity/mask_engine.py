@@ -1,4 +1,4 @@
-"""The stock DataNormSparsifier's masks at every level of a grid, from one sort per table.
+"""The stock DataNormSparsifier's masks at every level of a grid, from one pass per table.
 
 For a table, a norm and a block shape, the stock sparsifier (torch.ao.pruning's
 DataNormSparsifier with its default zeros_per_block, every value of a chosen block zeroed)
@@ -7,23 +7,22 @@ DataNormSparsifier with its default zeros_per_block, every value of a chosen blo
   3. sorts the block averages with torch.sort,
   4. zeroes the first round(level * num_blocks) blocks of that order,
 and the squashed weight is mask * x. Only step 4 depends on the level, yet the stock sparsifier
-does all four at every level, with temporaries about nine times the table. This engine does
-steps 1-3 once, with the same calls on the same values, so the order (ties included) is the
-stock one; sorting the (1, 1, n) tensor rather than the stock (1, block size, n) repeat of it
-changes nothing, since every row of that repeat holds the same values and torch sorts each row
-alone. The sort's int64 order is reduced at once to what the grid needs: for each block, the
-index of the first grid level that zeroes it (uint8, one byte a block: a quarter of a float32
-table at 1x1 blocks, where the order itself, even as int32, would weigh as much as the table).
-Where no two equal averages straddle a level's cut, the blocks it zeroes are those at most
-the cut's value, found by one numpy.partition for every level (first_levels_by_threshold),
-with a fraction of the sort's memory. Where ties do straddle a cut, only the sort knows their
-order (torch.sort is not stable), and it runs: float32 averages of millions of small weights
-repeat often enough that the Kaggle-size model's largest table needs it at 1x1 and at 1x4.
-The stock check covers both ways.
+does all four at every level, with temporaries about nine times the table. This engine takes
+the block averages with the same calls on the same values and finds, once for every level,
+each block's first level: the index of the first grid level that zeroes it (uint8, one byte
+a block). For that it needs no order but each level's cut, the k-th smallest average, found
+by a radix selection over the averages a chunk at a time (level_cuts): a level zeroes the
+blocks below its cut and those equal to it. Only where equal averages straddle the k-th place
+does the sort's order of ties decide which are zeroed: float32 averages of millions of small
+weights repeat often enough that the Kaggle-size model's largest table has such ties at 1x1
+and at 1x4. torch.sort is not stable, so tie_order replays torch's CPU sort on the averages
+alone, in memory or in a file a window at a time, and says where it puts those ties; where
+it cannot (another build of torch, a GPU, a NaN at a cut), torch.sort of the averages runs
+and its int64 order gives the first levels. The stock check covers every way.
 A level's mask is then one comparison, and the weight the same product mask * x, so -0.0 for
 pruned negative values, as the stock sparsifier leaves them. A level that zeroes no block
 (level 0) has the all-ones mask and needs no order: a grid's first point is pruned at once,
-and the sort waits for the first level that uses it.
+and the cuts wait for the first level that uses them.
 
 Where the table is not a matrix the stock sparsifier squeezes (a table of one row or one
 column), the engine defers to it for that table.
@@ -32,13 +31,18 @@ column), the engine defers to it for that table.
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 import threading
-from typing import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dlrm_sparsity import tie_order
 from dlrm_sparsity.timing import trim_heap
 
 NAME = "sort-once"
@@ -115,43 +119,107 @@ def first_levels(order: torch.Tensor, levels: Sequence[float]) -> torch.Tensor:
     return first
 
 
-def first_levels_by_threshold(norms: torch.Tensor, levels: Sequence[float]
-                              ) -> torch.Tensor | None:
-    """first_levels without the order, where the order does not matter: None where it does.
+@dataclass
+class LevelCuts:
+    """Where each level cuts a table's block averages: count blocks; for each count k of
+    blocks a level zeroes (0 < k < count), the k-th smallest average and whether equal
+    averages straddle the k-th place; for each value that straddles, how many equal it."""
+
+    count: int
+    cuts: dict[int, tuple[np.float32, bool]]
+    ties: dict[np.float32, int]
+
+
+def level_cuts(averages: Callable[[], Iterable[torch.Tensor]], levels: Sequence[float]
+               ) -> LevelCuts | None:
+    """The levels' cuts over block averages given in order, a chunk at a time, by two
+    passes (averages() is called twice) of a radix selection: the averages are >= 0, so
+    their float32 bits order as they do; the first pass counts them by their top 16 bits,
+    the second, within each bucket that holds a cut, by their low 16 bits. Nothing is held
+    beside a chunk but those counts. None where the order decides more than ties at a cut:
+    a cut that is NaN (torch.sort's NaN rule), a negative average, a GPU's averages.
 
     A level zeroes the round(level * n) blocks that come first in torch.sort's order. Where
-    exactly that many blocks have an average at most the k-th smallest average t, they are
-    the k smallest whatever the sort does with ties, and so the stock ones: blocks <= t. Only
-    where equal averages straddle the k-th place (or t is NaN, which torch.sort puts last)
-    does the order of ties decide, and then None sends the caller to torch.sort. The k-th
-    smallest values come from one numpy.partition of a copy of the averages, for every level
-    at once: the averages and one copy held, where the sort holds them and four times that
-    beside them. On a GPU, None (the sort runs there, in the device's memory)."""
-    count = len(norms)
-    first = _none_zeroed(count, levels, torch.device("cpu"))
-    zeroed = sorted({round(level * count) for level in levels} - {0})
-    if not zeroed:
-        return first
-    if norms.device.type != "cpu":
-        return None
-    values = norms.numpy()
-    smallest = np.partition(values, [k - 1 for k in zeroed])
-    thresholds = {k: smallest[k - 1] for k in zeroed}
-    del smallest
-    for i, level in enumerate(levels):
-        k = round(level * count)
-        if k == 0:
-            continue
-        if k == count:  # every block, NaN ones included
-            first[first == len(levels)] = i
-            continue
-        if np.isnan(thresholds[k]):
+    exactly that many blocks have an average at most t, the k-th smallest, they are the k
+    smallest whatever the sort does with ties, and so the stock ones: blocks <= t. Where
+    equal averages straddle the k-th place, the sort's order of ties decides which of them
+    are zeroed (tie_order.py)."""
+    top, count = np.zeros(2**16, dtype=np.int64), 0
+    for part in averages():
+        if part.device.type != "cpu":
             return None
-        chosen = norms <= float(thresholds[k])
-        if int(chosen.sum()) != k:
-            return None  # ties across the k-th place: torch.sort's order decides
-        first[chosen & (first == len(levels))] = i
+        top += np.bincount(part.numpy().view(np.uint32) >> 16, minlength=2**16)
+        count += len(part)
+    if top[2**15:].any():  # a sign bit: negative, or a NaN with one
+        return None
+    ks = sorted({round(level * count) for level in levels} - {0, count})
+    below = np.cumsum(top)  # below[b]: the averages whose top bits are at most b
+    bucket = {k: int(np.searchsorted(below, k)) for k in ks}  # the bucket of the k-th
+    held = np.array(sorted(set(bucket.values())), dtype=np.uint32)
+    low = np.zeros((len(held), 2**16), dtype=np.int64)
+    if ks:
+        for part in averages():
+            bits = part.numpy().view(np.uint32)
+            inside = bits[np.isin(bits >> 16, held)]
+            row = np.searchsorted(held, inside >> 16).astype(np.int64)
+            low += np.bincount(row * 2**16 + (inside & 0xFFFF),
+                               minlength=low.size).reshape(low.shape)
+    cuts, ties = {}, {}
+    for k in ks:
+        b = bucket[k]
+        before = int(below[b - 1]) if b else 0
+        counts = low[int(np.searchsorted(held, b))]
+        within = np.cumsum(counts)
+        bits = int(np.searchsorted(within, k - before))
+        cut = np.array([b << 16 | bits], dtype=np.uint32).view(np.float32)[0]
+        if np.isnan(cut):
+            return None
+        less = before + (int(within[bits - 1]) if bits else 0)
+        straddled = less + int(counts[bits]) > k
+        cuts[k] = (cut, straddled)
+        if straddled:
+            ties[cut] = int(counts[bits])
+    return LevelCuts(count, cuts, ties)
+
+
+def first_levels_from_cuts(chunks: Iterable[torch.Tensor], count: int,
+                           levels: Sequence[float], cuts: dict[int, tuple[np.float32, bool]],
+                           tied: dict[int, np.ndarray]) -> torch.Tensor:
+    """first_levels from level_cuts, over the block averages given again in order, a chunk
+    of blocks at a time: a level of k blocks zeroes the blocks below its cut t and, of those
+    equal to t, all of them or, where ties straddle the k-th place, those in tied[k] (block
+    indices, the ones torch.sort puts first)."""
+    first = _none_zeroed(count, levels, torch.device("cpu"))
+    none, at = len(levels), 0
+    for part in chunks:
+        done = first[at:at + len(part)]  # a view: written in place
+        for i, level in enumerate(levels):
+            k = round(level * count)
+            if k == 0:
+                continue
+            if k == count:  # every block, NaN ones included
+                done[done == none] = i
+                continue
+            cut, straddled = cuts[k]
+            chosen = part < float(cut) if straddled else part <= float(cut)
+            if straddled:
+                ties = tied[k][(tied[k] >= at) & (tied[k] < at + len(part))] - at
+                chosen[torch.from_numpy(ties)] = True
+            done[chosen & (done == none)] = i
+        at += len(part)
+    if at != count:
+        raise ValueError(f"the chunks hold {at} blocks of {count}")
     return first
+
+
+def first_levels_by_threshold(norms: torch.Tensor, levels: Sequence[float]
+                              ) -> torch.Tensor | None:
+    """first_levels from the cuts alone: None where ties straddle a cut or the order
+    decides otherwise (level_cuts)."""
+    found = level_cuts(lambda: [norms], levels)
+    if found is None or found.ties:
+        return None
+    return first_levels_from_cuts([norms], found.count, levels, found.cuts, {})
 
 
 def block_grid(shape: tuple[int, int], block_shape: tuple[int, int]) -> tuple[int, int]:
@@ -166,17 +234,14 @@ def is_matrix(table: torch.Tensor) -> bool:
 
 
 def keep_mask(first: torch.Tensor, level_index: int, shape: tuple[int, int],
-              block_shape: tuple[int, int], first_row: int = 0,
-              rows: int | None = None) -> torch.Tensor:
-    """The level's keep mask over the table's values (or over `rows` of them from first_row,
-    a multiple of the block height), as a bool tensor that broadcasts to those rows viewed as
-    (rows, block columns, block width) when blocks are one row high and tile the width, else
-    as the full (rows, width) mask."""
-    rows = shape[0] - first_row if rows is None else rows
-    width = shape[1]
+              block_shape: tuple[int, int]) -> torch.Tensor:
+    """The level's keep mask over a table of `shape` (or over so many of its rows from a
+    block row on), from the first levels of its blocks, as a bool tensor that broadcasts to
+    those rows viewed as (rows, block columns, block width) when blocks are one row high and
+    tile the width, else as the full (rows, width) mask."""
+    rows, width = shape
     bh, bw = block_shape
-    block_rows = slice(first_row // bh, -(-(first_row + rows) // bh))
-    kept = (first.view(*block_grid(shape, block_shape))[block_rows] > level_index)
+    kept = first.view(*block_grid(shape, block_shape)) > level_index
     if bh == 1 and width % bw == 0:
         return kept[:, :, None]  # no copy: broadcast over each block's values
     full = kept.repeat_interleave(bh, 0).repeat_interleave(bw, 1)
@@ -195,49 +260,107 @@ def apply_mask(table: torch.Tensor, keep: torch.Tensor, block_shape: tuple[int, 
     return table * keep
 
 
+class _Spilled:
+    """Tables' first levels written to an unlinked file (a byte a block), read back a few
+    block rows at a time: the process holds none of them between points."""
+
+    def __init__(self, folder: Path):
+        self.file = tempfile.TemporaryFile(dir=folder, prefix=".first-levels-")
+        self.at: dict[str, tuple[int, int]] = {}  # name -> (offset, blocks)
+        self._end = 0
+        self._lock = threading.Lock()
+
+    def write(self, name: str, first: torch.Tensor) -> None:
+        with self._lock:
+            self.file.seek(self._end)
+            self.file.write(first.numpy().tobytes())
+            self.file.flush()
+            self.at[name], self._end = (self._end, len(first)), self._end + len(first)
+
+    def read(self, name: str, start: int, stop: int) -> torch.Tensor:
+        offset, _ = self.at[name]
+        data = os.pread(self.file.fileno(), stop - start, offset + start)  # thread-safe
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
 class SortOnceMasks:
     """One config's (norm, block shape) masks over the grid's levels, for many tables.
 
     `pruned(name, table, level)` gives an original table pruned at a level, as a new tensor.
-    The first call for a table sorts it; later levels reuse the per-block first levels.
+    The first call for a table sorts it; later levels reuse the per-block first levels, held
+    in memory or, with spill_to (a folder), in a file there, read back a chunk at a time.
     Thread-safe: the disk sweep's workers prune points of one config side by side.
     """
 
-    def __init__(self, norm: str, block_shape: tuple[int, int], levels: Sequence[float]):
+    def __init__(self, norm: str, block_shape: tuple[int, int], levels: Sequence[float],
+                 spill_to: Path | None = None):
         self.norm, self.block_shape = norm, tuple(block_shape)
         self.levels = sorted(set(float(x) for x in levels))
         self._first: dict[str, torch.Tensor] = {}
+        self._spilled = _Spilled(spill_to) if spill_to is not None else None
+        self._folder = spill_to  # where tie_order sorts a table's averages, if anywhere
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
 
     def knows(self, name: str) -> bool:
-        return name in self._first
+        return name in self._first or (self._spilled is not None and name in self._spilled.at)
 
     def first_levels_of(self, name: str,
                         read: Callable[[], torch.Tensor | Iterable[torch.Tensor]],
-                        shape: tuple[int, int] | None = None) -> torch.Tensor:
-        """The table's per-block first levels, sorted on first use. read() gives the table,
-        or (with its shape) its rows in chunks of whole block rows: where nothing else holds
-        them, they are freed once their block averages are taken. The first levels then come
-        from thresholds (a copy of the averages beside them), or where ties straddle a cut
-        from the sort, which holds 4x the averages beside them, its int64 order and as much
-        again in temporaries (measured; at 1x1 blocks, 4x the table)."""
+                        shape: tuple[int, int] | None = None) -> None:
+        """The table's per-block first levels, found on first use. read() gives the table,
+        or (with its shape) its rows in chunks of whole block rows; it is called again for
+        each pass over the block averages, so that on the CPU a chunk's averages are held and
+        never the table's: two passes for the cuts (level_cuts), one where ties straddle a
+        cut to order them (tie_order, in the spill folder when there is one), one for the
+        first levels. Where the order decides otherwise, and on a GPU, torch.sort of the
+        averages does, holding 4x them beside them (its int64 order, its temporaries)."""
         with self._guard:
             lock = self._locks.setdefault(name, threading.Lock())
         with lock:
-            if name not in self._first:
-                if shape is None:
-                    norms = block_norms(read(), self.norm, self.block_shape)
+            if not self.knows(name):
+                first = self._find_first_levels(read, shape)
+                if self._spilled is not None and first.device.type == "cpu":
+                    self._spilled.write(name, first)
                 else:
-                    norms = chunked_block_norms(read(), shape, self.norm, self.block_shape)
-                first = first_levels_by_threshold(norms, self.levels)
-                if first is None:
-                    trim_heap()  # what the averaging freed goes back before the sort's peak
-                    order = sort_blocks(norms)
-                    del norms
-                    first = first_levels(order, self.levels)
-                self._first[name] = first
-            return self._first[name]
+                    self._first[name] = first
+
+    def _find_first_levels(self, read: Callable, shape: tuple[int, int] | None
+                           ) -> torch.Tensor:
+        def averages() -> Iterator[torch.Tensor]:  # the block averages, in order, a chunk
+            if shape is None:  # of block rows at a time
+                yield block_norms(read(), self.norm, self.block_shape)
+            else:
+                yield from (block_norms(rows, self.norm, self.block_shape) for rows in read())
+
+        found = level_cuts(averages, self.levels)
+        placed = None
+        if found is not None and found.ties and tie_order.matches_torch_sort():
+            placed = tie_order.sorted_places(
+                (part.numpy() for part in averages()), found.count,
+                np.array(list(found.ties), dtype=np.float32), sum(found.ties.values()),
+                self._folder)
+        trim_heap()  # what the passes freed goes back before the first levels are made
+        if found is None or (found.ties and placed is None):  # torch.sort decides
+            norms = next(averages()) if shape is None else chunked_block_norms(
+                read(), shape, self.norm, self.block_shape)
+            return first_levels(sort_blocks(norms), self.levels)
+        tied = {}
+        if placed is not None:
+            blocks, values, places = placed
+            tied = {k: blocks[(values == cut) & (places < k)]
+                    for k, (cut, straddled) in found.cuts.items() if straddled}
+        return first_levels_from_cuts(averages(), found.count, self.levels, found.cuts, tied)
+
+    def _first_rows(self, name: str, shape: tuple[int, int], first_row: int, rows: int
+                    ) -> torch.Tensor:
+        """The first levels of the block rows that hold `rows` rows from first_row."""
+        bh = self.block_shape[0]
+        columns = block_grid(shape, self.block_shape)[1]
+        start, stop = first_row // bh * columns, -(-(first_row + rows) // bh) * columns
+        if name in self._first:
+            return self._first[name][start:stop]
+        return self._spilled.read(name, start, stop)
 
     def needs_order(self, shape: tuple[int, int], level: float) -> bool:
         """Whether the level zeroes any block of such a table (level 0 zeroes none: its mask
@@ -261,6 +384,7 @@ class SortOnceMasks:
             return rows * True  # the stock all-ones mask times the rows, as a new tensor
         if first_row % self.block_shape[0]:
             raise ValueError(f"rows from {first_row} cut a block of {self.block_shape}")
-        keep = keep_mask(self._first[name], self.levels.index(level), shape,
-                         self.block_shape, first_row, rows.shape[0])
+        first = self._first_rows(name, shape, first_row, rows.shape[0])
+        keep = keep_mask(first.to(rows.device), self.levels.index(level),
+                         (rows.shape[0], shape[1]), self.block_shape)
         return apply_mask(rows, keep, self.block_shape)

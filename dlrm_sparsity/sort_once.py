@@ -1,7 +1,8 @@
 """Pruning with the sort-once mask engine, checked against the stock sparsifier.
 
-Per config (norm, block shape) the engine sorts each table's block norms once, as the stock
-DataNormSparsifier sorts them, and reads every level's mask from that order (mask_engine.py).
+Per config (norm, block shape) the engine finds once, for each table, where every level cuts
+the block norms that the stock DataNormSparsifier sorts, and which ties at a cut that sort puts
+first, and reads every level's mask from those (mask_engine.py).
 At one point per config the stock sparsifier also prunes, and the two must agree bit for bit;
 a difference stops the run.
 """
@@ -13,6 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
 import torch
@@ -36,6 +38,9 @@ from dlrm_sparsity.pruning import (
 # 8x the table in temporaries (measured for both norms and any block shape); a slice's check
 # also holds the slice itself: 10x what it checks, at most.
 STOCK_CHECK_COPIES = 10
+# A table's rows are read this much at a time for its block averages: a chunk's |x| and its
+# averages sit beside the whole table's averages, so the chunk stays small beside them.
+AVERAGES_CHUNK_BYTES = 16 * 2**20
 
 
 class GridEngines:
@@ -43,13 +48,16 @@ class GridEngines:
 
     keep_one: only the config being pruned keeps its engine (a large model's per-block levels
     weigh a quarter of its tables at 1x1 blocks); the grid's order prunes config by config.
+    spill_to: a folder where the engines keep those levels, in unlinked files, rather than
+    in memory.
     """
 
-    def __init__(self, points: Iterable[GridPoint], keep_one: bool):
+    def __init__(self, points: Iterable[GridPoint], keep_one: bool,
+                 spill_to: Path | None = None):
         self.levels: dict[tuple, list[float]] = {}
         for p in points:
             self.levels.setdefault((p.norm, p.block_shape), []).append(p.level)
-        self.keep_one = keep_one
+        self.keep_one, self.spill_to = keep_one, spill_to
         self.engines: dict[tuple, SortOnceMasks] = {}
         self._lock = threading.Lock()
 
@@ -60,7 +68,7 @@ class GridEngines:
                 if self.keep_one:
                     self.engines.clear()
                 self.engines[key] = SortOnceMasks(point.norm, point.block_shape,
-                                                  self.levels[key])
+                                                  self.levels[key], self.spill_to)
             return self.engines[key]
 
 
@@ -160,8 +168,10 @@ def stream_sort_once(model: Model, point: GridPoint, device: torch.device,
         if (not engine.knows(name) and is_matrix(table)
                 and engine.needs_order(tuple(table.shape), point.level)):
             # read for it alone, a chunk at a time: freed before the sort
+            averages_chunk = None if chunk_bytes is None else min(chunk_bytes,
+                                                                  AVERAGES_CHUNK_BYTES)
             engine.first_levels_of(name, partial(_rows, model, name, device,
-                                                 engine.block_shape[0], chunk_bytes),
+                                                 engine.block_shape[0], averages_chunk),
                                    tuple(table.shape))
     synchronize(device)
     streamed = Streamed(model.state_dict, engine_s=time.perf_counter() - start,

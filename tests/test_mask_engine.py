@@ -6,13 +6,14 @@ import torch
 
 import evaluate_disk_savings
 from conftest import run_script, tiny_config
-from dlrm_sparsity import mask_engine
+from dlrm_sparsity import mask_engine, tie_order
 from dlrm_sparsity.errors import StopRun
 from dlrm_sparsity.mask_engine import (
     SortOnceMasks,
     block_norms,
     first_levels,
     first_levels_by_threshold,
+    level_cuts,
     smallest_index_dtype,
     sort_blocks,
 )
@@ -56,6 +57,53 @@ def test_every_seed_level_gives_the_stock_weights_bit_for_bit(norm, shape):
             ours = engine.pruned(name, table, level)
             stock, _ = sparsify_table(table.clone(), GridPoint(norm, shape, level), name, CPU)
             assert same_bits(ours, stock), (name, level)
+
+
+@pytest.mark.parametrize("way", ["spilled", "torch.sort"])
+def test_the_other_ways_give_the_stock_weights_too(way, tmp_path, monkeypatch):
+    """First levels kept in a file rather than in memory (and tie_order's sort in a file
+    there); or tie_order unavailable, so that torch.sort orders the ties."""
+    sorts = []
+    if way == "torch.sort":
+        monkeypatch.setattr(tie_order, "matches_torch_sort", lambda: False)
+        real = mask_engine.sort_blocks
+        monkeypatch.setattr(mask_engine, "sort_blocks", lambda n: sorts.append(1) or real(n))
+    for norm, shape in CONFIGS[:3]:
+        engine = SortOnceMasks(norm, shape, SEED_LEVELS,
+                               spill_to=tmp_path if way == "spilled" else None)
+        for name, table in tables().items():
+            for level in SEED_LEVELS:
+                ours = engine.pruned(name, table, level)
+                stock, _ = sparsify_table(table.clone(), GridPoint(norm, shape, level), name,
+                                          CPU)
+                assert same_bits(ours, stock), (name, level)
+        assert way != "spilled" or not engine._first  # nothing held between points
+    assert list(tmp_path.iterdir()) == []  # unlinked files only
+    assert way != "torch.sort" or sorts  # the ties were there for torch.sort to order
+
+
+def test_level_cuts_are_the_sorted_averages_at_each_count():
+    """Two passes over chunks give each level's k-th smallest average, whether ties straddle
+    it and how many equal it, as a sort would; None where the order decides otherwise."""
+    torch.manual_seed(0)
+    levels = list(SEED_LEVELS)
+    for norms in (torch.randint(0, 40, (9999,)).float() / 3,  # ties at every cut
+                  torch.rand(5000) ** 8,  # many exponents: the top bits' buckets differ
+                  torch.cat([torch.zeros(3000), torch.rand(100)])):  # zeros at most cuts
+        found = level_cuts(lambda n=norms: n.split(1234), levels)
+        ordered = norms.sort().values
+        assert found.count == len(norms)
+        for level in levels:
+            k = round(level * len(norms))
+            if 0 < k < len(norms):
+                cut, straddled = found.cuts[k]
+                assert cut == ordered[k - 1] and straddled == bool(ordered[k] == cut)
+                if straddled:
+                    assert found.ties[cut] == int((norms == cut).sum())
+    nan = float("nan")
+    assert level_cuts(lambda: [torch.tensor([1.0, nan, nan])], [0.67]) is None
+    assert level_cuts(lambda: [torch.tensor([1.0, -2.0])], [0.5]) is None
+    assert level_cuts(lambda: [torch.tensor([1.0, nan])], [0.5]).cuts == {1: (1.0, False)}
 
 
 def test_a_level_that_zeroes_no_block_needs_no_sort():
