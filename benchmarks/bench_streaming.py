@@ -6,9 +6,10 @@ and runs evaluate_disk_savings.py from both trees on the same model, alternating
 child process timed with its peak resident memory. Per grid it prints each run, the median
 ratios new / baseline, the peak as a share of the model, and whether every zip is the same
 file (sha256) in both. Grids: L1 1x4 at 0.5 and 0.9 (--rounds, default 2), then L1 1x1 at 0.5
-(--rounds-1x1, default 1), where one table's sort sets the peak. For each grid it also prints
-how many of the largest table's blocks equal each cut's value, and how many of those the level
-zeroes: where that is some but not all, only torch.sort of the whole table says which.
+(--rounds-1x1, default 1), where the baseline's sort of one table sets its peak. For each grid
+it also prints how many of the largest table's blocks equal each cut's value, and how many of
+those the level zeroes: where that is some but not all, torch.sort's order of the ties says
+which (the streamed engine replays it: tie_order.py).
 
     python benchmarks/bench_streaming.py --keep work/
 """

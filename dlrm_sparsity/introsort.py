@@ -3,10 +3,10 @@
 The algorithm of torch's CPU sort of a float tensor, step for step, over values that are all
 >= 0 (block averages of |x| or x*x). A followed value is written as -(j + 1), j its number,
 and compared as table[j], its true value: it is moved as any other value is, and where it
-ends is read off after the sort by its sign. The steps are cut so that the values may lie in
-a file's map and only a window of them be resident: a range larger than the window is
-partitioned a bounded number of steps at a time (partition_steps), and the final insertion
-sort runs over a span at a time (final_insertion). Why, and how this is checked against
+ends is read off by its sign. Only the ranges that hold a followed value are sorted on: no
+value ever leaves its range. The steps are cut so that the values may lie in a file's map
+and only a window of them be resident: a range larger than the window is partitioned a
+bounded number of steps at a time (partition_steps). Why, and how this is checked against
 torch.sort: tie_order.py, which imports this module only when it needs it (numba weighs about
 120 MiB).
 """
@@ -107,41 +107,59 @@ def partition_steps(keys, table, lo, hi, scanning_hi, pivot, steps):
 
 
 @_jit
-def introsort_range(keys, table, first, last, depth):
-    """__introsort_loop over [first, last) with `depth` levels left: every range is cut down
-    to at most 16 values, in order; False where a range would be heap-sorted (libstdc++'s
-    std::partial_sort, not followed here)."""
-    ranges = np.empty((_STACK, 3), np.int64)
-    ranges[0, 0], ranges[0, 1], ranges[0, 2] = first, last, depth
+def count_followed(keys, first, last):
+    found = 0
+    for i in range(first, last):
+        if keys[i] < 0:
+            found += 1
+    return found
+
+
+@_jit
+def sort_leaf(keys, table, first, last, places):
+    """A range the introsort loop leaves (at most 16 values) as libstdc++'s final insertion
+    sort leaves it, and where its followed values end: places[j] for -(j + 1).
+
+    That sort runs once over the whole array, but every value of a range is at least every
+    value of the ranges before it (each partition leaves the pivot's left part <= it <= the
+    right part), so no value moves out of its range and each range comes out as an insertion
+    sort of it alone."""
+    _insertion_sort(keys, table, first, last)
+    for i in range(first, last):
+        if keys[i] < 0:
+            places[np.int64(-keys[i]) - 1] = i
+
+
+@_jit
+def introsort_range(keys, table, first, last, depth, followed, places):
+    """__introsort_loop over [first, last), which holds `followed` followed values, with
+    `depth` levels left, and then the final insertion sort, where it changes a followed
+    value's place: ranges without one are left as they are, since no value moves between
+    ranges. False where a range would be heap-sorted (std::partial_sort, not followed here)."""
+    ranges = np.empty((_STACK, 4), np.int64)
+    ranges[0, 0], ranges[0, 1], ranges[0, 2], ranges[0, 3] = first, last, depth, followed
     waiting = 1
     while waiting:  # each range on its own: the order they are taken in changes nothing
         waiting -= 1
-        first, last, depth = ranges[waiting, 0], ranges[waiting, 1], ranges[waiting, 2]
-        while last - first > THRESHOLD:
+        first, last = ranges[waiting, 0], ranges[waiting, 1]
+        depth, followed = ranges[waiting, 2], ranges[waiting, 3]
+        while followed:
+            if last - first <= THRESHOLD:
+                sort_leaf(keys, table, first, last, places)
+                break
             if depth == 0:
                 return False
             depth -= 1
             median_to_first(keys, table, first, last)
             lo, hi, scanning_hi, cut = partition_steps(keys, table, first + 1, last, False,
                                                        _value(keys[first], table), last)
-            ranges[waiting, 0], ranges[waiting, 1], ranges[waiting, 2] = cut, last, depth
-            waiting += 1
-            last = cut
+            left = count_followed(keys, first, cut)
+            if followed > left:
+                ranges[waiting, 0], ranges[waiting, 1] = cut, last
+                ranges[waiting, 2], ranges[waiting, 3] = depth, followed - left
+                waiting += 1
+            last, followed = cut, left
     return True
-
-
-@_jit
-def final_insertion(keys, table, start, stop):
-    """__final_insertion_sort over [start, stop) of the whole array's [0, n), taken in
-    spans from 0 in order: an insertion sort of the first 16, then an unguarded one. Each
-    value moves only within its range of at most 16, so a span needs the 16 values before
-    it and no more."""
-    if start == 0:
-        head = min(THRESHOLD, stop)
-        _insertion_sort(keys, table, 0, head)
-        start = head
-    for i in range(start, stop):
-        _linear_insert(keys, table, i)
 
 
 @_jit
@@ -162,11 +180,3 @@ def tag(keys, wanted, table, indices, followed, offset):
                     keys[i] = -np.float32(followed)
                     break
     return followed
-
-
-@_jit
-def find_places(keys, places, offset):
-    """places[j] = offset + i for each followed value -(j + 1) at keys[i]."""
-    for i in range(keys.size):
-        if keys[i] < 0:
-            places[np.int64(-keys[i]) - 1] = offset + i

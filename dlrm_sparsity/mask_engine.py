@@ -34,6 +34,7 @@ import math
 import os
 import tempfile
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -155,20 +156,22 @@ def level_cuts(averages: Callable[[], Iterable[torch.Tensor]], levels: Sequence[
     ks = sorted({round(level * count) for level in levels} - {0, count})
     below = np.cumsum(top)  # below[b]: the averages whose top bits are at most b
     bucket = {k: int(np.searchsorted(below, k)) for k in ks}  # the bucket of the k-th
-    held = np.array(sorted(set(bucket.values())), dtype=np.uint32)
+    held = sorted(set(bucket.values()))
     low = np.zeros((len(held), 2**16), dtype=np.int64)
+    row_of = np.full(2**16, -1, dtype=np.int64)  # a bucket's row in low, -1 if none
+    row_of[held] = np.arange(len(held))
     if ks:
         for part in averages():
             bits = part.numpy().view(np.uint32)
-            inside = bits[np.isin(bits >> 16, held)]
-            row = np.searchsorted(held, inside >> 16).astype(np.int64)
-            low += np.bincount(row * 2**16 + (inside & 0xFFFF),
+            rows = row_of[bits >> 16]
+            inside = rows >= 0
+            low += np.bincount(rows[inside] << 16 | (bits[inside] & 0xFFFF),
                                minlength=low.size).reshape(low.shape)
     cuts, ties = {}, {}
     for k in ks:
         b = bucket[k]
         before = int(below[b - 1]) if b else 0
-        counts = low[int(np.searchsorted(held, b))]
+        counts = low[row_of[b]]
         within = np.cumsum(counts)
         bits = int(np.searchsorted(within, k - before))
         cut = np.array([b << 16 | bits], dtype=np.uint32).view(np.float32)[0]
@@ -190,25 +193,33 @@ def first_levels_from_cuts(chunks: Iterable[torch.Tensor], count: int,
     equal to t, all of them or, where ties straddle the k-th place, those in tied[k] (block
     indices, the ones torch.sort puts first)."""
     first = _none_zeroed(count, levels, torch.device("cpu"))
-    none, at = len(levels), 0
-    for part in chunks:
-        done = first[at:at + len(part)]  # a view: written in place
-        for i, level in enumerate(levels):
-            k = round(level * count)
-            if k == 0:
-                continue
-            if k == count:  # every block, NaN ones included
-                done[done == none] = i
-                continue
+    # A block's first level is the first whose bound it does not exceed: the cut itself, or
+    # where ties straddle it the float just below it (the ties it zeroes are set after).
+    # Bounds rise with the levels, so one search a block finds it; a level that zeroes no
+    # block never matches, one that zeroes every block matches all, NaN included.
+    bounds = np.full(len(levels), -np.inf, dtype=np.float32)
+    every = len(levels)
+    for i, level in enumerate(levels):
+        k = round(level * count)
+        if k == count and count:
+            every = min(every, i)
+            bounds[i] = np.inf
+        elif k:
             cut, straddled = cuts[k]
-            chosen = part < float(cut) if straddled else part <= float(cut)
-            if straddled:
-                ties = tied[k][(tied[k] >= at) & (tied[k] < at + len(part))] - at
-                chosen[torch.from_numpy(ties)] = True
-            done[chosen & (done == none)] = i
+            bounds[i] = np.nextafter(cut, np.float32(-np.inf)) if straddled else cut
+    bounds, at = torch.from_numpy(bounds), 0
+    for part in chunks:
+        found = torch.searchsorted(bounds, part, out_int32=True)  # the first bound >= it
+        found[part.isnan()] = every
+        first[at:at + len(part)] = found
         at += len(part)
     if at != count:
         raise ValueError(f"the chunks hold {at} blocks of {count}")
+    for i, level in reversed(list(enumerate(levels))):  # the earliest level wins
+        k = round(level * count)
+        if k in tied:
+            chosen = torch.from_numpy(tied[k])
+            first[chosen] = torch.minimum(first[chosen], torch.tensor(i, dtype=torch.uint8))
     return first
 
 
@@ -266,20 +277,20 @@ class _Spilled:
 
     def __init__(self, folder: Path):
         self.file = tempfile.TemporaryFile(dir=folder, prefix=".first-levels-")
-        self.at: dict[str, tuple[int, int]] = {}  # name -> (offset, blocks)
+        weakref.finalize(self, self.file.close)  # closed with its engine
+        self.at: dict[str, int] = {}  # name -> where its first levels start
         self._end = 0
         self._lock = threading.Lock()
 
     def write(self, name: str, first: torch.Tensor) -> None:
         with self._lock:
             self.file.seek(self._end)
-            self.file.write(first.numpy().tobytes())
+            self.file.write(memoryview(first.numpy()))  # no copy of the bytes
             self.file.flush()
-            self.at[name], self._end = (self._end, len(first)), self._end + len(first)
+            self.at[name], self._end = self._end, self._end + len(first)
 
     def read(self, name: str, start: int, stop: int) -> torch.Tensor:
-        offset, _ = self.at[name]
-        data = os.pread(self.file.fileno(), stop - start, offset + start)  # thread-safe
+        data = os.pread(self.file.fileno(), stop - start, self.at[name] + start)  # thread-safe
         return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 

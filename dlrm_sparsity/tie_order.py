@@ -60,7 +60,7 @@ class _Keys:
         self.array = np.frombuffer(self._map, dtype=np.float32)
 
     def give_back(self, start: int, stop: int) -> None:
-        if self._map is None:
+        if self._map is None or not hasattr(mmap, "MADV_DONTNEED"):  # not on Windows
             return
         begin, end = -(-4 * start // mmap.PAGESIZE), 4 * stop // mmap.PAGESIZE
         if end > begin:
@@ -102,12 +102,9 @@ def sorted_places(chunks: Iterable[np.ndarray], count: int, wanted: np.ndarray,
         if written != (count, followed):
             raise ValueError(f"the chunks hold {written[0]} values of {count}, {written[1]} "
                              f"followed of {followed}")
-        if not _introsort(keys, table, window, algo):
+        places = np.full(followed, -1, dtype=np.int64)
+        if not _introsort(keys, table, window, algo, places):
             return None
-        places = np.empty(followed, dtype=np.int64)
-        for start in range(0, count, window):
-            algo.find_places(keys.array[start:start + window], places, start)
-            keys.give_back(start, start + window)
         return indices, table, places
     finally:
         keys.close()
@@ -132,18 +129,19 @@ def _write(keys: _Keys, chunks: Iterable[np.ndarray], wanted: np.ndarray, table:
     return at, tagged
 
 
-def _introsort(keys: _Keys, table: np.ndarray, window: int, algo) -> bool:
-    """std::sort of keys.array, a window at a time: ranges larger than the window are
-    partitioned here in steps (the order ranges are taken in changes nothing), smaller ones
-    sorted whole by introsort_range; then the final insertion sort, a window at a time."""
+def _introsort(keys: _Keys, table: np.ndarray, window: int, algo, places: np.ndarray) -> bool:
+    """std::sort of keys.array as far as it moves the followed values, whose places it
+    writes: ranges larger than the window are partitioned here in steps, a window at a time,
+    smaller ones sorted by introsort_range; a range without a followed value is left alone
+    (introsort.py). The order ranges are taken in changes nothing."""
     values, count = keys.array, len(keys.array)
-    window = max(window, 2 * algo.THRESHOLD)  # a final insertion span looks 16 values back
-    ranges = [(0, count, 2 * (count.bit_length() - 1) if count else 0)]
+    window = max(window, 2 * algo.THRESHOLD)
+    ranges = [(0, count, 2 * (count.bit_length() - 1) if count else 0, len(table))]
     while ranges:
-        first, last, depth = ranges.pop()
-        while last - first > algo.THRESHOLD:
+        first, last, depth, inside = ranges.pop()
+        while inside:
             if last - first <= window:
-                if not algo.introsort_range(values, table, first, last, depth):
+                if not algo.introsort_range(values, table, first, last, depth, inside, places):
                     return False
                 keys.give_back(first, last)
                 break
@@ -159,11 +157,13 @@ def _introsort(keys: _Keys, table: np.ndarray, window: int, algo) -> bool:
                                                                 scanning_hi, pivot, window)
                 keys.give_back(was_lo, lo)
                 keys.give_back(hi + 1, was_hi)
-            ranges.append((cut, last, depth))
-            last = cut
-    for start in range(0, count, window):
-        algo.final_insertion(values, table, start, min(count, start + window))
-        keys.give_back(max(0, start - algo.THRESHOLD), start + window - algo.THRESHOLD)
+            left = 0
+            for start in range(first, cut, window):
+                left += algo.count_followed(values, start, min(cut, start + window))
+                keys.give_back(start, min(cut, start + window))
+            if inside > left:
+                ranges.append((cut, last, depth, inside - left))
+            last, inside = cut, left
     return True
 
 
