@@ -1,9 +1,12 @@
 """tie_order's replica of torch's CPU sort against torch.sort itself, ties included."""
 
+import sys
+
 import numpy as np
 import pytest
 import torch
 
+import dlrm_sparsity
 from dlrm_sparsity import tie_order
 
 
@@ -55,3 +58,14 @@ def test_what_it_cannot_follow_is_none_and_wrong_counts_raise(monkeypatch):
         tie_order.sorted_places([values], 4, [1.0], 1)
     with pytest.raises(ValueError, match="at least one value"):
         tie_order.sorted_places([values], 4, [], 0)
+
+
+def test_without_numba_the_engine_is_sent_to_torch_sort(monkeypatch):
+    monkeypatch.setitem(sys.modules, "numba", None)  # import numba raises ImportError
+    monkeypatch.delitem(sys.modules, "dlrm_sparsity.introsort", raising=False)
+    monkeypatch.delattr(dlrm_sparsity, "introsort", raising=False)  # imported anew, so fails
+    tie_order.matches_torch_sort.cache_clear()
+    try:
+        assert tie_order.matches_torch_sort() is False
+    finally:
+        tie_order.matches_torch_sort.cache_clear()
