@@ -223,16 +223,6 @@ def first_levels_from_cuts(chunks: Iterable[torch.Tensor], count: int,
     return first
 
 
-def first_levels_by_threshold(norms: torch.Tensor, levels: Sequence[float]
-                              ) -> torch.Tensor | None:
-    """first_levels from the cuts alone: None where ties straddle a cut or the order
-    decides otherwise (level_cuts)."""
-    found = level_cuts(lambda: [norms], levels)
-    if found is None or found.ties:
-        return None
-    return first_levels_from_cuts([norms], found.count, levels, found.cuts, {})
-
-
 def block_grid(shape: tuple[int, int], block_shape: tuple[int, int]) -> tuple[int, int]:
     """Rows and columns of blocks over a table, partial blocks at the edges included
     (avg_pool2d's ceil_mode)."""

@@ -12,7 +12,7 @@ from dlrm_sparsity.mask_engine import (
     SortOnceMasks,
     block_norms,
     first_levels,
-    first_levels_by_threshold,
+    first_levels_from_cuts,
     level_cuts,
     smallest_index_dtype,
     sort_blocks,
@@ -191,6 +191,14 @@ def test_the_block_averages_are_sorted_in_place_into_torch_sorts_order():
     order = sort_blocks(norms)
     assert torch.equal(order.long(), expected.indices.view(-1))
     assert torch.equal(norms, expected.values.view(-1))  # written over: no sorted copy
+
+
+def first_levels_by_threshold(norms, levels):
+    """The engine's first levels from the cuts alone: None where the order of ties decides."""
+    found = level_cuts(lambda: [norms], levels)
+    if found is None or found.ties:
+        return None
+    return first_levels_from_cuts([norms], found.count, levels, found.cuts, {})
 
 
 def test_thresholds_give_the_sorts_first_levels_or_step_aside_for_ties():
