@@ -37,10 +37,14 @@ def quality_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
     labels = np.asarray(labels).astype(np.int64)
     predicted = (scores > THRESHOLD).astype(np.int64)
     both_classes = len(np.unique(labels)) == 2
+    # one call for the three that precision_score, recall_score and f1_score each make on
+    # their own (the same numbers; a third of the metrics' time at the demo's test split)
+    precision, recall, f1, _ = metrics.precision_recall_fscore_support(
+        labels, predicted, average="binary", zero_division=0)
     return {
-        "precision": float(metrics.precision_score(labels, predicted, zero_division=0)),
-        "recall": float(metrics.recall_score(labels, predicted, zero_division=0)),
-        "f1": float(metrics.f1_score(labels, predicted, zero_division=0)),
+        "precision": float(precision),
+        "recall": float(recall),
+        "f1": float(f1),
         "roc_auc": float(metrics.roc_auc_score(labels, scores)) if both_classes else float("nan"),
         "accuracy": float(metrics.accuracy_score(labels, predicted)),
         "log_loss": float(metrics.log_loss(labels, scores, labels=[0, 1])),

@@ -30,3 +30,26 @@ def test_one_class_gives_nan_like_scikit_learn():
     lean = metrics_from_sorted(np.sort(np.float32([0.2, 0.7])), np.float32([]), 0.1)
     assert np.isnan(lean["roc_auc"]) and np.isnan(lean["average_precision"])
     assert lean["accuracy"] == 0.5 and lean["recall"] == 0.5 and lean["precision"] == 1.0
+
+
+@pytest.mark.parametrize("case", ["distinct", "ties at the threshold", "one class", "none above"])
+def test_quality_metrics_are_scikit_learns_own_functions_bit_for_bit(case):
+    """precision, recall and f1 come from one precision_recall_fscore_support call: the
+    numbers must be exactly those of precision_score, recall_score and f1_score, which the
+    seed's script calls one by one."""
+    from sklearn import metrics
+
+    rng = np.random.default_rng(3)
+    labels = (rng.random(5_000) < 0.3).astype(np.int64)
+    scores = rng.random(5_000)
+    if case == "ties at the threshold":
+        scores = np.round(scores, 1)
+    elif case == "one class":
+        labels[:] = 0
+    elif case == "none above":
+        scores *= 0.5
+    predicted = (scores > 0.5).astype(np.int64)
+    m = quality_metrics(labels, scores)
+    assert m["precision"] == metrics.precision_score(labels, predicted, zero_division=0)
+    assert m["recall"] == metrics.recall_score(labels, predicted, zero_division=0)
+    assert m["f1"] == metrics.f1_score(labels, predicted, zero_division=0)
