@@ -7,7 +7,13 @@ import evaluate_disk_savings
 import evaluate_memory_savings as mem
 from conftest import run_script
 from dlrm_sparsity import formats
+from dlrm_sparsity.checkpoints import load_state_dict
+from dlrm_sparsity.criteo.data import load_split
+from dlrm_sparsity.evaluation import quality_metrics, score_split
 from dlrm_sparsity.formats import FORMATS, fbgemm_available
+from dlrm_sparsity.model import DLRMNet
+from dlrm_sparsity.runner.outputs import read_metadata
+from dlrm_sparsity.variants import FormatTables
 
 DIM = 16  # the embedding width of the wide model
 
@@ -68,6 +74,25 @@ def test_quantized_formats_are_scored_and_their_drops_derived(run):
     assert (int8["auc_drop_vs_dense"] - drop).abs().max() < 1e-12
     assert (int8["auc_drop_vs_level0"] - (dense.loc[0.0, "roc_auc"] - int8["roc_auc"])
             ).abs().max() < 1e-12
+
+
+@pytest.mark.skipif(not fbgemm_available(), reason="needs fbgemm-gpu(-cpu)")
+def test_a_row_pruned_quantized_format_has_the_quality_that_scoring_it_gives(run, tiny_pipeline):
+    """Its quality is taken from the unpruned twin, not scored: scoring it gives every metric
+    bit for bit."""
+    _, out, _, df = run
+    test = load_split(tiny_pipeline["processed"], tiny_pipeline["raw"], "test")
+    metrics = ["roc_auc", "accuracy", "precision", "recall", "f1", "log_loss"]
+    for _, meta in read_metadata(out / "sparse_model_metadata.csv").iterrows():
+        model = DLRMNet.from_state_dict(load_state_dict(meta["checkpoint"]))
+        for fmt in ("row_pruned_int8", "row_pruned_int4"):
+            row = df[(df["format"] == fmt)
+                     & (df["sparsity_level"] == meta["sparsity_level"])].iloc[0]
+            assert row["quality_source"] == f"{fmt[len('row_pruned_'):]}'s (the same lookups)"
+            served = FormatTables(model, FORMATS[fmt]([b.weight.detach() for b in model.emb_l]),
+                                  fmt)
+            scored = quality_metrics(test.labels.numpy(), score_split(served, test, 128))
+            assert [row[m] for m in metrics] == [scored[m] for m in metrics]
 
 
 def test_a_rerun_keeps_finished_rows(run, capsys):
