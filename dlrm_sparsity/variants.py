@@ -118,7 +118,8 @@ class Compact(Dense):
         position = torch.full((model.config.num_features,), -1, device=kept.device)
         position[self.vectors] = torch.arange(len(self.vectors), device=kept.device)
         self.all_vectors = len(self.vectors) == model.config.num_features
-        self.rows, self.cols = position[self.pair_i], position[self.pair_j]
+        # each kept pair's place in the flattened (U, U) products, as DLRMNet.interact gathers
+        self.flat = position[self.pair_i] * len(self.vectors) + position[self.pair_j]
 
     def interact(self, x: torch.Tensor, ly: list[torch.Tensor]) -> torch.Tensor:
         if self.cross:
@@ -128,7 +129,7 @@ class Compact(Dense):
         if not self.all_vectors:
             t = t[:, self.vectors]  # (B, U, d): the vectors some kept pair involves
         products = torch.bmm(t, t.transpose(1, 2))  # (B, U, U)
-        dots = products[:, self.rows, self.cols]  # (B, kept pairs)
+        dots = products.flatten(1).index_select(1, self.flat)  # (B, kept pairs)
         return torch.cat([x[:, self.kept_x], dots], dim=1)  # (B, K) = z[:, kept]
 
     def top(self, z: torch.Tensor) -> torch.Tensor:
