@@ -157,8 +157,8 @@ def main(argv=None) -> None:
                 served = method.serve(tables, counts=counts, **kw)
             except UserInputError as exc:
                 return {"skipped": str(exc)}
-            for table in tables if getattr(model, "mapped", False) else []:
-                drop_mapped_pages(table)  # only the timed lookups read them again, a few rows
+            if getattr(model, "mapped", False):  # only the timed lookups read them again,
+                drop_mapped_pages(*tables)  # a few rows
             row = {"bytes": served.nbytes, "bytes_ratio": served.nbytes / dense.tables.nbytes,
                    "zip_file_size_bytes": zipped_bytes(model, served, run.output_dir,
                                                        args.threads)}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import resource
 import timeit
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ class Timing:
     min_runs: int = MIN_RUNS
 
 
+@functools.cache  # find_library runs `ldconfig -p` in a child process: once, not per call
 def _libc() -> ctypes.CDLL:
     """The C library, for its allocator's settings (raises where there is none to load)."""
     return ctypes.CDLL(ctypes.util.find_library("c"))
@@ -77,44 +79,62 @@ def trim_heap() -> None:
 _MADV_DONTNEED = 4  # Linux
 
 
-def drop_mapped_pages(tensor: torch.Tensor) -> None:
-    """Let the system take back the resident pages of a tensor read through a private file map
+def drop_mapped_pages(*tensors: torch.Tensor) -> None:
+    """Let the system take back the resident pages of tensors read through a private file map
     (torch.load(mmap=True)) now; they are read from the file again when next touched. Only
     for such tensors, never written: on a private map a written page would be lost. A tensor
     in anonymous memory (a table put together from a folder's shards, a copy) is left alone:
     there the pages would read as zeros, and the allocator's own bookkeeping with them.
-    Elsewhere than Linux, nothing."""
-    if tensor.device.type != "cpu" or tensor.numel() == 0:
+    The kernel's list of maps is read once for all the tensors. Elsewhere than Linux,
+    nothing."""
+    spans = [_page_span(t) for t in tensors if t.device.type == "cpu" and t.numel()]
+    if not spans:
         return
+    maps = _file_maps()
+    for start, end in spans:
+        if not _file_mapped(start, end, maps):
+            continue
+        try:
+            _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start),
+                            _MADV_DONTNEED)
+        except (OSError, AttributeError, TypeError):
+            pass
+
+
+def _page_span(tensor: torch.Tensor) -> tuple[int, int]:
+    """The whole pages a tensor's data lies in, as [start, end) addresses."""
     page = resource.getpagesize()
     span = 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride(),
                                                                 strict=True))  # a view's reach
     start = tensor.data_ptr() // page * page  # the map starts on a page: still inside it
-    end = -(-(tensor.data_ptr() + span * tensor.element_size()) // page) * page
-    if not _file_mapped(start, end):
-        return
-    try:
-        _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
-    except (OSError, AttributeError, TypeError):
-        pass
+    return start, -(-(tensor.data_ptr() + span * tensor.element_size()) // page) * page
 
 
-def _file_mapped(start: int, end: int) -> bool:
-    """Whether the addresses [start, end) lie wholly in maps of files (/proc/self/maps: maps
-    with an inode), in order, without a gap. torch does not say whether a storage is mapped
-    (its filename is None for torch.load's maps), so the kernel's list is asked."""
+def _file_maps() -> list[tuple[int, int, bool]]:
+    """The process's maps (/proc/self/maps), sorted by address: (low, high, of a file: one
+    with an inode); none where the list cannot be read."""
     try:
         with open("/proc/self/maps") as f:
             lines = f.readlines()
     except OSError:
-        return False
-    covered = start
-    for line in lines:  # sorted by address
+        return []
+    found = []
+    for line in lines:
         fields = line.split()
         low, high = (int(x, 16) for x in fields[0].split("-"))
+        found.append((low, high, len(fields) >= 5 and fields[4] != "0"))
+    return found
+
+
+def _file_mapped(start: int, end: int, maps: list[tuple[int, int, bool]]) -> bool:
+    """Whether the addresses [start, end) lie wholly in maps of files, in order, without a gap.
+    torch does not say whether a storage is mapped (its filename is None for torch.load's
+    maps), so the kernel's list is asked."""
+    covered = start
+    for low, high, of_file in maps:
         if high <= covered:
             continue
-        if low > covered or len(fields) < 5 or fields[4] == "0":
+        if low > covered or not of_file:
             return False  # a gap, or anonymous memory
         covered = high
         if covered >= end:
