@@ -10,6 +10,10 @@ TimingBudget per run is that cap, and both the rounds and the guard draw from it
   first rounds really take (`pace`: a slow call cannot be cut below one per round) is learnt
   as units end. Rounds added for an undecided verdict draw on what is left beyond every unit's
   first rounds, at most EXTENSION times a unit's first rounds in all;
+- fewer rounds: a unit cannot be shortened below one call per variant and round, so where
+  the units left would overrun the budget at the pace seen even so, each gets fewer first
+  rounds (FEWEST_ROUNDS at least): on a slow or busy machine the run still ends within its
+  budget, and the rows say how many rounds each had (n_runs);
 - the guard (reference readings, repeats, waits): its share, released unit by unit, so an
   early storm cannot spend what later points need, and never more than that share of what the
   run has timed. The noise probe at the start (probing()) is booked apart.
@@ -29,6 +33,7 @@ FIRST_ROUNDS_SHARE = 0.80  # the first rounds' part of the rounds' seconds; the 
 EXTENSION = 3.0  # a unit's rounds in all take at most this many times its first rounds
 NOISE_PROBE_S = 2.0  # the longest noise probe at a run's start
 PROBE_SHARE = 0.25  # and at most this part of the guard's share
+FEWEST_ROUNDS = 3  # a unit's first rounds are never cut below this (timing's early look)
 
 
 class TimingBudget:
@@ -51,6 +56,7 @@ class TimingBudget:
         self.need_s = self.first_left_s = 0.0
         self.planned_done_s = self.first_done_s = 0.0
         self.scale = 1.0
+        self.fewer_rounds = 0  # units given fewer first rounds than asked
 
     def plan(self, first_rounds_s: Sequence[float]) -> None:
         """The run's units, each given by what its first rounds take at the requested length."""
@@ -99,6 +105,18 @@ class TimingBudget:
         spare = self.rounds_total_s - self.measured_s - others - first
         share = spare * first / (first + others) if first + others > 0 else 0.0
         return first + max(0.0, min((EXTENSION - 1.0) * first, share))
+
+    def rounds_for(self, rounds: int) -> int:
+        """The first rounds the next unit gets: `rounds`, or fewer (FEWEST_ROUNDS at least)
+        where the first rounds of the units left, this one among them, would overrun what is
+        left of the rounds' part of total_s at the pace seen. Call before take_unit; record
+        the unit's first rounds as if it had had them all (at_full_rounds)."""
+        left_s = self.total_s * (1.0 - self.guard_share) - self.measured_s
+        projected_s = self.first_left_s * self.pace
+        if rounds <= FEWEST_ROUNDS or projected_s <= left_s:
+            return rounds
+        self.fewer_rounds += 1
+        return max(FEWEST_ROUNDS, int(rounds * max(0.0, left_s) / projected_s))
 
     @property
     def probe_s(self) -> float:
@@ -159,9 +177,11 @@ class TimingBudget:
         timing = self.measured_s + extra
         over = (" (over: a unit takes one call per variant and round at least)"
                 if self.spent_s > self.total_s * 1.05 else "")
+        fewer = (f"; {self.fewer_rounds} unit(s) given fewer first rounds to stay within it "
+                 f"({FEWEST_ROUNDS} at least)" if self.fewer_rounds else "")
         return (f"timing: {self.spent_s:.1f} s of a {self.total_s:g} s budget{over} (this run "
                 f"needed {self.effective_s:.0f} s at the pace its first rounds took, "
                 f"{self.pace:.2f}x the plan): noise probe {self.probe_spent_s:.1f} s, rounds "
                 f"{self.measured_s:.1f} s, drift guard {extra:.1f} s "
                 f"({extra / timing if timing else 0.0:.0%} of the rest, at most "
-                f"{self.guard_share:.0%})")
+                f"{self.guard_share:.0%}){fewer}")

@@ -211,13 +211,16 @@ class Experiment:
 
     def paired(self, calls: Mapping[str, Callable[[], object]], base: str | None,
                called: int = 0) -> Paired:
-        """One measurement: the calls in paired rounds of the budget's length, rounds added
-        while a ratio to base is undecided and the budget allows."""
+        """One measurement: the calls in paired rounds of the budget's length (fewer rounds
+        where the budget would overrun otherwise), rounds added while a ratio to base is
+        undecided and the budget allows."""
+        rounds = self.budget.rounds_for(self.args.rounds)
         return self.timed_unit(
             self.first_rounds_s(len(calls)),
-            lambda max_s: measure_paired(calls, self.timing, self.args.rounds, called, base=base,
+            lambda max_s: measure_paired(calls, self.timing, rounds, called, base=base,
                                          max_s=max_s, min_effect=self.args.min_effect),
-            lambda paired: paired.first_rounds_s)
+            # the pace of a unit with all its rounds, which the next units' rounds are set by
+            lambda paired: paired.first_rounds_s * self.args.rounds / rounds)
 
     def time_point(self, calls: Mapping[str, Callable[[], object]], base: str | None,
                    called: int = 0) -> tuple[Paired, dict]:

@@ -116,3 +116,46 @@ def test_the_pace_of_slow_calls_raises_the_run_s_need_up_to_the_budget():
     budget.plan([1.0] * 40)
     budget.record(1.0, 100.0)
     assert budget.effective_s == 20.0  # the cap
+
+
+def run_at_the_floor(budget: TimingBudget, clock: Clock, units: int, call_s: float,
+                     adapt: bool) -> list[int]:
+    """units measurements of 2 variants that cannot be shortened: each round costs one call
+    per variant whatever the plan says. Returns the first rounds each unit had."""
+    budget.plan([1.0] * units)
+    had = []
+    for _ in range(units):
+        rounds = budget.rounds_for(5) if adapt else 5
+        budget.take_unit(1.0)
+        took = 2 * call_s * (1 + rounds)  # a warm-up call and one call per round, per variant
+        with budget.measuring():
+            clock.now += took
+        budget.record(1.0, took * 5 / rounds)
+        had.append(rounds)
+    return had
+
+
+def test_a_run_at_the_floor_gets_fewer_rounds_and_ends_within_its_budget():
+    """Blocks cannot be shorter than a call: at five rounds the run would overrun its
+    budget by a fifth; given fewer rounds where needed, it ends within it, and says so."""
+    clock = Clock()
+    fixed = TimingBudget(60.0, clock=clock)
+    run_at_the_floor(fixed, clock, units=40, call_s=0.12, adapt=False)
+    assert fixed.measured_s > 1.15 * 60.0 * 0.8  # the rounds' part: 80% of the budget
+    clock = Clock()
+    budget = TimingBudget(60.0, clock=clock)
+    had = run_at_the_floor(budget, clock, units=40, call_s=0.12, adapt=True)
+    assert had[0] == 5 and min(had) == 3 and budget.fewer_rounds == had.count(3) + had.count(4)
+    assert budget.measured_s <= 60.0 * 0.8 + 2 * 0.12 * 6  # within it, give or take one unit
+    assert "unit(s) given fewer first rounds to stay within it (3 at least)" in budget.summary()
+
+
+def test_a_run_that_fits_keeps_its_rounds_and_none_go_below_three():
+    clock = Clock()
+    budget = TimingBudget(600.0, clock=clock)
+    assert run_at_the_floor(budget, clock, units=40, call_s=0.1, adapt=True) == [5] * 40
+    assert budget.fewer_rounds == 0 and "fewer" not in budget.summary()
+    clock = Clock()
+    tiny = TimingBudget(1.0, clock=clock)
+    assert set(run_at_the_floor(tiny, clock, units=10, call_s=0.1, adapt=True)[1:]) == {3}
+    assert tiny.rounds_for(2) == 2  # asked for fewer than the least: as asked
