@@ -68,7 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--calibration-batch-size", type=positive_int, default=None,
                    help=f"samples per calibration batch (default: {CALIBRATION_DEFAULTS[1]}, "
                         "or all the data holds)")
-    add_timing_args(p, min_run_time=0.1, time_budget=75.0)
+    add_timing_args(p, min_run_time=0.1, time_budget=60.0)
     return p.parse_args(argv)
 
 

@@ -60,7 +60,7 @@ def parse_args(argv=None):
     add_data_args(p)
     add_metadata_arg(p)
     add_run_args(p, "folder for the two CSVs and forward_time.png")
-    add_timing_args(p, min_run_time=0.3, time_budget=120.0)
+    add_timing_args(p, min_run_time=0.3, time_budget=90.0)
     p.add_argument("--no-steady-malloc", dest="steady_malloc", action="store_false",
                    help="keep glibc's dynamic mmap threshold (CPU timings then jump)")
     p.add_argument("--stage-levels", nargs="+", default=["0.0", "0.5", "0.9", "1.0"],

@@ -20,6 +20,7 @@ import argparse
 import gc
 import os
 import zipfile
+from dataclasses import replace
 from functools import cached_property, lru_cache
 from typing import Callable, Mapping, Sequence, TypeVar
 
@@ -215,9 +216,11 @@ class Experiment:
         where the budget would overrun otherwise), rounds added while a ratio to base is
         undecided and the budget allows."""
         rounds = self.budget.rounds_for(self.args.rounds)
+        timing = self.timing  # fewer rounds, each of a full round's blocks
+        timing = replace(timing, min_run_time=timing.min_run_time * rounds / self.args.rounds)
         return self.timed_unit(
             self.first_rounds_s(len(calls)),
-            lambda max_s: measure_paired(calls, self.timing, rounds, called, base=base,
+            lambda max_s: measure_paired(calls, timing, rounds, called, base=base,
                                          max_s=max_s, min_effect=self.args.min_effect),
             # the pace of a unit with all its rounds, which the next units' rounds are set by
             lambda paired: paired.first_rounds_s * self.args.rounds / rounds)

@@ -111,6 +111,21 @@ def test_csv_has_both_variants_for_every_row_and_stages(tiny_pipeline, metadata)
     assert (metadata / "forward_time.png").exists()
 
 
+def test_a_budget_too_small_for_five_rounds_gives_the_later_units_three(tiny_pipeline,
+                                                                        metadata, tmp_path,
+                                                                        capsys):
+    """The first unit is asked for its five rounds (no pace is known yet; a clear verdict may
+    stop it at three); once a unit shows that the rest would overrun the budget even at one
+    call per block, they get fewer, and the run says so."""
+    meta = ["--sparse_model_metadata", metadata / "sparse_model_metadata.csv"]
+    assert run_script(evaluate_forward_time, [*args_for(tiny_pipeline, tmp_path), *meta,
+                                              "--time-budget", "0.01", "--no-report"]) == 0
+    df = pd.read_csv(tmp_path / "dlrm_forward_time_info.csv").set_index("sparsity_level")
+    assert (df.loc[0.0, "n_runs"] >= 3).all() and (df.loc[0.5, "n_runs"] == 3).all()
+    assert "1 unit(s) given fewer first rounds to stay within it (3 at least)" in \
+        capsys.readouterr().out
+
+
 def test_outputs_that_disagree_are_an_error_not_a_timing(tiny_pipeline, metadata, tmp_path,
                                                         monkeypatch, capsys):
     monkeypatch.setattr(evaluate_forward_time, "AGREEMENT_TOLERANCE", -1.0)

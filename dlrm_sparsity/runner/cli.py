@@ -87,7 +87,8 @@ def add_timing_args(p: argparse.ArgumentParser, min_run_time: float, time_budget
                    help="seconds of timed calls per variant in a point's first rounds, after a "
                         "warm-up (shortened if the budget is too small)" + why)
     p.add_argument("--rounds", type=positive_int, default=5,
-                   help="the first alternating rounds the variants compared are timed in")
+                   help="the first alternating rounds the variants compared are timed in "
+                        "(fewer, 3 at least, where the budget would overrun otherwise)")
     p.add_argument("--min-effect", type=fraction, default=0.05,
                    help="the least difference of a time ratio from 1 claimed as faster or "
                         "slower; rounds are added until each ratio is clear or the budget ends")
