@@ -116,7 +116,9 @@ class TimingBudget:
         if rounds <= FEWEST_ROUNDS or projected_s <= left_s:
             return rounds
         self.fewer_rounds += 1
-        return max(FEWEST_ROUNDS, int(rounds * max(0.0, left_s) / projected_s))
+        if left_s <= 0.0:  # spent (a repeat takes a unit the plan did not count)
+            return FEWEST_ROUNDS
+        return max(FEWEST_ROUNDS, int(rounds * left_s / projected_s))
 
     @property
     def probe_s(self) -> float:

@@ -159,3 +159,15 @@ def test_a_run_that_fits_keeps_its_rounds_and_none_go_below_three():
     tiny = TimingBudget(1.0, clock=clock)
     assert set(run_at_the_floor(tiny, clock, units=10, call_s=0.1, adapt=True)[1:]) == {3}
     assert tiny.rounds_for(2) == 2  # asked for fewer than the least: as asked
+
+
+def test_a_unit_beyond_the_plan_on_a_spent_budget_gets_the_fewest_rounds():
+    """A repeat of the guard's takes a unit the plan did not count: with nothing planned left
+    and the budget spent, the unit gets three rounds (once: a division by zero)."""
+    clock = Clock()
+    budget = TimingBudget(1.0, clock=clock)
+    budget.plan([1.0])
+    budget.take_unit(1.0)
+    with budget.measuring():
+        clock.now += 2.0
+    assert budget.first_left_s == 0.0 and budget.rounds_for(5) == 3
