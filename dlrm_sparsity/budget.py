@@ -110,7 +110,8 @@ class TimingBudget:
         """The first rounds the next unit gets: `rounds`, or fewer (FEWEST_ROUNDS at least)
         where the first rounds of the units left, this one among them, would overrun what is
         left of the rounds' part of total_s at the pace seen. Call before take_unit; record
-        the unit's first rounds as if it had had them all (at_full_rounds)."""
+        the unit's first rounds scaled to what all `rounds` would have taken, so that the
+        pace stays a pace of full units (Experiment.paired does)."""
         left_s = self.total_s * (1.0 - self.guard_share) - self.measured_s
         projected_s = self.first_left_s * self.pace
         if rounds <= FEWEST_ROUNDS or projected_s <= left_s:
